@@ -1,0 +1,92 @@
+#!/usr/bin/env bash
+# Build kube-apiserver, etcd and crictl from the Go module proxy into a cache folder.
+#
+# Why a script and not `go install`: k8s.io/kubernetes replaces its k8s.io/* staging modules with local
+# paths, so `go install k8s.io/kubernetes/cmd/kube-apiserver@vX` refuses. We make a tiny module that
+# requires k8s.io/kubernetes and points every staging module at its published v0.x twin.
+#
+# Usage: hack/build-control-plane.sh [OUT_DIR]    (default: .cache/bin; skips binaries already there)
+set -euo pipefail
+
+K8S_VERSION=${REGMIRROR_K8S_VERSION:-v1.37.2}
+ETCD_VERSION=${REGMIRROR_ETCD_VERSION:-v3.6.16}
+CRICTL_VERSION=${REGMIRROR_CRICTL_VERSION:-v1.37.0}
+
+here=$(cd "$(dirname "$0")/.." && pwd)
+out=${1:-$here/.cache/bin}
+mkdir -p "$out"
+out=$(cd "$out" && pwd)
+work=$here/.cache/go-build-mods
+mkdir -p "$work"
+export GOFLAGS=-mod=mod
+export CGO_ENABLED=0
+
+stage() { local t0=$SECONDS; "$@"; echo "[build-control-plane] $1 ${*:2}: $((SECONDS - t0))s"; }
+
+build_crictl() {
+  [ -x "$out/crictl" ] && return 0
+  GOBIN=$out go install "sigs.k8s.io/cri-tools/cmd/crictl@$CRICTL_VERSION"
+}
+
+build_etcd() {
+  [ -x "$out/etcd" ] && return 0
+  local d=$work/etcd
+  mkdir -p "$d"
+  cat >"$d/main.go" <<'GO'
+// Package main runs etcd's own entry point; it exists only so tests can build a pinned etcd.
+package main
+
+import (
+	"os"
+
+	"go.etcd.io/etcd/server/v3/etcdmain"
+)
+
+func main() { etcdmain.Main(os.Args) }
+GO
+  (cd "$d" && rm -f go.mod go.sum && go mod init regmirror.test/etcd >/dev/null 2>&1 &&
+    go get "go.etcd.io/etcd/server/v3@$ETCD_VERSION" >/dev/null &&
+    go mod tidy >/dev/null && go build -trimpath -ldflags=-s -o "$out/etcd" .)
+}
+
+build_kube() {
+  local want=()
+  for b in kube-apiserver kubectl; do [ -x "$out/$b" ] || want+=("$b"); done
+  [ ${#want[@]} -eq 0 ] && return 0
+  local d=$work/kube
+  mkdir -p "$d"
+  local minor=${K8S_VERSION#v1.}
+  local staging_version=v0.$minor
+  local gomod
+  gomod=$(go mod download -json "k8s.io/kubernetes@$K8S_VERSION" | python3 -c 'import json,sys; print(json.load(sys.stdin)["GoMod"])')
+  {
+    echo "module regmirror.test/kube"
+    echo
+    grep -E '^go [0-9]' "$gomod"
+    echo
+    echo "require k8s.io/kubernetes $K8S_VERSION"
+    echo
+    # every "k8s.io/x => ./staging/src/k8s.io/x" becomes "k8s.io/x => k8s.io/x v0.MINOR"
+    sed -nE "s#^[[:space:]]*(k8s\.io/[A-Za-z0-9._/-]+)[[:space:]]+=>[[:space:]]+\./staging/.*#replace \1 => \1 $staging_version#p" "$gomod"
+  } >"$d/go.mod"
+  cat >"$d/tools.go" <<'GO'
+//go:build tools
+
+// Package tools pins the Kubernetes commands this module builds.
+package tools
+
+import (
+	_ "k8s.io/kubernetes/cmd/kube-apiserver"
+	_ "k8s.io/kubernetes/cmd/kubectl"
+)
+GO
+  (cd "$d" && go mod tidy >/dev/null 2>&1 || true)
+  for b in "${want[@]}"; do
+    (cd "$d" && go build -trimpath -ldflags=-s -o "$out/$b" "k8s.io/kubernetes/cmd/$b")
+  done
+}
+
+stage build_crictl
+stage build_etcd
+stage build_kube
+ls -la "$out"
