@@ -1,0 +1,180 @@
+"""``regmirror``: the node engine as a command, for node bootstrap scripts and hands-on use.
+
+Exit status: 0 the node now has what was asked (changed or already so); 2 invalid input; 1 refused or failed,
+and then every file is exactly as it was. Every flag has an environment twin (``REGMIRROR_<FLAG>``) so the
+DaemonSet and init scripts can configure it without rewriting command lines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+
+from regmirror_agent import engine
+from regmirror_agent.restarting import parse_restart
+from regmirror_api import models
+
+EXIT_OK, EXIT_FAILED, EXIT_INVALID = 0, 1, 2
+
+
+def _env(name: str, default: str) -> str:
+    return os.environ.get(f"REGMIRROR_{name.upper().replace('-', '_')}", default)
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--root", default=_env("root", "/"),
+                   help="the node's filesystem root (default /; the agent passes the host mount)")
+    p.add_argument("--runtime", choices=engine.RUNTIMES, default=_env("runtime", "auto"))
+    p.add_argument("--restart", type=parse_restart, default=_env("restart", "auto"),
+                   help="never | auto | systemd | command:CMD (default auto: only when config.toml changed)")
+    p.add_argument("--state-dir", default=_env("state-dir", engine.ownership.DEFAULT_STATE_DIR),
+                   help="where, under --root, regmirror keeps what the node had before it (default %(default)s)")
+    p.add_argument("--config", dest="config_file", default=_env("config", engine.containerd.CONFIG_FILE),
+                   help="containerd's config.toml on the node (default %(default)s)")
+    p.add_argument("--containerd-address", default=_env("containerd-address", "") or None,
+                   help="containerd socket for the health check (default: config.toml's [grpc] address)")
+    p.add_argument("--health-timeout", type=float, default=float(_env("health-timeout", "60")),
+                   help="seconds to wait for the CRI plugin after a restart before rolling back")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="regmirror", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    apply = sub.add_parser("apply", help="set this node's registry mirrors (the whole desired set)")
+    _common(apply)
+    apply.add_argument("--mirror", action="append", default=[], metavar="REGISTRY=URL[,URL...]",
+                       help="mirror REGISTRY through URLs tried in order; repeat for more registries")
+    apply.add_argument("-f", "--filename", action="append", default=[],
+                       help="YAML file of RegistryMirror documents (- for stdin); repeatable")
+    apply.add_argument("--mode", choices=engine.containerd.MODES, default=_env("mode", "auto"),
+                       help="containerd: hosts (hosts.toml, the default whenever possible) or inline")
+    apply.add_argument("--dry-run", action="store_true", help="print the diff of every file it would change")
+    reset = sub.add_parser("reset", help="give the node back exactly its own configuration")
+    _common(reset)
+    reset.add_argument("--dry-run", action="store_true", help="print the diff of every file it would change")
+    show = sub.add_parser("show", help="what this node's runtime uses, per registry")
+    _common(show)
+    show.add_argument("-o", "--output", choices=("text", "json"), default="text")
+    demo = sub.add_parser("demo", help="apply a mirror to a sample node and pull through it (no cluster needed)")
+    demo.add_argument("--keep", action="store_true", help="keep the sample node's folder for a look")
+    return parser
+
+
+def load_desired(args: argparse.Namespace) -> list[models.RegistryMirror]:
+    desired = models.parse_cli_mirrors(args.mirror)
+    for filename in args.filename:
+        import yaml  # only -f needs it; keeps a plain apply fast
+
+        try:
+            text = sys.stdin.read() if filename == "-" else open(filename, encoding="utf-8").read()
+        except OSError as exc:
+            raise models.InvalidSpec([f"{filename}: {exc.strerror}"]) from exc
+        try:
+            docs = [d for d in yaml.safe_load_all(text) if d is not None]
+        except yaml.YAMLError as exc:
+            raise models.InvalidSpec([f"{filename}: not valid YAML: {exc}"]) from exc
+        problems: list[str] = []
+        for i, doc in enumerate(docs):
+            try:
+                desired.append(models.parse_document(doc, i))
+            except models.InvalidSpec as exc:
+                problems += [f"{filename}: {p}" for p in exc.problems]
+        if problems:
+            raise models.InvalidSpec(problems)
+    models.check_unique_registries(desired)
+    if args.command == "apply" and not desired:
+        raise models.InvalidSpec(["nothing to apply: give --mirror REGISTRY=URL or -f FILE "
+                                  "(to remove every mirror, run `regmirror reset`)"])
+    return desired
+
+
+def settings_from(args: argparse.Namespace) -> engine.Settings:
+    return engine.Settings(root=args.root, runtime=args.runtime, restart=args.restart,
+                           mode=getattr(args, "mode", "auto"), dry_run=getattr(args, "dry_run", False),
+                           state_dir=args.state_dir, config_file=args.config_file,
+                           containerd_address=args.containerd_address, health_timeout=args.health_timeout)
+
+
+def _say(line: str) -> None:
+    print(line, flush=True)
+
+
+def run_apply(args: argparse.Namespace) -> int:
+    desired = load_desired(args) if args.command == "apply" else []
+    settings = settings_from(args)
+    plan, runtime = engine.plan(desired, settings)
+    if settings.dry_run:
+        sys.stdout.write(plan.diff())
+        for note in plan.notes:
+            _say(f"note: {note}")
+        _say(f"dry run: {len(plan.changes)} file(s) would change on {runtime}"
+             + (", then a restart" if plan.restart else "") + "; nothing was written")
+        return EXIT_OK
+    outcome = engine.execute(plan, runtime, settings, _say)
+    for note in outcome.notes:
+        _say(f"note: {note}")
+    if not outcome.changed:
+        _say(f"unchanged: this node's {runtime} already has the requested configuration")
+    else:
+        _say(f"done: {len(plan.changes)} file(s) changed on {runtime}"
+             + (", restarted and healthy" if outcome.restarted else ""))
+    return EXIT_OK
+
+
+def run_show(args: argparse.Namespace) -> int:
+    settings = settings_from(args)
+    node = engine.NodeRoot(settings.root)
+    state = engine.ownership.parse_state(node.read(settings.state_path), settings.state_path)
+    runtime = engine.detect_runtime(node, settings, state)
+    if runtime == engine.docker.RUNTIME:
+        text = node.read(settings.daemon_json)
+        doc = engine.docker.parse_daemon_json(text, settings.daemon_json) if text else {}
+        header = f"{settings.daemon_json}: " + ("present" if text else "absent")
+        rows = [engine.containerd.Effective("docker.io", tuple(doc.get("registry-mirrors", [])),
+                                            settings.daemon_json)] if doc.get("registry-mirrors") else []
+    else:
+        header, rows = engine.containerd.describe(node, settings.config_file)
+    owned = set(state.files)
+    if args.output == "json":
+        print(json.dumps({"runtime": runtime, "config": header, "registries": [
+            {"registry": r.registry, "mirrors": list(r.mirrors), "source": r.source,
+             "managedByRegmirror": r.source in owned} for r in rows]}, indent=2))
+        return EXIT_OK
+    print(f"runtime: {runtime}\n{header}")
+    if not rows:
+        print("no registry mirrors: every image is pulled from its own registry")
+        return EXIT_OK
+    width = max(len(r.registry) for r in rows) + 2
+    print(f"{'REGISTRY':<{width}}{'MANAGED':<9}MIRRORS (in order, then the registry itself)")
+    for r in rows:
+        managed = "yes" if r.source in owned else "no"
+        print(f"{r.registry:<{width}}{managed:<9}{', '.join(r.mirrors) or '-'}   [{r.source}]")
+    return EXIT_OK
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "demo":
+            from regmirror_agent import demo
+
+            return demo.main(keep=args.keep)
+        if args.command == "show":
+            return run_show(args)
+        return run_apply(args)
+    except models.InvalidSpec as exc:
+        for problem in exc.problems:
+            print(f"regmirror: invalid input: {problem}", file=sys.stderr)
+        print("regmirror: nothing was changed", file=sys.stderr)
+        return EXIT_INVALID
+    except (engine.EngineError, engine.containerd.NodeRefused, engine.docker.DockerRefused,
+            engine.ownership.CorruptState, engine.UnsafePath) as exc:
+        print(f"regmirror: error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

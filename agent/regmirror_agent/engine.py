@@ -1,0 +1,211 @@
+"""The node engine: read the node, plan, check, write, restart if needed, prove health, roll back if not.
+
+The CLI and the DaemonSet agent both call ``apply``/``reset``; everything they need to report is in the
+returned ``Outcome`` or the raised ``EngineError``. Unless ``apply`` returns, every file is as it was.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import os
+import posixpath
+import tempfile
+import tomllib
+from collections.abc import Callable, Sequence
+
+from regmirror_agent import applying, ownership
+from regmirror_agent.nodefiles import NodeRoot, UnsafePath
+from regmirror_agent.plans import Plan
+from regmirror_agent.restarting import Host, RestartFailed, containerd_version, restart_runtime, wait_cri_healthy
+from regmirror_agent.runtimes import containerd, docker
+from regmirror_api import models
+
+RUNTIMES = ("auto", "containerd", "docker")
+DEFAULT_CONTAINERD_ADDRESS = "/run/containerd/containerd.sock"
+
+
+class EngineError(Exception):
+    """The node was refused or the change failed; the message says why and that files are as they were."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    root: str = "/"
+    """The node's filesystem root: ``/`` on the node, the host mount inside the agent's pod."""
+    runtime: str = "auto"
+    restart: str = "auto"
+    """never | auto | systemd | command:CMD (a shell command run as given, for nodes without systemd)."""
+    mode: str = "auto"
+    """containerd only: auto | hosts | inline."""
+    dry_run: bool = False
+    state_dir: str = ownership.DEFAULT_STATE_DIR
+    config_file: str = containerd.CONFIG_FILE
+    daemon_json: str = docker.DAEMON_JSON
+    containerd_address: str | None = None
+    """containerd's socket for the health check; default: config.toml's ``[grpc] address``."""
+    health_timeout: float = 60.0
+    host: Host | None = None
+    """How host commands run; detected (direct or nsenter into PID 1) when not given."""
+
+    @property
+    def state_path(self) -> str:
+        return posixpath.join(self.state_dir, ownership.STATE_FILE)
+
+
+@dataclasses.dataclass(frozen=True)
+class Outcome:
+    runtime: str
+    plan: Plan
+    restarted: bool = False
+    notes: tuple[str, ...] = ()
+
+    @property
+    def changed(self) -> bool:
+        return self.plan.changed
+
+
+Log = Callable[[str], None]
+
+
+def _quiet(_: str) -> None:
+    pass
+
+
+def detect_runtime(node: NodeRoot, settings: Settings, state: ownership.State) -> str:
+    if settings.runtime != "auto":
+        return settings.runtime
+    if state.runtime:
+        return state.runtime
+    text = node.read(settings.config_file)
+    if text is not None:
+        try:
+            containerd.check_cri_enabled(tomllib.loads(text), settings.config_file)
+        except (tomllib.TOMLDecodeError, containerd.NodeRefused):
+            if node.read(settings.daemon_json) is not None or node.is_dir(posixpath.dirname(settings.daemon_json)):
+                return docker.RUNTIME
+        return containerd.RUNTIME
+    if node.is_dir(posixpath.dirname(settings.daemon_json)) and not node.is_dir(
+            posixpath.dirname(settings.config_file)):
+        return docker.RUNTIME
+    return containerd.RUNTIME
+
+
+def _plan(desired: Sequence[models.RegistryMirror], settings: Settings, node: NodeRoot, host: Host,
+          state: ownership.State, runtime: str) -> Plan:
+    if runtime == docker.RUNTIME:
+        return docker.plan_docker(desired, node, state, docker.Options(settings.daemon_json, settings.state_path))
+    version = functools.cache(lambda: containerd_version(host))
+    return containerd.plan_containerd(desired, node, state, containerd.Options(
+        mode=settings.mode, config_file=settings.config_file, containerd_version=version,
+        state_path=settings.state_path))
+
+
+def plan(desired: Sequence[models.RegistryMirror], settings: Settings) -> tuple[Plan, str]:
+    """The plan for this node, without writing anything. Raises InvalidSpec (bad input) or EngineError."""
+    node = NodeRoot(settings.root)
+    host = settings.host or Host.detect()
+    try:
+        state = ownership.parse_state(node.read(settings.state_path), settings.state_path)
+        runtime = detect_runtime(node, settings, state)
+        if state.runtime and state.runtime != runtime and not state.empty:
+            raise EngineError(f"this node's regmirror state belongs to {state.runtime}, not {runtime}; "
+                              f"run `regmirror reset --runtime {state.runtime}` first")
+        return _plan(desired, settings, node, host, state, runtime), runtime
+    except (containerd.NodeRefused, docker.DockerRefused, UnsafePath, ownership.CorruptState) as exc:
+        raise EngineError(str(exc)) from exc
+
+
+def check_config(settings: Settings, host: Host, node: NodeRoot, text: str) -> None:
+    """Let containerd itself parse the new config.toml (syntax, types, version) before anything is written.
+
+    Relative ``imports`` resolve against the file's directory, so the check copy sits beside config.toml when
+    containerd runs in the host's namespaces; run directly, a private temp folder does as well.
+    """
+    if not host.has("containerd"):
+        return
+    with tempfile.TemporaryDirectory(prefix="regmirror-check-") as tmp:
+        if host.nsenter:
+            check_path = posixpath.join(posixpath.dirname(settings.config_file), ".config.toml.regmirror-check")
+            if not node.is_dir(posixpath.dirname(check_path)):
+                return  # a brand-new minimal file of regmirror's own; tomllib already checked it
+            fs_path, arg = node.fs_path(check_path), check_path
+        else:
+            fs_path = arg = os.path.join(tmp, "config.toml")
+        with open(fs_path, "w", encoding="utf-8") as f:
+            f.write(text)
+        try:
+            result = host.run(["containerd", "--config", arg, "config", "dump"], timeout=30)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(fs_path)
+    if result.returncode != 0:
+        raise EngineError(f"containerd rejects the planned {settings.config_file}: "
+                          f"{(result.stderr or result.stdout).strip()[-800:]}; nothing was changed")
+
+
+def _socket(settings: Settings, node: NodeRoot) -> str:
+    if settings.containerd_address:
+        return settings.containerd_address
+    try:
+        doc = tomllib.loads(node.read(settings.config_file) or "")
+    except tomllib.TOMLDecodeError:
+        return DEFAULT_CONTAINERD_ADDRESS
+    return str(doc.get("grpc", {}).get("address") or DEFAULT_CONTAINERD_ADDRESS)
+
+
+def _restart_and_check(settings: Settings, host: Host, node: NodeRoot, runtime: str) -> str:
+    """Restart; return '' when healthy, else the reason."""
+    try:
+        restart_runtime(host, runtime, settings.restart)
+    except RestartFailed as exc:
+        return str(exc)
+    if runtime != containerd.RUNTIME:
+        return ""
+    ok, detail = wait_cri_healthy(host, _socket(settings, node), settings.health_timeout)
+    return "" if ok else detail
+
+
+def execute(plan_: Plan, runtime: str, settings: Settings, log: Log = _quiet) -> Outcome:
+    """Write the plan; restart and health-check when it needs; roll back when the runtime does not recover."""
+    node = NodeRoot(settings.root)
+    host = settings.host or Host.detect()
+    notes = list(plan_.notes)
+    if not plan_.changed or settings.dry_run:
+        return Outcome(runtime, plan_, notes=tuple(notes))
+    config_change = next((c for c in plan_.changes if c.path == settings.config_file and c.after), None)
+    try:
+        if runtime == containerd.RUNTIME and config_change and config_change.after:
+            check_config(settings, host, node, config_change.after)
+        applying.apply_plan(plan_, node)
+    except (applying.Conflict, UnsafePath) as exc:
+        raise EngineError(str(exc)) from exc
+    for change in plan_.changes:
+        log(f"{'removed' if change.after is None else 'wrote'} {change.path}")
+    if not plan_.restart:
+        return Outcome(runtime, plan_, notes=tuple(notes))
+    if settings.restart == "never":
+        verb = "reloaded (systemctl reload docker)" if runtime == docker.RUNTIME else "restarted"
+        notes.append(f"{runtime} must be {verb} to read the change; --restart never left that to you")
+        return Outcome(runtime, plan_, notes=tuple(notes))
+    log(f"{'reloading' if runtime == docker.RUNTIME else 'restarting'} {runtime} ({settings.restart})")
+    reason = _restart_and_check(settings, host, node, runtime)
+    if not reason:
+        return Outcome(runtime, plan_, restarted=True, notes=tuple(notes))
+    log(f"{runtime} is not healthy after the change ({reason}); putting the previous files back")
+    applying.apply_plan(plan_.inverse(), node)
+    again = _restart_and_check(settings, host, node, runtime)
+    after = "it is healthy again on the previous files" if not again else f"it is still unhealthy: {again}"
+    raise EngineError(f"{runtime} did not come back healthy after the change: {reason}. regmirror put the "
+                      f"previous files back and restarted it; {after}")
+
+
+def apply(desired: Sequence[models.RegistryMirror], settings: Settings, log: Log = _quiet) -> Outcome:
+    plan_, runtime = plan(desired, settings)
+    return execute(plan_, runtime, settings, log)
+
+
+def reset(settings: Settings, log: Log = _quiet) -> Outcome:
+    """Give the node back its own configuration: what ``apply`` with nothing desired does."""
+    return apply([], settings, log)

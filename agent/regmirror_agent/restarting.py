@@ -1,0 +1,132 @@
+"""Restarting (or reloading) the node's runtime, and proving it came back healthy.
+
+containerd re-reads config.toml only at start, and has no reload signal. "The process is up" proves nothing:
+containerd keeps running when its CRI plugin fails, and kubelet then cannot start pods. So health means
+``ctr plugins ls`` shows the CRI plugin ``ok``. Docker reloads ``registry-mirrors`` on SIGHUP
+(``systemctl reload docker``); no restart is needed there.
+
+Host commands run directly, or, from a pod with ``hostPID``, inside PID 1's namespaces through ``nsenter``
+(as kured does), so ``systemctl`` and ``ctr`` are the host's own.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import shutil
+import subprocess
+import time
+
+RESTART_CHOICES = ("never", "auto", "systemd", "command:CMD")
+NSENTER = ("nsenter", "--target", "1", "--mount", "--uts", "--ipc", "--net", "--pid", "--")
+
+
+class RestartFailed(Exception):
+    """The runtime could not be restarted, or did not come back healthy."""
+
+
+def parse_restart(value: str) -> str:
+    if value in ("never", "auto", "systemd") or (value.startswith("command:") and value[len("command:"):].strip()):
+        return value
+    raise ValueError(f"--restart {value!r}: expected never, auto, systemd or command:CMD")
+
+
+def in_host_namespaces() -> bool:
+    """False inside a container, where host commands must go through nsenter into PID 1."""
+    try:
+        return os.readlink("/proc/self/ns/mnt") == os.readlink("/proc/1/ns/mnt")
+    except OSError:
+        return True
+
+
+@dataclasses.dataclass(frozen=True)
+class Host:
+    """Runs commands as the node would: directly, or in PID 1's namespaces when we are in a pod."""
+
+    nsenter: bool = False
+
+    @classmethod
+    def detect(cls) -> Host:
+        return cls(nsenter=not in_host_namespaces())
+
+    def argv(self, argv: list[str]) -> list[str]:
+        return [*NSENTER, *argv] if self.nsenter else argv
+
+    def has(self, binary: str) -> bool:
+        if self.nsenter:
+            return self.run(["sh", "-c", f"command -v {binary}"], timeout=10).returncode == 0
+        return shutil.which(binary) is not None
+
+    def run(self, argv: list[str], timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        try:
+            return subprocess.run(self.argv(argv), capture_output=True, text=True, timeout=timeout, check=False)
+        except FileNotFoundError as exc:
+            return subprocess.CompletedProcess(argv, 127, "", str(exc))
+        except subprocess.TimeoutExpired as exc:
+            return subprocess.CompletedProcess(argv, 124, "", f"timed out after {timeout:.0f}s: {exc}")
+
+
+def containerd_version(host: Host) -> tuple[int, ...] | None:
+    """``containerd --version`` as numbers, or None when containerd is not installed where we can run it."""
+    if not host.has("containerd"):
+        return None
+    out = host.run(["containerd", "--version"], timeout=10).stdout
+    match = re.search(r"\s v?(\d+)\.(\d+)\.(\d+)", out)
+    return tuple(int(x) for x in match.groups()) if match else None
+
+
+def cri_health(host: Host, address: str) -> tuple[bool, str]:
+    """Is containerd's CRI plugin loaded? ``(ok, detail)``; detail quotes the plugin's own error."""
+    result = host.run(["ctr", "--address", address, "plugins", "ls"], timeout=10)
+    if result.returncode != 0:
+        return False, f"containerd does not answer on {address}: {(result.stderr or result.stdout).strip()}"
+    for line in result.stdout.splitlines():
+        fields = line.split()
+        if len(fields) >= 3 and fields[0] == "io.containerd.grpc.v1" and fields[1] == "cri":
+            if fields[-1] == "ok":
+                return True, "CRI plugin ok"
+            detailed = host.run(["ctr", "--address", address, "plugins", "ls", "--detailed"], timeout=10).stdout
+            return False, f"CRI plugin {fields[-1]}: {_cri_error(detailed) or 'no detail'}"
+    return False, "containerd runs without a CRI plugin (kubelet cannot use it)"
+
+
+def _cri_error(detailed: str) -> str:
+    """The error line of the CRI block in ``ctr plugins ls --detailed``."""
+    block = re.split(r"\n(?=Type:)", detailed)
+    for entry in block:
+        if re.search(r"Type:\s+io\.containerd\.grpc\.v1\b", entry) and re.search(r"ID:\s+cri\b", entry):
+            match = re.search(r"Error:\s*(.+)", entry)
+            return match.group(1).strip() if match else ""
+    return ""
+
+
+def wait_cri_healthy(host: Host, address: str, timeout: float) -> tuple[bool, str]:
+    """Poll until the CRI plugin is ok. A socket that is not up yet may come; an errored plugin will not,
+    so that answer is final after a short grace."""
+    start = time.monotonic()
+    while True:
+        ok, detail = cri_health(host, address)
+        elapsed = time.monotonic() - start
+        if ok or elapsed >= timeout or (detail.startswith("CRI plugin") and elapsed >= 2):
+            return ok, detail
+        time.sleep(0.2)
+
+
+def restart_runtime(host: Host, runtime: str, how: str) -> str:
+    """Restart containerd (or reload Docker) as ``how`` says; return what was run."""
+    if how.startswith("command:"):
+        cmd = how[len("command:"):]
+        result = subprocess.run(["sh", "-c", cmd], capture_output=True, text=True, timeout=300, check=False)
+        if result.returncode != 0:
+            raise RestartFailed(f"restart command {cmd!r} exited {result.returncode}: "
+                                f"{(result.stderr or result.stdout).strip()[-500:]}")
+        return cmd
+    if how == "auto" and not host.has("systemctl"):
+        raise RestartFailed(f"cannot restart {runtime}: no systemd on this node; "
+                            f"pass --restart command:CMD (or --restart never and restart it yourself)")
+    argv = ["systemctl", "reload" if runtime == "docker" else "restart", runtime]
+    result = host.run(argv, timeout=120)
+    if result.returncode != 0:
+        raise RestartFailed(f"{' '.join(argv)} exited {result.returncode}: {(result.stderr or result.stdout).strip()}")
+    return " ".join(argv)

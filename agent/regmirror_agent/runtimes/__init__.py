@@ -1,0 +1,1 @@
+"""One module per container runtime, each a pure planner from desired mirrors to file contents."""

@@ -1,0 +1,502 @@
+"""containerd: plan ``config.toml`` and ``hosts.toml`` files for the desired mirrors, for every config schema.
+
+Where the registry settings live (RUNTIME-NOTES.md, containerd's docs/cri/config.md and docs/hosts.md):
+
+- schema 1 (no ``version`` key): ``[plugins.cri.registry]``
+- schema 2: ``[plugins."io.containerd.grpc.v1.cri".registry]``
+- schema 3 and 4 (containerd 2.x): ``[plugins."io.containerd.cri.v1.images".registry]``
+
+Two ways to mirror. *hosts* mode sets ``registry.config_path`` once and writes one ``hosts.toml`` per
+registry; containerd reads those on every pull, so later changes need no restart. *inline* mode writes
+``registry.mirrors."<registry>".endpoint`` into config.toml (containerd before 1.5 knows nothing else). The
+CRI plugin refuses to load when inline ``mirrors`` or ``configs.<host>.tls`` sit beside ``config_path``, so
+moving a node to hosts mode carries its own inline settings into hosts.toml files.
+
+What regmirror owns in config.toml: the registry table's ``config_path``, ``mirrors`` and every
+``configs.<host>.tls``. Everything else is the node's, and tomlkit keeps it byte for byte.
+
+containerd reads config.toml only at start: a change to it needs a restart; hosts.toml changes do not
+(https://github.com/containerd/containerd/blob/main/docs/hosts.md).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import posixpath
+import tomllib
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+from urllib.parse import urlsplit
+
+import tomlkit
+import tomlkit.container
+import tomlkit.items
+
+from regmirror_agent import ownership
+from regmirror_agent.nodeviews import NodeView
+from regmirror_agent.plans import Plan
+from regmirror_agent.runtimes import hoststoml
+from regmirror_agent.runtimes.hoststoml import TLS, Host, HostsFile
+from regmirror_api import models
+
+RUNTIME = "containerd"
+CONFIG_FILE = "/etc/containerd/config.toml"
+DEFAULT_CONFIG_PATH = "/etc/containerd/certs.d"
+#: Where inline mode keeps CA bundles it writes (inline settings name files by absolute path).
+INLINE_CA_DIR = "/etc/containerd/regmirror-ca"
+
+CRI_TABLES: Mapping[int, tuple[str, str]] = {
+    1: ("plugins", "cri"),
+    2: ("plugins", "io.containerd.grpc.v1.cri"),
+    3: ("plugins", "io.containerd.cri.v1.images"),
+    4: ("plugins", "io.containerd.cri.v1.images"),
+}
+#: Names under which ``disabled_plugins`` turns off what kubelet needs (Docker's containerd ships with "cri").
+CRI_PLUGIN_NAMES = frozenset({"cri", "io.containerd.grpc.v1.cri", "io.containerd.cri.v1.images",
+                              "io.containerd.cri.v1.runtime"})
+MODES = ("auto", "hosts", "inline")
+MOVED_NOTE = ("moved the node's own inline registry mirrors/TLS settings into hosts.toml files: containerd "
+              "refuses them beside config_path")
+
+
+class NodeRefused(Exception):
+    """The node's own state makes the request unsafe or impossible; nothing is changed."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    mode: str = "auto"
+    config_file: str = CONFIG_FILE
+    containerd_version: tuple[int, ...] | None | Callable[[], tuple[int, ...] | None] = None
+    """The node's containerd version when known (or a probe, called only when the answer matters): picks
+    inline mode before 1.5 and schema 3 for a new config.toml from 2.0."""
+
+    def version(self) -> tuple[int, ...] | None:
+        v = self.containerd_version
+        return v() if callable(v) else v
+    state_path: str = f"{ownership.DEFAULT_STATE_DIR}/{ownership.STATE_FILE}"
+
+
+# --- reading config.toml ------------------------------------------------------------------------------
+
+
+def parse_config(text: str, path: str) -> tomlkit.TOMLDocument:
+    """Parse strictly first (tomllib names the line), then with tomlkit, which keeps comments and layout."""
+    try:
+        tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise NodeRefused(f"{path} is not valid TOML: {exc}; fix it by hand first, regmirror changed nothing") \
+            from exc
+    return tomlkit.parse(text)
+
+
+def schema_version(doc: Mapping[str, Any], path: str) -> int:
+    version = doc.get("version", 1)
+    if isinstance(version, bool) or not isinstance(version, int) or version not in CRI_TABLES:
+        raise NodeRefused(f"{path}: version = {version!r} is not a containerd config schema regmirror knows "
+                          f"(1, 2, 3 or 4)")
+    return int(version)
+
+
+def registry_table_path(version: int) -> tuple[str, ...]:
+    return (*CRI_TABLES[version], "registry")
+
+
+def _get(doc: Any, keys: Sequence[str]) -> Any:
+    for key in keys:
+        if not isinstance(doc, Mapping) or key not in doc:
+            return None
+        doc = doc[key]
+    return doc
+
+
+def _plain(value: Any) -> Any:
+    return value.unwrap() if hasattr(value, "unwrap") else value
+
+
+def check_cri_enabled(doc: Mapping[str, Any], path: str) -> None:
+    disabled = set(_plain(doc.get("disabled_plugins", [])) or [])
+    if disabled & CRI_PLUGIN_NAMES:
+        raise NodeRefused(f"{path}: disabled_plugins = {sorted(disabled)} turns off containerd's CRI plugin "
+                          f"(Docker's bundled containerd ships this way). kubelet cannot use this containerd, so "
+                          f"its registry settings would do nothing; for a Docker node use --runtime docker")
+
+
+def check_imports(doc: Mapping[str, Any], path: str, view: NodeView) -> None:
+    """Refuse when a drop-in defines the CRI section: on 1.x it replaces config.toml's whole section."""
+    imports = _plain(doc.get("imports", [])) or []
+    for pattern in imports:
+        if not isinstance(pattern, str):
+            continue
+        absolute = pattern if pattern.startswith("/") else posixpath.join(posixpath.dirname(path), pattern)
+        for dropin in view.glob(absolute):
+            text = view.read(dropin) or ""
+            try:
+                parsed = tomllib.loads(text)
+            except tomllib.TOMLDecodeError as exc:
+                raise NodeRefused(f"{dropin} (imported by {path}) is not valid TOML: {exc}") from exc
+            for plugin in {t[1] for t in CRI_TABLES.values()}:
+                if _get(parsed, ("plugins", plugin)) is not None:
+                    raise NodeRefused(
+                        f"{dropin} (imported by {path}) defines [plugins.{plugin!r}]: containerd 1.x lets an "
+                        f"imported file replace that whole section and 2.x merges it, so regmirror cannot "
+                        f"safely edit the registry settings in {path}; move them into {path} first")
+
+
+# --- building hosts.toml specs ------------------------------------------------------------------------
+
+
+def _tls_from_config(tls: Mapping[str, Any] | None) -> TLS:
+    if not tls:
+        return TLS()
+    client: tuple[tuple[str, str | None], ...] = ()
+    if tls.get("cert_file"):
+        client = ((str(tls["cert_file"]), str(tls.get("key_file") or "") or None),)
+    return TLS(skip_verify=bool(tls.get("insecure_skip_verify", False)),
+               ca=(str(tls["ca_file"]),) if tls.get("ca_file") else (), client=client)
+
+
+def _endpoint_host(url: str) -> str:
+    return urlsplit(url).netloc
+
+
+def _legacy_registry(host: str) -> str:
+    """Inline mirrors are keyed by what the image names; the Docker Hub aliases all mean docker.io there."""
+    return models.DOCKER_HUB if host in models.DOCKER_HUB_ALIASES else host
+
+
+def hosts_from_inline(mirrors: Mapping[str, Any], configs: Mapping[str, Any]) -> dict[str, HostsFile]:
+    """Translate a node's own inline mirrors and TLS settings into hosts.toml specs that behave the same.
+
+    Inline endpoints use their path verbatim when they have one, where hosts.toml appends ``/v2`` unless
+    ``override_path`` is set; an endpoint equal to the upstream adds nothing (containerd tries it last anyway).
+    """
+    tls_by_host = {host: _tls_from_config(_plain(cfg).get("tls")) for host, cfg in configs.items()
+                   if isinstance(_plain(cfg), Mapping) and _plain(cfg).get("tls")}
+    specs: dict[str, HostsFile] = {}
+    for host, entry in mirrors.items():
+        registry = _legacy_registry(host)
+        server = hoststoml.upstream_server(registry)
+        hosts = []
+        for endpoint in _plain(entry).get("endpoint", []) or []:
+            endpoint = str(endpoint)
+            if endpoint.rstrip("/") == server:
+                continue
+            path = urlsplit(endpoint).path
+            hosts.append(Host(url=endpoint, tls=tls_by_host.get(_endpoint_host(endpoint), TLS()),
+                              override_path=bool(path) and not path.rstrip("/").endswith("/v2")))
+        specs[registry] = HostsFile(registry=registry, hosts=tuple(hosts), server_tls=tls_by_host.get(host, TLS()),
+                                    origin="moved from config.toml's inline registry settings")
+    for host, tls in tls_by_host.items():
+        registry = _legacy_registry(host)
+        if registry not in specs and models.check_registry(registry) == []:
+            specs[registry] = HostsFile(registry=registry, hosts=(), server_tls=tls,
+                                        origin="TLS settings moved from config.toml's inline registry settings")
+    # containerd 1.6 and 1.7 before 1.7.32 reject a hosts.toml without any [host] table (#10027):
+    # give those the upstream itself as the one host, with the same TLS settings.
+    for registry, spec in specs.items():
+        server = hoststoml.upstream_server(registry)
+        if not spec.hosts and server:
+            specs[registry] = dataclasses.replace(
+                spec, hosts=(Host(url=server, capabilities=("pull", "resolve", "push"), tls=spec.server_tls),))
+    return specs
+
+
+def ca_file_name(pem: str) -> str:
+    return f"regmirror-ca-{hashlib.sha256(pem.encode()).hexdigest()[:16]}.crt"
+
+
+def hosts_from_desired(mirror: models.RegistryMirror, node_tls: Mapping[str, TLS],
+                       server_tls: TLS) -> tuple[HostsFile, dict[str, str]]:
+    """A RegistryMirror as a hosts.toml spec plus the CA files it needs (name -> PEM, beside hosts.toml)."""
+    hosts = []
+    ca_files: dict[str, str] = {}
+    for m in mirror.mirrors:
+        ca: tuple[str, ...] = ()
+        if m.ca_bundle:
+            name = ca_file_name(m.ca_bundle)
+            ca_files[name] = m.ca_bundle if m.ca_bundle.endswith("\n") else m.ca_bundle + "\n"
+            ca = (name,)
+        tls = TLS(skip_verify=m.skip_verify, ca=ca).merged_under(node_tls.get(_endpoint_host(m.url), TLS()))
+        hosts.append(Host(url=m.url, capabilities=m.capabilities, tls=tls, override_path=m.override_path))
+    origin = f"RegistryMirror {mirror.name!r}" + (f" generation {mirror.generation}" if mirror.generation else "")
+    return HostsFile(registry=mirror.registry, hosts=tuple(hosts), server_tls=server_tls, origin=origin), ca_files
+
+
+# --- editing config.toml ------------------------------------------------------------------------------
+
+
+def _ensure_table(doc: tomlkit.TOMLDocument, keys: Sequence[str]) -> Any:
+    """The table at ``keys``, created (as implicit super tables where it can be) when missing."""
+    node: Any = doc
+    for i, key in enumerate(keys):
+        if key not in node:
+            node[key] = tomlkit.table(is_super_table=i < len(keys) - 1)
+        node = node[key]
+    return node
+
+
+def _set_key(table: Any, key: str, value: Any) -> None:
+    """Set a key; a new one is indented like the table's own keys, so a hand-formatted file stays readable."""
+    new = key not in table
+    table[key] = value
+    if new and isinstance(table, tomlkit.items.Table) and not isinstance(table[key], tomlkit.items.Table):
+        table[key].trivia.indent = table.trivia.indent + ("  " if table.trivia.indent else "")
+
+
+def _remove_if_empty(doc: tomlkit.TOMLDocument, keys: Sequence[str], keep: Mapping[str, Any] | None) -> None:
+    """Drop tables regmirror added along ``keys`` once they hold nothing, deepest first."""
+    for depth in range(len(keys), 0, -1):
+        parent = _get(doc, keys[:depth - 1]) if depth > 1 else doc
+        table = _get(doc, keys[:depth])
+        if table is None or len(table) or _get(keep, keys[:depth]) is not None:
+            return
+        del parent[keys[depth - 1]]
+
+
+def _same(a: Any, b: Any) -> bool:
+    return _plain(a) == _plain(b)
+
+
+def _set_or_delete(table: Any, key: str, value: Any) -> None:
+    if value is None:
+        if key in table:
+            del table[key]
+    else:
+        _set_key(table, key, value)
+
+
+def undo_config(current: str | None, original: str | None, path: str) -> str | None:
+    """Give a hand-edited config.toml its node's own values for the keys regmirror owns; keep the rest."""
+    if current is None:
+        return original
+    doc = parse_config(current, path)
+    own = parse_config(original, path) if original is not None else tomlkit.document()
+    keys = registry_table_path(schema_version(own if original is not None else doc, path))
+    own_reg = _get(own, keys) or {}
+    cur_reg = _get(doc, keys)
+    for key in ("config_path", "mirrors"):
+        if not _same(_get(cur_reg, (key,)), own_reg.get(key)):
+            _set_or_delete(_ensure_table(doc, keys), key, own_reg.get(key))  # owned key back to the node's
+    hosts = set(_get(cur_reg, ("configs",)) or {}) | set(own_reg.get("configs", {}) or {})
+    for host in sorted(hosts):
+        want = _get(own_reg, ("configs", host, "tls"))
+        if not _same(_get(doc, (*keys, "configs", host, "tls")), want):
+            _set_or_delete(_ensure_table(doc, (*keys, "configs", host)), "tls", want)
+            _remove_if_empty(doc, (*keys, "configs", host), own)
+    _remove_if_empty(doc, (*keys, "configs"), own)
+    _remove_if_empty(doc, keys, own)
+    return tomlkit.dumps(doc)
+
+
+def minimal_config(version: int, config_path: str | None) -> tomlkit.TOMLDocument:
+    """A config.toml for a node that had none: only what regmirror needs, so every other setting keeps
+    containerd's built-in default."""
+    doc = tomlkit.document()
+    doc.add(tomlkit.comment("Created by regmirror: this node had no config.toml, so containerd ran on its "
+                            "built-in defaults."))
+    doc.add(tomlkit.comment("Every setting not written here keeps its default; `regmirror reset` removes "
+                            "this file again."))
+    doc["version"] = version
+    table = _ensure_table(doc, registry_table_path(version))
+    if config_path:
+        _set_key(table, "config_path", config_path)
+    return doc
+
+
+def _take_inline(doc: tomlkit.TOMLDocument, keys: Sequence[str]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Remove inline mirrors and configs.<host>.tls from the registry table; return them as plain dicts."""
+    reg = _get(doc, keys)
+    if reg is None:
+        return {}, {}
+    mirrors = dict(_plain(reg.get("mirrors", {})) or {})
+    configs = dict(_plain(reg.get("configs", {})) or {})
+    if "mirrors" in reg:
+        table = reg["mirrors"]
+        for host in list(table):
+            del table[host]
+    for host in list(configs):
+        cfg = _get(reg, ("configs", host))
+        if isinstance(cfg, Mapping) and "tls" in cfg:
+            del cfg["tls"]
+            if not len(cfg):
+                del reg["configs"][host]
+    return mirrors, configs
+
+
+def choose_mode(requested: str, config_path: str, options: Options, path: str) -> str:
+    def too_old() -> bool:
+        version = options.version()
+        return version is not None and tuple(version[:2]) < (1, 5)
+
+    if requested == "inline":
+        if config_path:
+            raise NodeRefused(f"{path} sets config_path = {config_path!r}; containerd's CRI plugin refuses "
+                              f"inline mirrors beside it (\"`mirrors` cannot be set when `config_path` is "
+                              f"provided\"), so inline mode would break kubelet. Use --mode hosts")
+        return "inline"
+    if requested == "hosts":
+        if not config_path and too_old():
+            raise NodeRefused(f"containerd {'.'.join(map(str, options.version() or ()))} does not read "
+                              f"hosts.toml (config_path needs 1.5 or later); use --mode inline")
+        return "hosts"
+    return "inline" if not config_path and too_old() else "hosts"
+
+
+@dataclasses.dataclass
+class _Desired:
+    files: dict[str, str] = dataclasses.field(default_factory=dict)
+    notes: list[str] = dataclasses.field(default_factory=list)
+
+
+def _plan_hosts_mode(doc: tomlkit.TOMLDocument, keys: Sequence[str], desired: Sequence[models.RegistryMirror],
+                     config_path: str, out: _Desired) -> None:
+    dirs = [d for d in config_path.split(":") if d]
+    config_dir = dirs[0] if dirs else DEFAULT_CONFIG_PATH
+    if len(dirs) > 1:
+        out.notes.append(f"config_path = {config_path!r} lists several directories: regmirror writes into "
+                         f"{config_dir!r}; containerd 2.1 and later pull through the transfer service, which "
+                         f"reads only one directory and so ignores these mirrors (containerd #12415)")
+    if not config_dir.startswith("/"):
+        raise NodeRefused(f"config_path {config_dir!r} is not an absolute path")
+    if not config_path:
+        _set_key(_ensure_table(doc, keys), "config_path", config_dir)
+    mirrors, configs = _take_inline(doc, keys)
+    if mirrors or any(isinstance(c, Mapping) and c.get("tls") for c in configs.values()):
+        out.notes.append(MOVED_NOTE)
+    specs = hosts_from_inline(mirrors, configs)
+    node_tls = {host: _tls_from_config(cfg.get("tls")) for host, cfg in configs.items()
+                if isinstance(cfg, Mapping) and cfg.get("tls")}
+    for mirror in desired:
+        inherited = specs.get(mirror.registry)
+        spec, ca_files = hosts_from_desired(mirror, node_tls, inherited.server_tls if inherited else TLS())
+        specs[mirror.registry] = spec
+        for name, pem in ca_files.items():
+            out.files[posixpath.join(config_dir, hoststoml.registry_dir(mirror.registry), name)] = pem
+    for registry, spec in specs.items():
+        out.files[posixpath.join(config_dir, hoststoml.registry_dir(registry), "hosts.toml")] = \
+            hoststoml.render_hosts_toml(spec)
+
+
+def _inline_endpoint(mirror: models.Mirror) -> str:
+    """Inline endpoints use a non-empty path verbatim; hosts.toml would append /v2 unless override_path."""
+    path = urlsplit(mirror.url).path
+    if mirror.override_path or not path or path.rstrip("/").endswith("/v2"):
+        return mirror.url
+    return mirror.url.rstrip("/") + "/v2"
+
+
+def _plan_inline_mode(doc: tomlkit.TOMLDocument, keys: Sequence[str], desired: Sequence[models.RegistryMirror],
+                      out: _Desired, path: str) -> None:
+    reg = _ensure_table(doc, keys)
+    tls_by_host: dict[str, dict[str, Any]] = {}
+    for mirror in desired:
+        for m in mirror.mirrors:
+            if m.capabilities != models.DEFAULT_CAPABILITIES:
+                raise NodeRefused(f"mirror {m.url!r}: inline mirrors always pull and resolve; capabilities "
+                                  f"{list(m.capabilities)} need --mode hosts")
+            tls: dict[str, Any] = {}
+            if m.skip_verify:
+                tls["insecure_skip_verify"] = True
+            if m.ca_bundle:
+                ca_path = posixpath.join(INLINE_CA_DIR, ca_file_name(m.ca_bundle))
+                out.files[ca_path] = m.ca_bundle if m.ca_bundle.endswith("\n") else m.ca_bundle + "\n"
+                tls["ca_file"] = ca_path
+            host = _endpoint_host(m.url)
+            if tls and tls_by_host.setdefault(host, tls) != tls:
+                raise NodeRefused(f"mirror host {host!r} is given different TLS settings by two mirrors; inline "
+                                  f"settings are per host, so use --mode hosts")
+        endpoints = [_inline_endpoint(m) for m in mirror.mirrors]
+        table = _ensure_table(doc, (*keys, "mirrors", mirror.registry))
+        _set_key(table, "endpoint", endpoints)
+    for host, tls in sorted(tls_by_host.items()):
+        node_tls = _get(reg, ("configs", host, "tls"))
+        _set_key(_ensure_table(doc, (*keys, "configs", host)), "tls", {**(_plain(node_tls) or {}), **tls})
+
+
+def plan_containerd(desired: Sequence[models.RegistryMirror], view: NodeView, state: ownership.State,
+                    options: Options = Options()) -> Plan:
+    """The whole desired containerd configuration of a node, as a Plan from its current files.
+
+    An empty ``desired`` plans the node's own configuration back: that is what ``reset`` applies.
+    """
+    if options.mode not in MODES:
+        raise ValueError(f"mode {options.mode!r}: expected one of {MODES}")
+    models.check_unique_registries(desired)
+    path = options.config_file
+
+    def undo(p: str, current: str | None, original: str | None) -> str | None:
+        return undo_config(current, original, p) if p == path else original
+
+    current = view.read(path)
+    own_text = ownership.pristine(path, current, state, undo)
+    out = _Desired()
+    if desired:
+        if own_text is None:
+            known = options.version()
+            version = 3 if known and known[0] >= 2 else 2
+            doc = minimal_config(version, None)
+        else:
+            doc = parse_config(own_text, path)
+            version = schema_version(doc, path)
+            check_cri_enabled(doc, path)
+            check_imports(doc, path, view)
+        keys = registry_table_path(version)
+        config_path = str(_get(doc, (*keys, "config_path")) or "")
+        mode = choose_mode(options.mode, config_path, options, path)
+        if mode == "hosts":
+            _plan_hosts_mode(doc, keys, desired, config_path, out)
+        else:
+            _plan_inline_mode(doc, keys, desired, out, path)
+        new_text = tomlkit.dumps(doc)
+        try:
+            tomllib.loads(new_text)
+        except tomllib.TOMLDecodeError as exc:  # a tomlkit bug must never reach a node
+            raise NodeRefused(f"regmirror produced invalid TOML for {path} ({exc}); nothing was changed") from exc
+        out.files[path] = new_text
+    plan = ownership.plan_owned_files(runtime=RUNTIME, view=view, state=state, state_path=options.state_path,
+                                      desired=out.files, restart_paths=frozenset({path}), undo=undo,
+                                      notes=tuple(out.notes))
+    if not plan.restart:  # the inline settings were moved by an earlier apply: nothing to tell now
+        plan = dataclasses.replace(plan, notes=tuple(n for n in plan.notes if n != MOVED_NOTE))
+    return plan
+
+
+# --- what the node uses now (for `regmirror show`) ---------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Effective:
+    registry: str
+    mirrors: tuple[str, ...]
+    source: str
+
+
+def describe(view: NodeView, path: str = CONFIG_FILE) -> tuple[str, list[Effective]]:
+    """What containerd's CRI plugin will use per registry, read from the node's files."""
+    text = view.read(path)
+    if text is None:
+        return f"{path}: absent (containerd's defaults: no mirrors)", []
+    doc = parse_config(text, path)
+    version = schema_version(doc, path)
+    reg = _get(doc, registry_table_path(version)) or {}
+    config_path = str(reg.get("config_path") or "")
+    result: list[Effective] = []
+    if config_path:
+        config_dir = config_path.split(":")[0]
+        for hosts_path in view.glob(posixpath.join(config_dir, "*", "hosts.toml")):
+            name = posixpath.basename(posixpath.dirname(hosts_path))
+            try:
+                _, urls = hoststoml.parse_hosts_toml(view.read(hosts_path) or "")
+            except tomllib.TOMLDecodeError as exc:
+                result.append(Effective(name, (), f"{hosts_path}: INVALID, containerd ignores it ({exc})"))
+                continue
+            result.append(Effective("*" if name == hoststoml.DEFAULT_DIR else name, tuple(urls), hosts_path))
+        header = f"{path}: schema {version}, hosts mode, config_path = {config_path!r}"
+    else:
+        for host, entry in (_plain(reg.get("mirrors")) or {}).items():
+            result.append(Effective(host, tuple(entry.get("endpoint", [])), f"{path} (inline)"))
+        header = f"{path}: schema {version}, inline mode"
+    return header, sorted(result, key=lambda e: e.registry)
+

@@ -1,0 +1,102 @@
+"""Docker: ``registry-mirrors`` in ``/etc/docker/daemon.json``, the one mirror setting dockerd has.
+
+dockerd mirrors Docker Hub only, with plain ``scheme://host[:port]`` URLs, and reloads ``registry-mirrors`` on
+SIGHUP (``systemctl reload docker``), so no restart and no stopped containers
+(https://docs.docker.com/reference/cli/dockerd/#configuration-reload-behavior). regmirror owns that one key;
+every other key of daemon.json stays as the node had it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Sequence
+from typing import Any
+from urllib.parse import urlsplit
+
+from regmirror_agent import ownership
+from regmirror_agent.nodeviews import NodeView
+from regmirror_agent.plans import Plan
+from regmirror_api import models
+
+RUNTIME = "docker"
+DAEMON_JSON = "/etc/docker/daemon.json"
+KEY = "registry-mirrors"
+
+
+class DockerRefused(Exception):
+    """Docker cannot do what was asked, or daemon.json is unreadable; nothing is changed."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    daemon_json: str = DAEMON_JSON
+    state_path: str = f"{ownership.DEFAULT_STATE_DIR}/{ownership.STATE_FILE}"
+
+
+def parse_daemon_json(text: str, path: str) -> dict[str, Any]:
+    try:
+        doc = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DockerRefused(f"{path} is not valid JSON: {exc}; fix it by hand first, regmirror changed nothing") \
+            from exc
+    if not isinstance(doc, dict):
+        raise DockerRefused(f"{path} must hold a JSON object")
+    return doc
+
+
+def render_daemon_json(doc: dict[str, Any]) -> str:
+    return json.dumps(doc, indent=2) + "\n"
+
+
+def check_docker_mirrors(desired: Sequence[models.RegistryMirror]) -> list[str]:
+    """The mirror URLs for Docker Hub, or refuse what dockerd cannot do (naming it)."""
+    problems = []
+    urls: list[str] = []
+    for mirror in desired:
+        if mirror.registry != models.DOCKER_HUB:
+            problems.append(f"registry {mirror.registry!r} ({mirror.name}): Docker mirrors only Docker Hub "
+                            f"(docker.io); other registries need containerd (or renaming images)")
+            continue
+        for m in mirror.mirrors:
+            parts = urlsplit(m.url)
+            if parts.path not in ("", "/") or m.override_path:
+                problems.append(f"mirror {m.url!r}: dockerd accepts only scheme://host[:port] mirror URLs, no path")
+            if m.skip_verify or m.ca_bundle or m.capabilities != models.DEFAULT_CAPABILITIES:
+                problems.append(f"mirror {m.url!r}: skipVerify, caBundle and capabilities are containerd "
+                                f"settings; dockerd's registry-mirrors has none of them")
+            urls.append(m.url)
+    if problems:
+        raise DockerRefused("; ".join(problems))
+    return urls
+
+
+def plan_docker(desired: Sequence[models.RegistryMirror], view: NodeView, state: ownership.State,
+                options: Options = Options()) -> Plan:
+    models.check_unique_registries(desired)
+    urls = check_docker_mirrors(desired)
+    path = options.daemon_json
+
+    def undo(p: str, current: str | None, original: str | None) -> str | None:
+        if current is None:
+            return original
+        doc = parse_daemon_json(current, p)
+        own = parse_daemon_json(original, p) if original is not None else {}
+        if doc.get(KEY) == own.get(KEY):
+            return current
+        if KEY in own:
+            doc[KEY] = own[KEY]
+        else:
+            doc.pop(KEY, None)
+        return render_daemon_json(doc)
+
+    current = view.read(path)
+    own_text = ownership.pristine(path, current, state, undo)
+    files: dict[str, str] = {}
+    if urls:
+        doc = parse_daemon_json(own_text, path) if own_text is not None else {}
+        if doc.get(KEY) != urls:
+            doc[KEY] = urls
+            files[path] = render_daemon_json(doc)
+    return ownership.plan_owned_files(runtime=RUNTIME, view=view, state=state, state_path=options.state_path,
+                                      desired=files, restart_paths=frozenset({path}), undo=undo)

@@ -1,0 +1,115 @@
+"""containerd's ``hosts.toml`` (one per registry under ``config_path``), rendered and checked.
+
+Rules from containerd's docs/hosts.md and RUNTIME-NOTES.md: ``server`` is the upstream, tried last; each
+``[host."<url>"]`` is tried in file order. Hosts are written as real table headers, because containerd 2.x
+orders hosts by table headers and silently drops inline or dotted host keys. Every file is parsed back with
+a strict parser before it is used: containerd only logs a broken hosts.toml at pull time and then ignores it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+
+from regmirror_api import models
+
+#: Where containerd looks for a registry's directory: ``host:port`` as written, ``_default`` for any registry.
+DEFAULT_DIR = "_default"
+
+
+def registry_dir(registry: str) -> str:
+    return DEFAULT_DIR if registry == models.ANY_REGISTRY else registry
+
+
+def upstream_server(registry: str) -> str | None:
+    """The upstream URL containerd falls back to; ``None`` for ``*`` (containerd then uses the image's host)."""
+    if registry == models.ANY_REGISTRY:
+        return None
+    if registry == models.DOCKER_HUB:
+        return "https://registry-1.docker.io"
+    return f"https://{registry}"
+
+
+@dataclasses.dataclass(frozen=True)
+class TLS:
+    """TLS settings of a host: ``ca`` paths are relative to the hosts.toml's directory or absolute."""
+
+    skip_verify: bool = False
+    ca: tuple[str, ...] = ()
+    client: tuple[tuple[str, str | None], ...] = ()
+
+    def merged_under(self, other: TLS) -> TLS:
+        """These settings, with ``other`` filling in what these leave unset."""
+        return TLS(self.skip_verify or other.skip_verify, self.ca or other.ca, self.client or other.client)
+
+
+@dataclasses.dataclass(frozen=True)
+class Host:
+    url: str
+    capabilities: tuple[str, ...] = models.DEFAULT_CAPABILITIES
+    tls: TLS = TLS()
+    override_path: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class HostsFile:
+    registry: str
+    hosts: tuple[Host, ...]
+    server_tls: TLS = TLS()
+    origin: str = ""
+    """Why the file exists, for its header comment (a RegistryMirror's name, or the inline config it replaces)."""
+
+
+def _q(text: str) -> str:
+    """A TOML basic string; JSON's escapes are a subset of TOML's and ensure_ascii keeps it one line."""
+    return json.dumps(text, ensure_ascii=True)
+
+
+def _tls_lines(tls: TLS, indent: str) -> list[str]:
+    lines = []
+    if tls.skip_verify:
+        lines.append(f"{indent}skip_verify = true")
+    if len(tls.ca) == 1:
+        lines.append(f"{indent}ca = {_q(tls.ca[0])}")
+    elif tls.ca:
+        lines.append(f"{indent}ca = [{', '.join(map(_q, tls.ca))}]")
+    if tls.client:
+        # Uniform [[cert, key]] pairs: an empty key makes containerd read the key from the cert file.
+        pairs = ", ".join(f"[{_q(cert)}, {_q(key or '')}]" for cert, key in tls.client)
+        lines.append(f"{indent}client = [{pairs}]")
+    return lines
+
+
+def render_hosts_toml(spec: HostsFile) -> str:
+    lines = [
+        f"# Written by regmirror for registry {_q(spec.registry)}{': ' + spec.origin if spec.origin else ''}.",
+        "# regmirror puts this file back if it is edited; `regmirror reset` (or deleting the RegistryMirror)",
+        "# gives the node its own configuration for this registry again.",
+    ]
+    server = upstream_server(spec.registry)
+    if server:
+        lines.append(f"server = {_q(server)}")
+    lines += _tls_lines(spec.server_tls, "")
+    for host in spec.hosts:
+        lines += ["", f"[host.{_q(host.url)}]", f"  capabilities = [{', '.join(map(_q, host.capabilities))}]"]
+        lines += _tls_lines(host.tls, "  ")
+        if host.override_path:
+            lines.append("  override_path = true")
+    text = "\n".join(lines) + "\n"
+    check_hosts_toml(text, spec)
+    return text
+
+
+def check_hosts_toml(text: str, spec: HostsFile) -> None:
+    """Parse what was rendered and confirm containerd will see the same hosts in the same order."""
+    parsed = tomllib.loads(text)
+    hosts = parsed.get("host", {})
+    if list(hosts) != [h.url for h in spec.hosts] or parsed.get("server") != upstream_server(spec.registry):
+        raise AssertionError(f"hosts.toml for {spec.registry!r} does not read back as rendered:\n{text}")
+
+
+def parse_hosts_toml(text: str) -> tuple[str | None, list[str]]:
+    """``(server, [host urls in order])`` of an existing hosts.toml, for ``regmirror show``."""
+    parsed = tomllib.loads(text)
+    return parsed.get("server"), list(parsed.get("host", {}))

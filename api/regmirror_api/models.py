@@ -1,0 +1,235 @@
+"""The RegistryMirror model: what a user asks for, validated once, shared by the CLI, the agent and the operator.
+
+Everything here is pure. Parsing collects every problem in a document at once (a user fixing a YAML file
+wants the whole list, not one error per run), and each message quotes the bad value and says what was
+expected. The same rules are enforced at admission by the CRD (``crds/``); ``tests/unit/test_models.py``
+keeps the two in step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+from urllib.parse import urlsplit
+
+API_GROUP = "regmirror.io"
+API_VERSION = "v1alpha1"
+KIND = "RegistryMirror"
+PLURAL = "registrymirrors"
+
+MAX_MIRRORS = 10
+MAX_URL_LENGTH = 2048
+MAX_CA_BUNDLE_LENGTH = 65536
+CAPABILITIES = ("pull", "resolve", "push")
+DEFAULT_CAPABILITIES = ("pull", "resolve")
+
+#: Docker Hub's canonical name; containerd looks up ``certs.d/docker.io``, never the aliases below.
+DOCKER_HUB = "docker.io"
+DOCKER_HUB_ALIASES = ("registry-1.docker.io", "index.docker.io", "registry.hub.docker.com")
+#: ``*`` mirrors every registry that has no configuration of its own (containerd's ``_default``).
+ANY_REGISTRY = "*"
+
+_LABEL = r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
+REGISTRY_PATTERN = rf"^(?:\*|{_LABEL}(?:\.{_LABEL})*(?::[0-9]{{1,5}})?)$"
+_REGISTRY_RE = re.compile(REGISTRY_PATTERN)
+#: Characters that would let a URL break out of a TOML string or a JSON document, or that no URL needs.
+_URL_FORBIDDEN = re.compile(r"[\s\"'\\`<>{}|^\[\]]")
+
+
+class InvalidSpec(ValueError):
+    """One or more problems in what the user asked for; ``problems`` lists them all."""
+
+    def __init__(self, problems: Sequence[str]) -> None:
+        self.problems = list(problems)
+        super().__init__("; ".join(self.problems))
+
+
+@dataclasses.dataclass(frozen=True)
+class Mirror:
+    """One mirror endpoint, tried in list order before the upstream registry."""
+
+    url: str
+    skip_verify: bool = False
+    ca_bundle: str | None = None
+    override_path: bool = False
+    capabilities: tuple[str, ...] = DEFAULT_CAPABILITIES
+
+    def to_spec(self) -> dict[str, Any]:
+        spec: dict[str, Any] = {"url": self.url}
+        if self.skip_verify:
+            spec["skipVerify"] = True
+        if self.ca_bundle:
+            spec["caBundle"] = self.ca_bundle
+        if self.override_path:
+            spec["overridePath"] = True
+        if self.capabilities != DEFAULT_CAPABILITIES:
+            spec["capabilities"] = list(self.capabilities)
+        return spec
+
+
+@dataclasses.dataclass(frozen=True)
+class RegistryMirror:
+    """The desired mirrors of one upstream registry. ``name`` is the object's name, or a CLI-made one."""
+
+    name: str
+    registry: str
+    mirrors: tuple[Mirror, ...]
+    generation: int = 0
+
+    def to_spec(self) -> dict[str, Any]:
+        return {"registry": self.registry, "mirrors": [m.to_spec() for m in self.mirrors]}
+
+
+def check_registry(registry: object, where: str = "registry") -> list[str]:
+    """Problems with an upstream registry name (``host[:port]``, ``docker.io`` or ``*``)."""
+    if not isinstance(registry, str) or not registry:
+        return [f"{where}: must be a registry host such as \"quay.io\", \"docker.io\" or \"*\", got {registry!r}"]
+    if registry in DOCKER_HUB_ALIASES:
+        return [f"{where}: {registry!r} is an alias of Docker Hub; containerd only reads configuration "
+                f"written for {DOCKER_HUB!r}, so write {DOCKER_HUB!r}"]
+    if len(registry) > 260 or not _REGISTRY_RE.match(registry):
+        return [f"{where}: {registry!r} is not a registry host: expected host[:port] in lower case "
+                f"(for example \"quay.io\" or \"registry.example.com:5000\"), \"docker.io\" or \"*\""]
+    if ":" in registry and not 0 < int(registry.rsplit(":", 1)[1]) < 65536:
+        return [f"{where}: {registry!r} has a port outside 1-65535"]
+    return []
+
+
+def check_mirror_url(url: object, where: str = "url") -> list[str]:
+    """Problems with a mirror URL: absolute http(s), nothing that could escape a config file."""
+    if not isinstance(url, str) or not url:
+        return [f"{where}: must be an absolute http(s) URL such as \"https://mirror.example.com\", got {url!r}"]
+    if len(url) > MAX_URL_LENGTH:
+        return [f"{where}: longer than {MAX_URL_LENGTH} characters"]
+    bad = _URL_FORBIDDEN.search(url)
+    if bad or any(ord(c) < 0x20 or ord(c) == 0x7F for c in url):
+        return [f"{where}: {url!r} contains a character no mirror URL may hold "
+                f"(whitespace, quotes, backslash, brackets or control characters)"]
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError on a bad port
+    except ValueError as exc:
+        return [f"{where}: {url!r} is not a valid URL ({exc})"]
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return [f"{where}: {url!r} is not an absolute http:// or https:// URL"]
+    if parts.username or parts.password:
+        return [f"{where}: {url!r} carries credentials; put them in a pull secret, never in a mirror URL"]
+    if parts.query or parts.fragment:
+        return [f"{where}: {url!r} has a query or fragment; a mirror URL is scheme://host[:port][/path]"]
+    return []
+
+
+def parse_mirror(raw: object, where: str) -> tuple[Mirror | None, list[str]]:
+    """Build a Mirror from its camelCase spec (a plain URL string is accepted as shorthand)."""
+    if isinstance(raw, str):
+        raw = {"url": raw}
+    if not isinstance(raw, Mapping):
+        return None, [f"{where}: must be an object with a \"url\", got {raw!r}"]
+    problems: list[str] = []
+    unknown = sorted(set(raw) - {"url", "skipVerify", "caBundle", "overridePath", "capabilities"})
+    if unknown:
+        problems.append(f"{where}: unknown field(s) {', '.join(map(repr, unknown))}; expected url, skipVerify, "
+                        f"caBundle, overridePath, capabilities")
+    url = raw.get("url")
+    problems += check_mirror_url(url, f"{where}.url")
+    for flag in ("skipVerify", "overridePath"):
+        if not isinstance(raw.get(flag, False), bool):
+            problems.append(f"{where}.{flag}: must be true or false, got {raw[flag]!r}")
+    ca = raw.get("caBundle")
+    if ca is not None:
+        if not isinstance(ca, str) or "-----BEGIN CERTIFICATE-----" not in ca:
+            problems.append(f"{where}.caBundle: must be PEM text holding at least one "
+                            f"\"-----BEGIN CERTIFICATE-----\" block")
+        elif len(ca) > MAX_CA_BUNDLE_LENGTH:
+            problems.append(f"{where}.caBundle: longer than {MAX_CA_BUNDLE_LENGTH} characters")
+    caps = raw.get("capabilities", list(DEFAULT_CAPABILITIES))
+    if (not isinstance(caps, list) or not caps or any(c not in CAPABILITIES for c in caps)
+            or len(set(caps)) != len(caps)):
+        problems.append(f"{where}.capabilities: {caps!r} must be a non-empty list of distinct values "
+                        f"from {list(CAPABILITIES)}")
+    if problems:
+        return None, problems
+    ordered = tuple(c for c in CAPABILITIES if c in caps)
+    return Mirror(url=str(url), skip_verify=bool(raw.get("skipVerify", False)), ca_bundle=ca or None,
+                  override_path=bool(raw.get("overridePath", False)), capabilities=ordered), []
+
+
+def parse_spec(name: str, spec: object, generation: int = 0, where: str = "spec") -> RegistryMirror:
+    """Validate a RegistryMirror spec; raise InvalidSpec listing every problem."""
+    if not isinstance(spec, Mapping):
+        raise InvalidSpec([f"{where}: must be an object with \"registry\" and \"mirrors\""])
+    problems = check_registry(spec.get("registry"), f"{where}.registry")
+    raw_mirrors = spec.get("mirrors")
+    mirrors: list[Mirror] = []
+    if not isinstance(raw_mirrors, list) or not raw_mirrors:
+        problems.append(f"{where}.mirrors: must list at least one mirror")
+        raw_mirrors = []
+    elif len(raw_mirrors) > MAX_MIRRORS:
+        problems.append(f"{where}.mirrors: {len(raw_mirrors)} mirrors given, at most {MAX_MIRRORS} allowed")
+    for i, raw in enumerate(raw_mirrors):
+        mirror, found = parse_mirror(raw, f"{where}.mirrors[{i}]")
+        problems += found
+        if mirror:
+            mirrors.append(mirror)
+    urls = [m.url for m in mirrors]
+    for dup in sorted({u for u in urls if urls.count(u) > 1}):
+        problems.append(f"{where}.mirrors: {dup!r} is listed more than once")
+    if problems:
+        raise InvalidSpec(problems)
+    return RegistryMirror(name=name, registry=str(spec["registry"]), mirrors=tuple(mirrors), generation=generation)
+
+
+def parse_document(doc: object, index: int = 0) -> RegistryMirror:
+    """Validate one ``kind: RegistryMirror`` document as written for ``kubectl apply``."""
+    where = f"document {index + 1}"
+    if not isinstance(doc, Mapping):
+        raise InvalidSpec([f"{where}: not a YAML mapping"])
+    problems = []
+    if doc.get("apiVersion") != f"{API_GROUP}/{API_VERSION}" or doc.get("kind") != KIND:
+        problems.append(f"{where}: expected apiVersion {API_GROUP}/{API_VERSION} and kind {KIND}, got "
+                        f"{doc.get('apiVersion')!r} {doc.get('kind')!r}")
+    meta = doc.get("metadata") or {}
+    name = meta.get("name") if isinstance(meta, Mapping) else None
+    if not isinstance(name, str) or not name:
+        problems.append(f"{where}: metadata.name is missing")
+    if problems:
+        raise InvalidSpec(problems)
+    return parse_spec(str(name), doc.get("spec"), int(meta.get("generation") or 0), where=f"{name}: spec")
+
+
+def parse_cli_mirror(arg: str) -> RegistryMirror:
+    """Parse ``--mirror REGISTRY=URL[,URL...]``; the name is derived so the same flag always names the same."""
+    registry, sep, urls = arg.partition("=")
+    where = f"--mirror {arg!r}"
+    if not sep or not urls:
+        raise InvalidSpec([f"{where}: expected REGISTRY=URL[,URL...], "
+                           f"for example quay.io=https://quay.tencentcloudcr.com"])
+    return parse_spec(f"cli-{registry}", {"registry": registry, "mirrors": urls.split(",")}, where=where)
+
+
+def parse_cli_mirrors(args: Iterable[str]) -> list[RegistryMirror]:
+    """Every ``--mirror`` flag, with the problems of all of them reported together."""
+    result, problems = [], []
+    for arg in args:
+        try:
+            result.append(parse_cli_mirror(arg))
+        except InvalidSpec as exc:
+            problems += exc.problems
+    if problems:
+        raise InvalidSpec(problems)
+    return result
+
+
+def check_unique_registries(mirrors: Iterable[RegistryMirror]) -> None:
+    """Two mirror sets for one registry cannot both win on a node: refuse instead of guessing."""
+    seen: dict[str, str] = {}
+    problems = []
+    for m in mirrors:
+        if m.registry in seen:
+            problems.append(f"registry {m.registry!r} is mirrored twice ({seen[m.registry]!r} and {m.name!r}); "
+                            f"give each registry one RegistryMirror")
+        seen.setdefault(m.registry, m.name)
+    if problems:
+        raise InvalidSpec(problems)
