@@ -241,8 +241,9 @@ def _set_key(table: Any, key: str, value: Any) -> None:
     """Set a key; a new one is indented like the table's own keys, so a hand-formatted file stays readable."""
     new = key not in table
     table[key] = value
-    if new and isinstance(table, tomlkit.items.Table) and not isinstance(table[key], tomlkit.items.Table):
-        table[key].trivia.indent = table.trivia.indent + ("  " if table.trivia.indent else "")
+    item = table.item(key) if isinstance(table, tomlkit.items.Table) else None
+    if new and item is not None and not isinstance(item, tomlkit.items.Table):
+        item.trivia.indent = table.trivia.indent + ("  " if table.trivia.indent else "")
 
 
 def _remove_if_empty(doc: tomlkit.TOMLDocument, keys: Sequence[str], keep: Mapping[str, Any] | None) -> None:
@@ -389,7 +390,6 @@ def _inline_endpoint(mirror: models.Mirror) -> str:
 
 def _plan_inline_mode(doc: tomlkit.TOMLDocument, keys: Sequence[str], desired: Sequence[models.RegistryMirror],
                       out: _Desired, path: str) -> None:
-    reg = _ensure_table(doc, keys)
     tls_by_host: dict[str, dict[str, Any]] = {}
     for mirror in desired:
         for m in mirror.mirrors:
@@ -411,8 +411,9 @@ def _plan_inline_mode(doc: tomlkit.TOMLDocument, keys: Sequence[str], desired: S
         table = _ensure_table(doc, (*keys, "mirrors", mirror.registry))
         _set_key(table, "endpoint", endpoints)
     for host, tls in sorted(tls_by_host.items()):
-        node_tls = _get(reg, ("configs", host, "tls"))
-        _set_key(_ensure_table(doc, (*keys, "configs", host)), "tls", {**(_plain(node_tls) or {}), **tls})
+        table = _ensure_table(doc, (*keys, "configs", host, "tls"))
+        for key, value in tls.items():
+            _set_key(table, key, value)
 
 
 def plan_containerd(desired: Sequence[models.RegistryMirror], view: NodeView, state: ownership.State,
