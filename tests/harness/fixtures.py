@@ -1,0 +1,166 @@
+"""pytest fixtures for tests against real containerd, docker-registry and crictl.
+
+Load with ``pytest_plugins = ["tests.harness.fixtures"]`` in the top-level
+``tests/conftest.py``.
+
+* ``registry`` (session): a plain-HTTP mirror holding ``k8scsi/csi-resizer:v0.5.0``
+  and ``library/busybox:1.36`` (what containerd asks a quay.io / docker.io
+  mirror for).  Shared, so compare log counts with ``since=registry.mark()``.
+* ``tls_registry`` (session): the same images over HTTPS signed by a test CA
+  (``tls_registry.ca_pem``).
+* ``containerd_node_factory`` (function): makes :class:`ContainerdNode` objects
+  and guarantees that every containerd they (or the product, through
+  ``containerd_ctl.sh``) started is dead at teardown, even when the test failed.
+
+Missing binaries skip the requesting test with the reason, instead of failing
+deep inside a subprocess call.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Protocol
+
+import pytest
+
+from tests.harness.containerd import CONTAINERD_BIN, CTR_BIN, ContainerdNode, find_binary
+from tests.harness.registry import REGISTRY_BIN, SKOPEO_BIN, Registry
+
+# (repository in the mirror, tag): images every session registry serves.
+SEED_IMAGES: tuple[tuple[str, str], ...] = (
+    ("k8scsi/csi-resizer", "v0.5.0"),
+    ("library/busybox", "1.36"),
+)
+
+
+def require_binaries(*names: str) -> None:
+    """Skip the current test unless every named executable is available."""
+    missing = [n for n in names if find_binary(n) is None]
+    if missing:
+        pytest.skip(f"real components missing: {', '.join(missing)} (see /work/shared/REAL-COMPONENTS.md)")
+
+
+def _start_seeded_registry(workdir: Path, *, tls: bool) -> Registry:
+    reg = Registry(workdir, tls=tls)
+    try:
+        for repo, tag in SEED_IMAGES:
+            reg.push(repo, tag, f"{repo}:{tag} served by the regmirror test registry ({reg.url})\n")
+    except BaseException:
+        reg.stop()
+        raise
+    return reg
+
+
+@pytest.fixture(scope="session")
+def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
+    """A plain-HTTP docker-registry with the seed images, for the whole session."""
+    require_binaries(REGISTRY_BIN, SKOPEO_BIN)
+    reg = _start_seeded_registry(tmp_path_factory.mktemp("registry"), tls=False)
+    try:
+        yield reg
+    finally:
+        reg.stop()
+
+
+@pytest.fixture(scope="session")
+def tls_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
+    """An HTTPS docker-registry (certificate from a throwaway CA) with the seed images."""
+    require_binaries(REGISTRY_BIN, SKOPEO_BIN)
+    reg = _start_seeded_registry(tmp_path_factory.mktemp("tls-registry"), tls=True)
+    try:
+        yield reg
+    finally:
+        reg.stop()
+
+
+class ContainerdNodeFactory(Protocol):
+    """Signature of the ``containerd_node_factory`` fixture."""
+
+    def __call__(
+        self,
+        version: int | None = 2,
+        *,
+        name: str | None = None,
+        config_path: str | None = None,
+        mirrors: Mapping[str, Sequence[str]] | None = None,
+        extra: str = "",
+        start: bool = False,
+    ) -> ContainerdNode: ...
+
+
+@pytest.fixture
+def containerd_node_factory(tmp_path: Path) -> Iterator[ContainerdNodeFactory]:
+    """Make simulated nodes; stop and clean up all of them at teardown.
+
+    ``factory(version, name=..., config_path=..., mirrors=..., extra=..., start=...)``:
+    ``version`` 1 or 2 writes a starting config.toml (``None`` writes none, for
+    tests that write their own); ``start=True`` starts containerd and waits for
+    its socket.  The node root is ``tmp_path/<name>`` (kept by pytest for
+    inspection, with a copy of ``containerd.log``); the runtime dir is a short
+    ``/tmp/rmn-*`` dir (socket path limit), deleted at teardown.
+    """
+    require_binaries(CONTAINERD_BIN, CTR_BIN, "unshare")
+    nodes: list[ContainerdNode] = []
+
+    def make(
+        version: int | None = 2,
+        *,
+        name: str | None = None,
+        config_path: str | None = None,
+        mirrors: Mapping[str, Sequence[str]] | None = None,
+        extra: str = "",
+        start: bool = False,
+    ) -> ContainerdNode:
+        name = name or f"node{len(nodes)}"
+        state_dir = Path(tempfile.mkdtemp(prefix="rmn-", dir="/tmp"))
+        node = ContainerdNode(tmp_path / name, state_dir, name=name)
+        nodes.append(node)
+        if version is not None:
+            node.write_config(version, config_path=config_path, mirrors=mirrors, extra=extra)
+        if start:
+            node.start()
+        return node
+
+    try:
+        yield make
+    finally:
+        errors: list[str] = []
+        for node in nodes:
+            try:
+                node.stop()
+            except Exception as e:  # keep cleaning the other nodes
+                errors.append(f"{node.name}: {e}")
+                node.kill_leftovers()
+            if node.log_path.exists():
+                shutil.copy(node.log_path, node.node_root / "containerd.log")
+            shutil.rmtree(node.state_dir, ignore_errors=True)
+        leaked = [n.name for n in nodes if n.running]
+        if errors or leaked:
+            raise RuntimeError(f"containerd teardown problems: errors={errors} leaked={leaked}")
+
+
+def crictl_available() -> bool:
+    return find_binary("crictl") is not None
+
+
+def require_crictl() -> Path:
+    """Skip unless crictl was built (hack/build-control-plane.sh) or is on PATH."""
+    path = find_binary("crictl")
+    if path is None:
+        pytest.skip("crictl missing: expected in $REGMIRROR_BIN_DIR, .cache/bin or PATH")
+    return path
+
+
+__all__: Sequence[str] = (
+    "ContainerdNodeFactory",
+    "SEED_IMAGES",
+    "containerd_node_factory",
+    "crictl_available",
+    "registry",
+    "require_binaries",
+    "require_crictl",
+    "tls_registry",
+)
