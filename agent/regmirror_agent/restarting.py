@@ -92,11 +92,10 @@ def cri_health(host: Host, address: str) -> tuple[bool, str]:
 
 
 def _cri_error(detailed: str) -> str:
-    """The error line of the CRI block in ``ctr plugins ls --detailed``."""
-    block = re.split(r"\n(?=Type:)", detailed)
-    for entry in block:
+    """The message of the CRI block in ``ctr plugins ls --detailed`` ("Error:" then "Code:"/"Message:")."""
+    for entry in re.split(r"\n(?=Type:)", detailed):
         if re.search(r"Type:\s+io\.containerd\.grpc\.v1\b", entry) and re.search(r"ID:\s+cri\b", entry):
-            match = re.search(r"Error:\s*(.+)", entry)
+            match = re.search(r"Message:\s*(.+)", entry) or re.search(r"Error:\s*(\S.+)", entry)
             return match.group(1).strip() if match else ""
     return ""
 

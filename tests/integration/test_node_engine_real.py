@@ -1,0 +1,224 @@
+"""`regmirror apply/reset` on real containerd 1.6 nodes, pulling through a real local registry.
+
+No network reaches quay.io or Docker Hub here: a pull that succeeds came through the mirror regmirror wrote.
+Each node runs its own containerd in a private mount namespace where the node root's ``/etc/containerd`` is
+``/etc/containerd``, so config.toml names ``/etc/containerd/certs.d`` exactly as on a real node.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from regmirror_agent import engine
+from regmirror_agent.plans import FileChange
+from regmirror_agent.restarting import Host
+from regmirror_api import models
+from tests.harness.containerd import ContainerdNode
+from tests.harness.fixtures import require_crictl
+from tests.harness.registry import Registry
+
+pytestmark = pytest.mark.integration
+
+QUAY_IMAGE = "quay.io/k8scsi/csi-resizer:v0.5.0"
+HUB_IMAGE = "docker.io/library/busybox:1.36"
+
+
+def regmirror(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "regmirror_agent.cli", *args], capture_output=True, text=True,
+                          timeout=180, check=False)
+
+
+def snapshot(folder: Path) -> dict[str, tuple[bytes, int]]:
+    """Every file under ``folder`` with its bytes and mtime (ns): what "writes nothing" is checked against."""
+    return {str(p.relative_to(folder)): (p.read_bytes(), p.stat().st_mtime_ns)
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def contents(folder: Path) -> dict[str, bytes]:
+    return {k: v[0] for k, v in snapshot(folder).items()}
+
+
+def apply_args(node: ContainerdNode, registry: Registry, *extra: str) -> list[str]:
+    return ["apply", "--root", str(node.node_root), "--restart", "command:" + node.ctl_command(),
+            "--health-timeout", "20",
+            "--mirror", f"quay.io={registry.url}", "--mirror", f"docker.io={registry.url}", *extra]
+
+
+@pytest.mark.parametrize("version", [1, 2])
+@pytest.mark.parametrize("mode", ["hosts", "inline"])
+def test_apply_pull_through_mirror_then_reset(containerd_node_factory, registry: Registry, version: int,
+                                              mode: str) -> None:
+    require_crictl()
+    node = containerd_node_factory(version, start=True)
+    before = contents(node.etc_dir)
+    for image in (QUAY_IMAGE, HUB_IMAGE):
+        assert node.crictl_pull(image).returncode != 0, "without a mirror nothing can serve this image"
+
+    first_pid = node.pid
+    result = regmirror(*apply_args(node, registry, "--mode", mode))
+    assert result.returncode == 0, result.stderr
+    assert "restarted and healthy" in result.stdout
+    assert node.pid != first_pid
+    ok, detail = node.wait_cri()
+    assert ok, detail
+
+    since = registry.mark()
+    for image in (QUAY_IMAGE, HUB_IMAGE):
+        pulled = node.crictl_pull(image)
+        assert pulled.returncode == 0, pulled.stderr + node.log_tail()
+    assert registry.requests_for("/v2/k8scsi/csi-resizer/manifests/", since=since, agent="containerd") >= 1
+    assert registry.requests_for("/v2/library/busybox/manifests/", since=since, agent="containerd") >= 1
+
+    # A second identical apply writes nothing: same bytes, same mtimes, no restart.
+    root_before = snapshot(node.node_root)
+    pid = node.pid
+    again = regmirror(*apply_args(node, registry, "--mode", mode))
+    assert again.returncode == 0, again.stderr
+    assert "unchanged" in again.stdout
+    assert snapshot(node.node_root) == root_before
+    assert node.pid == pid
+
+    reset = regmirror("reset", "--root", str(node.node_root), "--restart", "command:" + node.ctl_command())
+    assert reset.returncode == 0, reset.stderr
+    assert contents(node.etc_dir) == before, "reset must give back the node's own files exactly"
+    assert not (node.node_root / "var/lib/regmirror/state.json").exists()
+    ok, detail = node.wait_cri()
+    assert ok, detail
+    assert node.crictl("rmi", QUAY_IMAGE).returncode == 0
+    assert node.crictl_pull(QUAY_IMAGE).returncode != 0, "after reset the mirror must no longer be used"
+
+
+def test_moving_to_hosts_mode_keeps_the_nodes_own_inline_mirror_working(containerd_node_factory,
+                                                                        registry: Registry) -> None:
+    require_crictl()
+    own = "registry.corp.internal"
+    node = containerd_node_factory(1, mirrors={own: [registry.url]}, start=True)
+    assert node.crictl_pull(f"{own}/k8scsi/csi-resizer:v0.5.0").returncode == 0
+    assert node.crictl("rmi", f"{own}/k8scsi/csi-resizer:v0.5.0").returncode == 0
+
+    result = regmirror(*apply_args(node, registry))
+    assert result.returncode == 0, result.stderr
+    assert "moved the node's own inline registry mirrors" in result.stdout
+    ok, detail = node.wait_cri()
+    assert ok, detail  # inline mirrors beside config_path would have failed the CRI plugin
+    assert (node.certs_dir / own / "hosts.toml").exists()
+    for image in (f"{own}/k8scsi/csi-resizer:v0.5.0", QUAY_IMAGE):
+        pulled = node.crictl_pull(image)
+        assert pulled.returncode == 0, pulled.stderr
+
+
+def test_hosts_toml_change_needs_no_restart(containerd_node_factory, registry: Registry) -> None:
+    require_crictl()
+    node = containerd_node_factory(2, start=True)
+    first = regmirror("apply", "--root", str(node.node_root), "--restart", "command:" + node.ctl_command(),
+                      "--mirror", f"quay.io={registry.url}")
+    assert first.returncode == 0, first.stderr
+    pid = node.pid
+    second = regmirror(*apply_args(node, registry))
+    assert second.returncode == 0, second.stderr
+    assert "restart" not in second.stdout
+    assert node.pid == pid
+    pulled = node.crictl_pull(HUB_IMAGE)
+    assert pulled.returncode == 0, pulled.stderr
+
+
+def test_tls_mirror_with_ca_bundle(containerd_node_factory, tls_registry: Registry, tmp_path: Path) -> None:
+    require_crictl()
+    node = containerd_node_factory(2, start=True)
+    ca = "\n".join("      " + line for line in tls_registry.ca_pem.strip().splitlines())
+    doc = tmp_path / "mirrors.yaml"
+    doc.write_text(f"""apiVersion: regmirror.io/v1alpha1
+kind: RegistryMirror
+metadata:
+  name: quay-io
+spec:
+  registry: quay.io
+  mirrors:
+  - url: {tls_registry.url}
+    caBundle: |
+{ca}
+""")
+    result = regmirror("apply", "--root", str(node.node_root), "--restart", "command:" + node.ctl_command(),
+                       "-f", str(doc))
+    assert result.returncode == 0, result.stderr
+    pulled = node.crictl_pull(QUAY_IMAGE)
+    assert pulled.returncode == 0, pulled.stderr + node.log_tail()
+
+
+def test_restart_failure_rolls_back_to_previous_files(containerd_node_factory, registry: Registry) -> None:
+    """A config.toml the CRI plugin refuses (inline mirrors beside config_path, which the planner never
+    writes, so the test hands the engine that plan) is detected after the restart and rolled back."""
+    node = containerd_node_factory(2, start=True)
+    before = contents(node.etc_dir)
+    settings = engine.Settings(root=str(node.node_root), restart="command:" + node.ctl_command(),
+                               health_timeout=20, host=Host())
+    plan, runtime = engine.plan([models.parse_cli_mirror(f"quay.io={registry.url}")], settings)
+    config = next(c for c in plan.changes if c.path == "/etc/containerd/config.toml")
+    assert config.after is not None
+    broken = config.after + '\n[plugins."io.containerd.grpc.v1.cri".registry.mirrors."ghcr.io"]\n' \
+                            '  endpoint = ["https://ghcr.mirror.example"]\n'
+    bad_plan = plan.__class__(**{**plan.__dict__, "changes": tuple(
+        FileChange(c.path, c.before, broken) if c is config else c for c in plan.changes)})
+
+    with pytest.raises(engine.EngineError) as exc:
+        engine.execute(bad_plan, runtime, settings)
+    message = str(exc.value)
+    assert "`mirrors` cannot be set when `config_path` is provided" in message
+    assert "put the previous files back" in message and "healthy again" in message
+    assert contents(node.etc_dir) == before
+    assert not (node.node_root / "var/lib/regmirror/state.json").exists()
+    ok, detail = node.wait_cri()
+    assert ok, detail
+
+
+def test_failed_restart_command_changes_nothing(containerd_node_factory, registry: Registry) -> None:
+    node = containerd_node_factory(2, start=True)
+    before = contents(node.node_root)
+    result = regmirror("apply", "--root", str(node.node_root), "--restart", "command:exit 3",
+                       "--mirror", f"quay.io={registry.url}")
+    assert result.returncode == 1
+    assert "exited 3" in result.stderr and "put the previous files back" in result.stderr
+    after = contents(node.node_root)
+    after.pop("containerd.log", None)
+    before.pop("containerd.log", None)
+    assert after == before
+
+
+def test_dry_run_prints_the_diff_and_writes_nothing(containerd_node_factory, registry: Registry) -> None:
+    node = containerd_node_factory(2)
+    before = snapshot(node.node_root)
+    result = regmirror(*apply_args(node, registry, "--dry-run"))
+    assert result.returncode == 0, result.stderr
+    assert "+++ b/etc/containerd/certs.d/quay.io/hosts.toml" in result.stdout
+    assert '+      config_path = "/etc/containerd/certs.d"' in result.stdout or "config_path" in result.stdout
+    assert snapshot(node.node_root) == before
+
+
+def test_containerd_itself_rejects_a_bad_config_before_anything_is_written(tmp_path: Path) -> None:
+    """`containerd config dump` runs on the planned file: a version only containerd can judge is caught."""
+    root = tmp_path / "node"
+    (root / "etc/containerd").mkdir(parents=True)
+    (root / "etc/containerd/config.toml").write_text('version = 2\noom_score = "high"\n')
+    before = contents(root)
+    result = regmirror("apply", "--root", str(root), "--restart", "never", "--mirror", "quay.io=https://m.example")
+    assert result.returncode == 1
+    assert "containerd rejects the planned /etc/containerd/config.toml" in result.stderr
+    assert contents(root) == before
+
+
+def test_written_files_keep_mode_and_owner(tmp_path: Path) -> None:
+    root = tmp_path / "node"
+    cfg = root / "etc/containerd/config.toml"
+    cfg.parent.mkdir(parents=True)
+    cfg.write_text("version = 2\n")
+    os.chmod(cfg, 0o640)
+    os.chown(cfg, 1234, 5678)
+    result = regmirror("apply", "--root", str(root), "--restart", "never", "--mirror", "quay.io=https://m.example")
+    assert result.returncode == 0, result.stderr
+    st = cfg.stat()
+    assert (st.st_mode & 0o777, st.st_uid, st.st_gid) == (0o640, 1234, 5678)
