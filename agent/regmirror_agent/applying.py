@@ -9,9 +9,13 @@ interrupted apply never loses what the node had before regmirror.
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import glob
 import json
 import os
 import stat
+import time
+from collections.abc import Iterator
 
 from regmirror_agent.nodefiles import NodeRoot
 from regmirror_agent.plans import FileChange, Plan
@@ -92,6 +96,33 @@ def check_unchanged(node: NodeRoot, changes: tuple[FileChange, ...]) -> None:
             raise Conflict(f"{change.path} changed while regmirror was planning; nothing was written, run again")
 
 
+@contextlib.contextmanager
+def node_lock(root: str, timeout: float = 120.0) -> Iterator[None]:
+    """One writer per node (the agent and a person's CLI may meet): an flock on the node root directory,
+    which needs no lock file left behind and dies with the process."""
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise Conflict(f"another regmirror is changing {root}; gave up after {timeout:.0f}s") from None
+                time.sleep(0.1)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _clear_stale_temp_files(directory: str) -> None:
+    """Temp files of an apply that was killed mid-write; safe to remove under the node lock."""
+    for stale in glob.glob(os.path.join(glob.escape(directory), ".*.regmirror-*.tmp")):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(stale)
+
+
 def apply_plan(plan: Plan, node: NodeRoot) -> None:
     """Make the node match ``plan``. Raises before writing anything if a planned-over file has changed."""
     check_unchanged(node, plan.changes)
@@ -102,6 +133,8 @@ def apply_plan(plan: Plan, node: NodeRoot) -> None:
     for directory in plan.mkdirs:
         with contextlib.suppress(FileExistsError):
             os.mkdir(node.fs_path(directory), 0o755)
+    for directory in sorted({os.path.dirname(p) for p in paths.values()}):
+        _clear_stale_temp_files(directory)
     for change in plan.changes:
         if change.after is None:
             remove_durably(paths[change.path])

@@ -105,6 +105,11 @@ def _say(line: str) -> None:
 def run_apply(args: argparse.Namespace) -> int:
     desired = load_desired(args) if args.command == "apply" else []
     settings = settings_from(args)
+    with engine.locked(settings):
+        return _plan_and_execute(desired, settings)
+
+
+def _plan_and_execute(desired: list[models.RegistryMirror], settings: engine.Settings) -> int:
     plan, runtime = engine.plan(desired, settings)
     if settings.dry_run:
         sys.stdout.write(plan.diff())

@@ -13,7 +13,7 @@ import os
 import posixpath
 import tempfile
 import tomllib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 from regmirror_agent import applying, ownership
 from regmirror_agent.nodefiles import NodeRoot, UnsafePath
@@ -202,8 +202,22 @@ def execute(plan_: Plan, runtime: str, settings: Settings, log: Log = _quiet) ->
 
 
 def apply(desired: Sequence[models.RegistryMirror], settings: Settings, log: Log = _quiet) -> Outcome:
-    plan_, runtime = plan(desired, settings)
-    return execute(plan_, runtime, settings, log)
+    with locked(settings):
+        plan_, runtime = plan(desired, settings)
+        return execute(plan_, runtime, settings, log)
+
+
+@contextlib.contextmanager
+def locked(settings: Settings) -> Iterator[None]:
+    """Hold the node's writer lock from planning to the health check (dry runs need none)."""
+    if settings.dry_run:
+        yield
+        return
+    try:
+        with applying.node_lock(settings.root):
+            yield
+    except applying.Conflict as exc:
+        raise EngineError(str(exc)) from exc
 
 
 def reset(settings: Settings, log: Log = _quiet) -> Outcome:

@@ -103,6 +103,9 @@ def check_mirror_url(url: object, where: str = "url") -> list[str]:
         return [f"{where}: must be an absolute http(s) URL such as \"https://mirror.example.com\", got {url!r}"]
     if len(url) > MAX_URL_LENGTH:
         return [f"{where}: longer than {MAX_URL_LENGTH} characters"]
+    if not url.isascii():
+        return [f"{where}: {url!r} has non-ASCII characters; write an international host name in its "
+                f"punycode (xn--) form and percent-encode the path"]
     bad = _URL_FORBIDDEN.search(url)
     if bad or any(ord(c) < 0x20 or ord(c) == 0x7F for c in url):
         return [f"{where}: {url!r} contains a character no mirror URL may hold "

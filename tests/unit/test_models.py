@@ -81,3 +81,8 @@ def test_document_round_trips_through_its_spec() -> None:
                                                         "capabilities": ["resolve", "pull"]}]}}
     m = models.parse_document(doc)
     assert m.to_spec() == {"registry": "quay.io", "mirrors": [{"url": "https://a", "skipVerify": True}]}
+
+
+def test_non_ascii_mirror_url_asks_for_punycode() -> None:
+    problems = models.check_mirror_url("https://镜像.example")
+    assert problems and "punycode" in problems[0]

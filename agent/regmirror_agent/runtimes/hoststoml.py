@@ -62,8 +62,9 @@ class HostsFile:
 
 
 def _q(text: str) -> str:
-    """A TOML basic string; JSON's escapes are a subset of TOML's and ensure_ascii keeps it one line."""
-    return json.dumps(text, ensure_ascii=True)
+    """A TOML basic string. JSON escapes quotes, backslashes and control characters the way TOML does;
+    other characters stay as they are (JSON's surrogate-pair escapes are not valid TOML)."""
+    return json.dumps(text, ensure_ascii=False)
 
 
 def _tls_lines(tls: TLS, indent: str) -> list[str]:
