@@ -6,6 +6,7 @@
 # requires k8s.io/kubernetes and points every staging module at its published v0.x twin.
 #
 # Usage: hack/build-control-plane.sh [OUT_DIR]    (default: .cache/bin; skips binaries already there)
+#        REGMIRROR_BUILD="crictl" hack/build-control-plane.sh   builds only what is named (crictl etcd kube)
 set -euo pipefail
 
 K8S_VERSION=${REGMIRROR_K8S_VERSION:-v1.37.2}
@@ -86,7 +87,7 @@ GO
   done
 }
 
-stage build_crictl
-stage build_etcd
-stage build_kube
+for what in ${REGMIRROR_BUILD:-crictl etcd kube}; do
+  stage "build_$what"
+done
 ls -la "$out"

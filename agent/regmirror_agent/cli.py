@@ -58,8 +58,6 @@ def build_parser() -> argparse.ArgumentParser:
     show = sub.add_parser("show", help="what this node's runtime uses, per registry")
     _common(show)
     show.add_argument("-o", "--output", choices=("text", "json"), default="text")
-    demo = sub.add_parser("demo", help="apply a mirror to a sample node and pull through it (no cluster needed)")
-    demo.add_argument("--keep", action="store_true", help="keep the sample node's folder for a look")
     return parser
 
 
@@ -163,10 +161,6 @@ def run_show(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        if args.command == "demo":
-            from regmirror_agent import demo
-
-            return demo.main(keep=args.keep)
         if args.command == "show":
             return run_show(args)
         return run_apply(args)

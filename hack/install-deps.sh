@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Install every real component regmirror's demo and tests use, on a fresh Debian 12 machine (as root).
+#
+#   hack/install-deps.sh            containerd, ctr, docker-registry, skopeo (apt); regmirror + test deps (pip);
+#                                   crictl, etcd, kube-apiserver, kubectl built from the Go module proxy
+#   hack/install-deps.sh --node     the same without the control plane (enough for hack/demo.sh)
+#
+# Already-present pieces are skipped; each stage prints what it cost.
+set -euo pipefail
+here=$(cd "$(dirname "$0")/.." && pwd)
+cd "$here"
+
+stage() {
+  local name=$1 t0=$SECONDS
+  shift
+  echo "== [install] $name"
+  "$@"
+  echo "== [install] $name: $((SECONDS - t0))s"
+}
+
+apt_packages() {
+  local missing=()
+  command -v containerd >/dev/null || missing+=(containerd)
+  command -v docker-registry >/dev/null || missing+=(docker-registry)
+  command -v skopeo >/dev/null || missing+=(skopeo)
+  command -v unshare >/dev/null || missing+=(util-linux)
+  [ ${#missing[@]} -eq 0 ] && { echo "apt packages present"; return 0; }
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+}
+
+python_package() {
+  python3 -m pip install -q --disable-pip-version-check --root-user-action=ignore -e ".[test]"
+}
+
+go_binaries() {
+  if [ "${1:-}" = "--node" ]; then
+    REGMIRROR_BUILD="crictl" hack/build-control-plane.sh
+  else
+    hack/build-control-plane.sh
+  fi
+}
+
+stage "apt packages (containerd, docker-registry, skopeo)" apt_packages
+stage "python package and test dependencies" python_package
+stage "Go-built binaries into .cache/bin" go_binaries "${1:-}"
