@@ -1,0 +1,482 @@
+"""The RegistryMirror API and the install, proven against a real kube-apiserver.
+
+Everything goes through the pinned kubectl with the harness's kubeconfig, the way a user or a GitOps tool
+drives a cluster, except the CRD/model agreement table, which uses the Python client for speed.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from regmirror_api import models
+from tests.harness import controlplane as cp
+from tests.harness.controlplane import REPO
+
+pytestmark = pytest.mark.controlplane
+
+NS = "regmirror-system"
+AGENT = f"system:serviceaccount:{NS}:regmirror-agent"
+OPERATOR = f"system:serviceaccount:{NS}:regmirror-operator"
+CRD_FILE = REPO / "crds" / "regmirror.io_registrymirrors.yaml"
+EXAMPLES = sorted((REPO / "examples").glob("*.yaml"))
+PEM = "-----BEGIN CERTIFICATE-----\nMIIBszCCAVmgAwIBAgIUJ\n-----END CERTIFICATE-----\n"
+
+
+def mirror_object(name: str, spec: dict[str, Any]) -> dict[str, Any]:
+    return {"apiVersion": f"{models.API_GROUP}/{models.API_VERSION}", "kind": models.KIND,
+            "metadata": {"name": name}, "spec": spec}
+
+
+def spec_of(registry: str = "quay.io", *urls: str, **mirror_fields: Any) -> dict[str, Any]:
+    return {"registry": registry,
+            "mirrors": [{"url": u, **mirror_fields} for u in (urls or ("https://mirror.example.com",))]}
+
+
+def live_versions(controlplane: cp.ControlPlane) -> dict[str, str]:
+    """kind/namespace/name -> resourceVersion of every object manifests/ declares."""
+    items = json.loads(controlplane.kubectl("get", "-k", str(REPO / "manifests"), "-o", "json").stdout)["items"]
+    return {f"{o['kind']}/{o['metadata'].get('namespace', '')}/{o['metadata']['name']}":
+            o["metadata"]["resourceVersion"] for o in items}
+
+
+@pytest.fixture
+def examples_applied(controlplane: cp.ControlPlane, installed: str) -> Iterator[list[str]]:
+    names = [yaml.safe_load(p.read_text())["metadata"]["name"] for p in EXAMPLES]
+    for path in EXAMPLES:
+        controlplane.kubectl("apply", "--server-side", "-f", str(path))
+    yield names
+    controlplane.kubectl("delete", "registrymirrors", *names, "--ignore-not-found", "--wait", "--timeout=20s")
+
+
+# --- the install ---------------------------------------------------------------------------------------------
+
+
+def test_manifests_apply_server_side_and_a_second_apply_changes_nothing(
+        controlplane: cp.ControlPlane, installed: str) -> None:
+    # The session fixture did the first `kubectl apply --server-side -k manifests/`.
+    for kind in ("customresourcedefinition.apiextensions.k8s.io/registrymirrors.regmirror.io",
+                 "namespace/regmirror-system", "deployment.apps/regmirror-operator",
+                 "daemonset.apps/regmirror-agent", "configmap/regmirror-desired"):
+        assert f"{kind} serverside-applied" in installed, installed
+    before = live_versions(controlplane)
+    controlplane.kubectl("apply", "--server-side", "-k", str(REPO / "manifests"))
+    assert live_versions(controlplane) == before
+    diff = controlplane.kubectl("diff", "--server-side", "-k", str(REPO / "manifests"), check=False)
+    assert diff.returncode == 0, diff.stdout + diff.stderr
+
+
+def test_reapplying_the_install_keeps_what_the_operator_published(
+        controlplane: cp.ControlPlane, installed: str) -> None:
+    # The operator owns data["desired.json"]; a GitOps re-sync of manifests/ must neither conflict with it nor
+    # reset it (a reset would tell every agent to remove every mirror).
+    desired = json.dumps({"version": 1, "mirrors": [], "hash": "e2e"})
+    controlplane.kubectl("patch", "configmap", "regmirror-desired", "-n", NS, "--as", OPERATOR,
+                         "--field-manager=regmirror-operator", "--type=merge",
+                         "-p", json.dumps({"data": {"desired.json": desired}}))
+    try:
+        controlplane.kubectl("apply", "--server-side", "-k", str(REPO / "manifests"))
+        live = json.loads(controlplane.kubectl("get", "configmap", "regmirror-desired", "-n", NS,
+                                               "-o", "json").stdout)
+        assert live["data"] == {"desired.json": desired}
+    finally:
+        controlplane.kubectl("patch", "configmap", "regmirror-desired", "-n", NS, "--type=json",
+                             "-p", '[{"op": "remove", "path": "/data"}]')
+
+
+def test_workloads_have_the_promised_shape(controlplane: cp.ControlPlane, installed: str) -> None:
+    deploy = json.loads(controlplane.kubectl("get", "deployment", "regmirror-operator", "-n", NS,
+                                             "-o", "json").stdout)
+    assert deploy["spec"]["replicas"] == 1 and deploy["spec"]["strategy"]["type"] == "Recreate"
+    pod = deploy["spec"]["template"]["spec"]
+    (op,) = pod["containers"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert op["securityContext"] == {"privileged": False, "allowPrivilegeEscalation": False,
+                                     "readOnlyRootFilesystem": True, "capabilities": {"drop": ["ALL"]}}
+    assert op["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert op["resources"]["limits"]["memory"] and op["resources"]["requests"]["memory"]
+
+    ds = json.loads(controlplane.kubectl("get", "daemonset", "regmirror-agent", "-n", NS, "-o", "json").stdout)
+    assert ds["spec"]["updateStrategy"] == {"type": "RollingUpdate",
+                                            "rollingUpdate": {"maxUnavailable": "10%", "maxSurge": 0}}
+    pod = ds["spec"]["template"]["spec"]
+    (agent,) = pod["containers"]
+    assert pod["tolerations"] == [{"operator": "Exists"}]
+    assert pod["priorityClassName"] == "system-node-critical" and pod["hostPID"] is True
+    assert {"name": "NODE_NAME", "valueFrom": {"fieldRef": {"apiVersion": "v1", "fieldPath": "spec.nodeName"}}} \
+        in agent["env"]
+    assert {m["mountPath"] for m in agent["volumeMounts"]} >= {
+        "/host/etc/containerd", "/host/etc/docker", "/host/var/lib/regmirror"}
+    assert agent["resources"]["limits"]["memory"] and agent["resources"]["requests"]["memory"]
+
+
+# --- examples, columns, explain ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
+def test_every_example_is_valid_for_the_model(path: Path) -> None:
+    models.parse_document(yaml.safe_load(path.read_text()))
+
+
+def test_examples_apply_and_get_prints_the_columns(controlplane: cp.ControlPlane,
+                                                   examples_applied: list[str]) -> None:
+    assert examples_applied == ["docker-io", "quay-io"]
+    controlplane.kubectl("patch", "registrymirror", "quay-io", "--subresource=status", "--type=merge", "-p",
+                         json.dumps({"status": {"ready": "3/3", "message": "applied on every selected node",
+                                                "observedGeneration": 1,
+                                                "nodes": {"selected": 3, "applied": 3, "failed": 0}}}))
+    table = controlplane.kubectl("get", "registrymirrors").stdout.splitlines()
+    assert table[0].split() == ["NAME", "REGISTRY", "MIRROR", "READY", "AGE"]
+    rows = {line.split()[0]: line.split() for line in table[1:]}
+    assert rows["quay-io"][1:4] == ["quay.io", "https://quay.tencentcloudcr.com", "3/3"]
+    assert rows["docker-io"][1:3] == ["docker.io", "https://mirror.ccs.tencentyun.com"]
+
+    wide = controlplane.kubectl("get", "registrymirrors", "-o", "wide").stdout.splitlines()
+    assert wide[0].split() == ["NAME", "REGISTRY", "MIRROR", "READY", "AGE", "MESSAGE"]
+    assert [line for line in wide if line.startswith("quay-io")][0].endswith("applied on every selected node")
+
+
+def test_short_names_and_category_reach_registrymirrors(controlplane: cp.ControlPlane,
+                                                        examples_applied: list[str]) -> None:
+    for alias in ("rm", "regmirror", "regmirror.regmirror.io"):
+        names = controlplane.kubectl("get", alias, "-o", "name").stdout.split()
+        assert sorted(names) == ["registrymirror.regmirror.io/docker-io", "registrymirror.regmirror.io/quay-io"]
+    # `rm` must not shadow, or be shadowed by, any built-in resource.
+    resources = controlplane.kubectl("api-resources", "--no-headers").stdout.splitlines()
+    owners = [line.split()[0] for line in resources if "rm" in line.split()[1].split(",")]
+    assert owners == ["registrymirrors"]
+
+
+def test_explain_teaches_the_mirrors_field(controlplane: cp.ControlPlane, installed: str) -> None:
+    # The apiserver publishes a new CRD's OpenAPI a moment after it is Established.
+    deadline = time.monotonic() + 30
+    while True:
+        done = controlplane.kubectl("explain", "registrymirror.spec.mirrors", check=False)
+        if done.returncode == 0 or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert done.returncode == 0, done.stderr
+    text = " ".join(done.stdout.split())
+    assert "The mirrors to try, first to last" in text
+    for field in ("url", "skipVerify", "caBundle", "overridePath", "capabilities"):
+        assert f"{field}\t" in done.stdout or f"{field} <" in text, field
+    assert "absolute http:// or https:// URL" in " ".join(
+        controlplane.kubectl("explain", "registrymirror.spec.mirrors.url").stdout.split())
+
+
+def test_deleting_a_registrymirror_never_waits_for_the_operator(controlplane: cp.ControlPlane,
+                                                                installed: str) -> None:
+    # No finalizers: with no operator running at all, delete completes at once (a GitOps prune never hangs).
+    controlplane.kubectl("apply", "--server-side", "-f", "-",
+                         input=json.dumps(mirror_object("e2e-delete", spec_of("ghcr.io"))))
+    controlplane.kubectl("delete", "registrymirror", "e2e-delete", "--wait", "--timeout=10s")
+
+
+# --- admission ----------------------------------------------------------------------------------------------
+
+INVALID = [
+    # (id, spec, field the error must name, words the error must contain)
+    ("path-climbing-registry", spec_of("../../etc"), "spec.registry", "not a registry host"),
+    ("registry-with-space", spec_of("quay .io"), "spec.registry", "not a registry host"),
+    ("upper-case-registry", spec_of("Quay.io"), "spec.registry", "lower case"),
+    ("registry-port-zero", spec_of("registry.example.com:0"), "spec.registry", "port outside 1-65535"),
+    ("docker-hub-alias", spec_of("registry-1.docker.io"), "spec.registry", 'so write "docker.io"'),
+    ("no-registry", {"mirrors": [{"url": "https://m.example.com"}]}, "spec.registry", "Required value"),
+    ("ftp-mirror", spec_of("quay.io", "ftp://mirror.example.com"), "spec.mirrors[0].url",
+     "not an absolute http:// or https:// URL"),
+    ("relative-url", spec_of("quay.io", "mirror.example.com"), "spec.mirrors[0].url",
+     "not an absolute http:// or https:// URL"),
+    ("url-with-quote", spec_of("quay.io", 'https://mirror.example.com/"x'), "spec.mirrors[0].url",
+     "must not contain whitespace, quotes"),
+    ("url-with-newline", spec_of("quay.io", "https://mirror.example.com\n[x]"), "spec.mirrors[0].url",
+     "must not contain whitespace, quotes"),
+    ("url-with-nbsp", spec_of("quay.io", "https://mirror.example.com/a\u00a0b"), "spec.mirrors[0].url",
+     "url must be ASCII"),
+    ("url-international-host", spec_of("quay.io", "https://b\u00fccher.example"), "spec.mirrors[0].url",
+     "punycode"),
+    ("url-with-credentials", spec_of("quay.io", "https://user:pw@mirror.example.com"), "spec.mirrors[0].url",
+     "credentials"),
+    ("url-with-query", spec_of("quay.io", "https://mirror.example.com/?ns=quay.io"), "spec.mirrors[0].url",
+     "query"),
+    ("url-port-out-of-range", spec_of("quay.io", "https://mirror.example.com:70000"), "spec.mirrors[0].url",
+     "port outside 1-65535"),
+    ("no-mirrors", {"registry": "quay.io", "mirrors": []}, "spec.mirrors", "at least 1 item"),
+    ("mirrors-missing", {"registry": "quay.io"}, "spec.mirrors", "Required value"),
+    ("duplicate-mirrors", spec_of("quay.io", "https://a.example.com", "https://a.example.com"), "spec.mirrors",
+     "must not list the same url twice"),
+    ("eleven-mirrors", spec_of("quay.io", *(f"https://m{i}.example.com" for i in range(11))), "spec.mirrors",
+     "must have at most 10 items"),
+    ("bad-capability", spec_of("quay.io", "https://m.example.com", capabilities=["pull", "fetch"]),
+     "spec.mirrors[0].capabilities[1]", 'supported values: "pull", "resolve", "push"'),
+    ("repeated-capability", spec_of("quay.io", "https://m.example.com", capabilities=["pull", "pull"]),
+     "spec.mirrors[0].capabilities[1]", "Duplicate value"),
+    ("no-capability", spec_of("quay.io", "https://m.example.com", capabilities=[]),
+     "spec.mirrors[0].capabilities", "at least 1 item"),
+    ("ca-bundle-not-pem", spec_of("quay.io", "https://m.example.com", caBundle="not a certificate"),
+     "spec.mirrors[0].caBundle", "BEGIN CERTIFICATE"),
+    ("unknown-mirror-field", spec_of("quay.io", "https://m.example.com", insecure=True),
+     "spec.mirrors[0].insecure", "unknown field"),
+    ("selector-in-without-values", {**spec_of(), "nodeSelector": {"matchExpressions": [
+        {"key": "pool", "operator": "In"}]}},
+     "spec.nodeSelector.matchExpressions[0]", "operator In needs at least one value"),
+    ("selector-bad-operator", {**spec_of(), "nodeSelector": {"matchExpressions": [
+        {"key": "pool", "operator": "Gt", "values": ["1"]}]}},
+     "spec.nodeSelector.matchExpressions[0].operator", "Unsupported value"),
+]
+
+
+@pytest.mark.parametrize(("spec", "field", "words"), [c[1:] for c in INVALID], ids=[c[0] for c in INVALID])
+def test_invalid_objects_are_refused_naming_the_field(controlplane: cp.ControlPlane, installed: str,
+                                                      spec: dict[str, Any], field: str, words: str) -> None:
+    done = controlplane.kubectl("create", "--dry-run=server", "-f", "-",
+                                input=json.dumps(mirror_object("e2e-invalid", spec)), check=False)
+    assert done.returncode != 0, f"accepted: {spec}"
+    assert field + ":" in done.stderr or f'unknown field "{field}"' in done.stderr, done.stderr
+    assert words in done.stderr, done.stderr
+    assert "failed rule:" not in done.stderr, done.stderr  # every rule explains itself
+
+
+# One table, two judges: the Python model (the source of truth, used by the CLI, the operator and the agent)
+# and the apiserver running the CRD. They must agree on each case.
+AGREEMENT = [
+    ("plain", spec_of(), True),
+    ("docker-hub", spec_of("docker.io", "https://mirror.ccs.tencentyun.com"), True),
+    ("every-registry", spec_of("*"), True),
+    ("registry-with-port", spec_of("registry.example.com:5000"), True),
+    ("http-mirror-with-port-and-path", spec_of("quay.io", "http://10.0.0.5:5000/quay"), True),
+    ("upper-case-scheme", spec_of("quay.io", "HTTPS://mirror.example.com"), True),
+    ("ten-mirrors", spec_of("quay.io", *(f"https://m{i}.example.com" for i in range(10))), True),
+    ("all-options", spec_of("quay.io", "https://m.example.com", skipVerify=True, caBundle=PEM,
+                            overridePath=True, capabilities=["push", "pull"]), True),
+    ("path-climbing-registry", spec_of("../../etc"), False),
+    ("registry-with-space", spec_of("quay .io"), False),
+    ("upper-case-registry", spec_of("Quay.io"), False),
+    ("registry-trailing-dot", spec_of("quay.io."), False),
+    ("registry-port-too-big", spec_of("quay.io:65536"), False),
+    ("docker-hub-alias", spec_of("index.docker.io"), False),
+    ("ftp-mirror", spec_of("quay.io", "ftp://m.example.com"), False),
+    ("no-host", spec_of("quay.io", "https:///v2"), False),
+    ("url-with-quote", spec_of("quay.io", "https://m.example.com/'x"), False),
+    ("url-with-backtick", spec_of("quay.io", "https://m.example.com/`x`"), False),
+    ("url-with-tab", spec_of("quay.io", "https://m.example.com/\tx"), False),
+    ("url-with-line-separator", spec_of("quay.io", "https://m.example.com/\u2028x"), False),
+    ("url-international-host", spec_of("quay.io", "https://b\u00fccher.example"), False),
+    ("url-punycode-host", spec_of("quay.io", "https://xn--bcher-kva.example/v2"), True),
+    ("url-with-credentials", spec_of("quay.io", "https://token@m.example.com"), False),
+    ("url-with-fragment", spec_of("quay.io", "https://m.example.com/#top"), False),
+    ("url-port-not-a-number", spec_of("quay.io", "https://m.example.com:https"), False),
+    ("no-mirrors", {"registry": "quay.io", "mirrors": []}, False),
+    ("duplicate-mirrors", spec_of("quay.io", "https://a.example.com", "https://a.example.com"), False),
+    ("eleven-mirrors", spec_of("quay.io", *(f"https://m{i}.example.com" for i in range(11))), False),
+    ("bad-capability", spec_of("quay.io", "https://m.example.com", capabilities=["fetch"]), False),
+    ("skip-verify-not-bool", spec_of("quay.io", "https://m.example.com", skipVerify="yes"), False),
+    ("ca-bundle-not-pem", spec_of("quay.io", "https://m.example.com", caBundle="hello"), False),
+]
+
+# Where the CRD is deliberately stricter than the model. If the model is tightened, move the case up.
+CRD_STRICTER = [
+    # The CLI's `--mirror quay.io=URL` shorthand: in the API a mirror is always an object.
+    ("url-string-shorthand", {"registry": "quay.io", "mirrors": ["https://m.example.com"]}),
+    # Harmless but meaningless URL parts the model lets through because urlsplit reports them as empty.
+    ("empty-userinfo", spec_of("quay.io", "https://@m.example.com")),
+    ("empty-query", spec_of("quay.io", "https://m.example.com/?")),
+    ("port-zero", spec_of("quay.io", "https://m.example.com:0")),
+    # Go's URL parser refuses a malformed percent-escape; Python's keeps it verbatim.
+    ("bad-percent-escape", spec_of("quay.io", "https://m.example.com/%zz")),
+]
+
+
+def model_accepts(spec: dict[str, Any]) -> bool:
+    try:
+        models.parse_spec("e2e", spec)
+    except models.InvalidSpec:
+        return False
+    return True
+
+
+@pytest.fixture(scope="module")
+def custom_objects(controlplane: cp.ControlPlane, installed: str) -> Any:
+    kubernetes = pytest.importorskip("kubernetes")
+    client = kubernetes.config.new_client_from_config(config_file=str(controlplane.kubeconfig))
+    yield kubernetes.client.CustomObjectsApi(client)
+    client.close()
+
+
+def apiserver_accepts(custom_objects: Any, spec: dict[str, Any]) -> tuple[bool, str]:
+    from kubernetes.client.exceptions import ApiException
+
+    try:
+        custom_objects.create_cluster_custom_object(
+            models.API_GROUP, models.API_VERSION, models.PLURAL, mirror_object("e2e-agreement", spec),
+            dry_run="All", field_validation="Strict")
+    except ApiException as exc:
+        if exc.status not in (400, 422):
+            raise
+        return False, str(exc.body)
+    return True, ""
+
+
+@pytest.mark.parametrize(("spec", "valid"), [c[1:] for c in AGREEMENT], ids=[c[0] for c in AGREEMENT])
+def test_crd_and_model_agree(custom_objects: Any, spec: dict[str, Any], valid: bool) -> None:
+    assert model_accepts(spec) is valid
+    accepted, why = apiserver_accepts(custom_objects, spec)
+    assert accepted is valid, why
+
+
+@pytest.mark.parametrize("spec", [c[1] for c in CRD_STRICTER], ids=[c[0] for c in CRD_STRICTER])
+def test_crd_is_stricter_than_the_model_only_where_listed(custom_objects: Any, spec: dict[str, Any]) -> None:
+    assert model_accepts(spec), "the model refuses this now: move the case into AGREEMENT"
+    assert not apiserver_accepts(custom_objects, spec)[0]
+
+
+def test_crd_limits_are_the_models_constants() -> None:
+    crd = yaml.safe_load(CRD_FILE.read_text())
+    (version,) = crd["spec"]["versions"]
+    spec = version["schema"]["openAPIV3Schema"]["properties"]["spec"]
+    mirrors = spec["properties"]["mirrors"]
+    mirror = mirrors["items"]["properties"]
+    assert (crd["spec"]["group"], version["name"], crd["spec"]["names"]["kind"], crd["spec"]["names"]["plural"]) \
+        == (models.API_GROUP, models.API_VERSION, models.KIND, models.PLURAL)
+    assert mirrors["maxItems"] == models.MAX_MIRRORS
+    assert mirror["url"]["maxLength"] == models.MAX_URL_LENGTH
+    assert mirror["caBundle"]["maxLength"] == models.MAX_CA_BUNDLE_LENGTH
+    assert tuple(mirror["capabilities"]["items"]["enum"]) == models.CAPABILITIES
+    assert tuple(mirror["capabilities"]["default"]) == models.DEFAULT_CAPABILITIES
+    registry_rules = " ".join(r["rule"] for r in spec["properties"]["registry"]["x-kubernetes-validations"])
+    assert f'r"{models.REGISTRY_PATTERN}"' in registry_rules
+    for alias in models.DOCKER_HUB_ALIASES:
+        assert f"'{alias}'" in registry_rules
+
+
+def walk_schema(schema: dict[str, Any], path: str = "") -> Iterator[tuple[str, dict[str, Any]]]:
+    yield path, schema
+    for name, sub in schema.get("properties", {}).items():
+        yield from walk_schema(sub, f"{path}.{name}")
+    if isinstance(schema.get("additionalProperties"), dict):
+        yield from walk_schema(schema["additionalProperties"], f"{path}.*")
+    if "items" in schema:
+        yield from walk_schema(schema["items"], f"{path}[]")
+
+
+def test_every_field_has_a_description() -> None:
+    crd = yaml.safe_load(CRD_FILE.read_text())
+    root = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    # Every named field, and every object inside a list or map, explains itself (`kubectl explain` shows it).
+    undocumented = [path for path, schema in walk_schema(root)
+                    if path != ".metadata" and not schema.get("description")
+                    and (not path.endswith(("[]", ".*")) or schema.get("type") == "object")]
+    assert undocumented == []
+
+
+# --- status: one writer per key ------------------------------------------------------------------------------
+
+
+def report(node: str, state: str = "Applied", **extra: Any) -> str:
+    return json.dumps({"status": {"nodeReports": {node: {
+        "generation": 1, "state": state, "time": "2025-01-01T00:00:00Z", **extra}}}})
+
+
+def test_agents_merge_their_own_reports_without_conflict(controlplane: cp.ControlPlane,
+                                                         examples_applied: list[str]) -> None:
+    # Each agent merge-patches only its own key, with no resourceVersion: 1,000 agents never conflict.
+    for node in ("node-a", "node-b"):
+        controlplane.kubectl("patch", "registrymirror", "quay-io", "--as", AGENT, "--subresource=status",
+                             "--type=merge", "-p", report(node, restarted=True))
+    controlplane.kubectl("patch", "registrymirror", "quay-io", "--as", AGENT, "--subresource=status",
+                         "--type=merge", "-p", report("node-a", "Failed", message="containerd did not restart"))
+    status = json.loads(controlplane.kubectl("get", "registrymirror", "quay-io", "-o", "json").stdout)["status"]
+    assert status["nodeReports"]["node-a"]["state"] == "Failed"
+    assert status["nodeReports"]["node-b"] == {"generation": 1, "state": "Applied", "restarted": True,
+                                               "time": "2025-01-01T00:00:00Z"}
+
+    refused = controlplane.kubectl("patch", "registrymirror", "quay-io", "--as", AGENT, "--subresource=status",
+                                   "--type=merge", "-p", report("node-c", "Done"), check=False)
+    assert refused.returncode != 0 and "status.nodeReports.node-c.state" in refused.stderr, refused.stderr
+    spec_change = controlplane.kubectl("patch", "registrymirror", "quay-io", "--as", AGENT, "--type=merge",
+                                       "-p", '{"spec": {"registry": "ghcr.io"}}', check=False)
+    assert spec_change.returncode != 0 and "forbidden" in spec_change.stderr, spec_change.stderr
+
+
+def test_agent_reads_the_contract_only_by_name(controlplane: cp.ControlPlane, installed: str) -> None:
+    named = controlplane.kubectl("get", "configmaps", "-n", NS, "--as", AGENT,
+                                 "--field-selector=metadata.name=regmirror-desired", "-o", "name")
+    assert named.stdout.split() == ["configmap/regmirror-desired"]
+    everything = controlplane.kubectl("get", "configmaps", "-n", NS, "--as", AGENT, check=False)
+    assert everything.returncode != 0 and "forbidden" in everything.stderr
+
+
+# --- RBAC -----------------------------------------------------------------------------------------------------
+
+CAN_I = [
+    # (who, expected, kubectl auth can-i arguments)
+    (AGENT, True, ["patch", "registrymirrors", "--subresource=status"]),
+    (AGENT, True, ["get", "registrymirrors", "--subresource=status"]),
+    (AGENT, True, ["get", "configmap/regmirror-desired", "-n", NS]),
+    (AGENT, True, ["watch", "configmap/regmirror-desired", "-n", NS]),
+    (AGENT, True, ["get", "nodes"]),
+    (AGENT, False, ["list", "configmaps", "-n", NS]),
+    (AGENT, False, ["get", "configmap/other", "-n", NS]),
+    (AGENT, False, ["update", "configmap/regmirror-desired", "-n", NS]),
+    (AGENT, False, ["list", "nodes"]),
+    (AGENT, False, ["patch", "nodes"]),
+    (AGENT, False, ["list", "secrets", "-A"]),
+    (AGENT, False, ["get", "secrets", "-n", NS]),
+    (AGENT, False, ["update", "registrymirrors"]),
+    (AGENT, False, ["patch", "registrymirrors"]),
+    (AGENT, False, ["update", "registrymirrors", "--subresource=status"]),
+    (AGENT, False, ["create", "registrymirrors"]),
+    (AGENT, False, ["delete", "nodes"]),
+    (AGENT, False, ["delete", "registrymirrors"]),
+    (AGENT, False, ["delete", "configmaps", "-n", NS]),
+    (AGENT, False, ["delete", "configmap/regmirror-desired", "-n", NS]),
+    (AGENT, False, ["delete", "pods", "-A"]),
+    (AGENT, False, ["create", "pods", "-n", NS]),
+    (OPERATOR, True, ["list", "registrymirrors"]),
+    (OPERATOR, True, ["watch", "registrymirrors"]),
+    (OPERATOR, True, ["patch", "registrymirrors"]),
+    (OPERATOR, True, ["patch", "registrymirrors", "--subresource=status"]),
+    (OPERATOR, True, ["update", "registrymirrors", "--subresource=status"]),
+    (OPERATOR, True, ["watch", "nodes"]),
+    (OPERATOR, True, ["update", "configmap/regmirror-desired", "-n", NS]),
+    (OPERATOR, True, ["patch", "configmap/regmirror-desired", "-n", NS]),
+    (OPERATOR, True, ["create", "events", "-n", "default"]),
+    (OPERATOR, True, ["create", "events.events.k8s.io", "-n", "default"]),
+    (OPERATOR, True, ["watch", "customresourcedefinitions"]),
+    (OPERATOR, False, ["update", "registrymirrors"]),
+    (OPERATOR, False, ["create", "registrymirrors"]),
+    (OPERATOR, False, ["delete", "registrymirrors"]),
+    (OPERATOR, False, ["update", "configmap/other", "-n", NS]),
+    (OPERATOR, False, ["create", "configmaps", "-n", NS]),
+    (OPERATOR, False, ["delete", "configmap/regmirror-desired", "-n", NS]),
+    (OPERATOR, False, ["list", "secrets", "-A"]),
+    (OPERATOR, False, ["get", "secrets", "-n", NS]),
+    (OPERATOR, False, ["delete", "nodes"]),
+    (OPERATOR, False, ["patch", "nodes"]),
+    (OPERATOR, False, ["create", "pods", "-n", NS]),
+    (OPERATOR, False, ["update", "customresourcedefinitions"]),
+]
+
+
+@pytest.mark.parametrize(("who", "allowed", "args"), CAN_I,
+                         ids=[f"{w.rsplit(':', 1)[1]}-{'can' if a else 'cannot'}-{'-'.join(x)}"
+                              for w, a, x in CAN_I])
+def test_service_account_permissions(controlplane: cp.ControlPlane, installed: str,
+                                     who: str, allowed: bool, args: list[str]) -> None:
+    done = controlplane.kubectl("auth", "can-i", *args, "--as", who, check=False)
+    assert done.stdout.strip() == ("yes" if allowed else "no"), done.stdout + done.stderr
+
+
+def test_no_role_uses_a_wildcard(controlplane: cp.ControlPlane, installed: str) -> None:
+    roles = json.loads(controlplane.kubectl("get", "clusterroles,roles", "-A", "-l",
+                                            "app.kubernetes.io/part-of=regmirror", "-o", "json").stdout)["items"]
+    assert sorted(r["metadata"]["name"] for r in roles) == ["regmirror-agent"] * 2 + ["regmirror-operator"] * 2
+    for role in roles:
+        for rule in role["rules"]:
+            for key in ("apiGroups", "resources", "verbs", "resourceNames"):
+                assert "*" not in rule.get(key, []), (role["metadata"]["name"], rule)
