@@ -55,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     reset = sub.add_parser("reset", help="give the node back exactly its own configuration")
     _common(reset)
     reset.add_argument("--dry-run", action="store_true", help="print the diff of every file it would change")
+    sub.add_parser("agent", help="run as the cluster agent (DaemonSet): regmirror agent --help")
     show = sub.add_parser("show", help="what this node's runtime uses, per registry")
     _common(show)
     show.add_argument("-o", "--output", choices=("text", "json"), default="text")
@@ -159,6 +160,11 @@ def run_show(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["agent"]:  # the DaemonSet's long-running mode: its own flags, see regmirror_agent.agent
+        from regmirror_agent import agent
+
+        return agent.main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         if args.command == "show":
