@@ -13,9 +13,13 @@ import os
 import sys
 from collections.abc import Sequence
 
-from regmirror_agent import engine
-from regmirror_agent.restarting import parse_restart
+from regmirror_agent import observing
+from regmirror_agent.nodefiles import NodeRoot
+from regmirror_agent.settings import CONFIG_FILE, DEFAULT_STATE_DIR, MODES, RUNTIMES, Settings
 from regmirror_api import models
+
+# The planners (and tomlkit) are imported only when there is something to plan: an apply that changes
+# nothing is answered from the last apply's record (see regmirror_agent.observing).
 
 EXIT_OK, EXIT_FAILED, EXIT_INVALID = 0, 1, 2
 
@@ -24,15 +28,21 @@ def _env(name: str, default: str) -> str:
     return os.environ.get(f"REGMIRROR_{name.upper().replace('-', '_')}", default)
 
 
+def parse_restart(value: str) -> str:
+    if value in ("never", "auto", "systemd") or (value.startswith("command:") and value[len("command:"):].strip()):
+        return value
+    raise argparse.ArgumentTypeError(f"{value!r}: expected never, auto, systemd or command:CMD")
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--root", default=_env("root", "/"),
                    help="the node's filesystem root (default /; the agent passes the host mount)")
-    p.add_argument("--runtime", choices=engine.RUNTIMES, default=_env("runtime", "auto"))
+    p.add_argument("--runtime", choices=RUNTIMES, default=_env("runtime", "auto"))
     p.add_argument("--restart", type=parse_restart, default=_env("restart", "auto"),
                    help="never | auto | systemd | command:CMD (default auto: only when config.toml changed)")
-    p.add_argument("--state-dir", default=_env("state-dir", engine.ownership.DEFAULT_STATE_DIR),
+    p.add_argument("--state-dir", default=_env("state-dir", DEFAULT_STATE_DIR),
                    help="where, under --root, regmirror keeps what the node had before it (default %(default)s)")
-    p.add_argument("--config", dest="config_file", default=_env("config", engine.containerd.CONFIG_FILE),
+    p.add_argument("--config", dest="config_file", default=_env("config", CONFIG_FILE),
                    help="containerd's config.toml on the node (default %(default)s)")
     p.add_argument("--containerd-address", default=_env("containerd-address", "") or None,
                    help="containerd socket for the health check (default: config.toml's [grpc] address)")
@@ -49,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="mirror REGISTRY through URLs tried in order; repeat for more registries")
     apply.add_argument("-f", "--filename", action="append", default=[],
                        help="YAML file of RegistryMirror documents (- for stdin); repeatable")
-    apply.add_argument("--mode", choices=engine.containerd.MODES, default=_env("mode", "auto"),
+    apply.add_argument("--mode", choices=MODES, default=_env("mode", "auto"),
                        help="containerd: hosts (hosts.toml, the default whenever possible) or inline")
     apply.add_argument("--dry-run", action="store_true", help="print the diff of every file it would change")
     reset = sub.add_parser("reset", help="give the node back exactly its own configuration")
@@ -90,8 +100,8 @@ def load_desired(args: argparse.Namespace) -> list[models.RegistryMirror]:
     return desired
 
 
-def settings_from(args: argparse.Namespace) -> engine.Settings:
-    return engine.Settings(root=args.root, runtime=args.runtime, restart=args.restart,
+def settings_from(args: argparse.Namespace) -> Settings:
+    return Settings(root=args.root, runtime=args.runtime, restart=args.restart,
                            mode=getattr(args, "mode", "auto"), dry_run=getattr(args, "dry_run", False),
                            state_dir=args.state_dir, config_file=args.config_file,
                            containerd_address=args.containerd_address, health_timeout=args.health_timeout)
@@ -104,11 +114,23 @@ def _say(line: str) -> None:
 def run_apply(args: argparse.Namespace) -> int:
     desired = load_desired(args) if args.command == "apply" else []
     settings = settings_from(args)
+    if not settings.dry_run and _already_applied(desired, settings):
+        _say("unchanged: this node already has the requested configuration")
+        return EXIT_OK
+    from regmirror_agent import engine
+
     with engine.locked(settings):
         return _plan_and_execute(desired, settings)
 
 
-def _plan_and_execute(desired: list[models.RegistryMirror], settings: engine.Settings) -> int:
+def _already_applied(desired: list[models.RegistryMirror], settings: Settings) -> bool:
+    key = observing.request_key(desired, settings)
+    return observing.already_applied(NodeRoot(settings.root), settings.state_dir, key)
+
+
+def _plan_and_execute(desired: list[models.RegistryMirror], settings: Settings) -> int:
+    from regmirror_agent import engine
+
     plan, runtime = engine.plan(desired, settings)
     if settings.dry_run:
         sys.stdout.write(plan.diff())
@@ -129,6 +151,8 @@ def _plan_and_execute(desired: list[models.RegistryMirror], settings: engine.Set
 
 
 def run_show(args: argparse.Namespace) -> int:
+    from regmirror_agent import engine
+
     settings = settings_from(args)
     node = engine.NodeRoot(settings.root)
     state = engine.ownership.parse_state(node.read(settings.state_path), settings.state_path)
@@ -175,8 +199,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"regmirror: invalid input: {problem}", file=sys.stderr)
         print("regmirror: nothing was changed", file=sys.stderr)
         return EXIT_INVALID
-    except (engine.EngineError, engine.containerd.NodeRefused, engine.docker.DockerRefused,
-            engine.ownership.CorruptState, engine.UnsafePath) as exc:
+    except Exception as exc:  # noqa: BLE001 - the engine's refusals, named below; anything else is a bug
+        from regmirror_agent import engine
+
+        if not isinstance(exc, (engine.EngineError, engine.containerd.NodeRefused, engine.docker.DockerRefused,
+                                engine.ownership.CorruptState, engine.UnsafePath)):
+            raise
         print(f"regmirror: error: {exc}", file=sys.stderr)
         return EXIT_FAILED
 

@@ -15,43 +15,19 @@ import tempfile
 import tomllib
 from collections.abc import Callable, Iterator, Sequence
 
-from regmirror_agent import applying, ownership
+from regmirror_agent import applying, observing, ownership
 from regmirror_agent.nodefiles import NodeRoot, UnsafePath
 from regmirror_agent.plans import Plan
 from regmirror_agent.restarting import Host, RestartFailed, containerd_version, restart_runtime, wait_cri_healthy
 from regmirror_agent.runtimes import containerd, docker
+from regmirror_agent.settings import RUNTIMES, Settings
 from regmirror_api import models
 
-RUNTIMES = ("auto", "containerd", "docker")
 DEFAULT_CONTAINERD_ADDRESS = "/run/containerd/containerd.sock"
 
 
 class EngineError(Exception):
     """The node was refused or the change failed; the message says why and that files are as they were."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Settings:
-    root: str = "/"
-    """The node's filesystem root: ``/`` on the node, the host mount inside the agent's pod."""
-    runtime: str = "auto"
-    restart: str = "auto"
-    """never | auto | systemd | command:CMD (a shell command run as given, for nodes without systemd)."""
-    mode: str = "auto"
-    """containerd only: auto | hosts | inline."""
-    dry_run: bool = False
-    state_dir: str = ownership.DEFAULT_STATE_DIR
-    config_file: str = containerd.CONFIG_FILE
-    daemon_json: str = docker.DAEMON_JSON
-    containerd_address: str | None = None
-    """containerd's socket for the health check; default: config.toml's ``[grpc] address``."""
-    health_timeout: float = 60.0
-    host: Host | None = None
-    """How host commands run; detected (direct or nsenter into PID 1) when not given."""
-
-    @property
-    def state_path(self) -> str:
-        return posixpath.join(self.state_dir, ownership.STATE_FILE)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,15 +80,17 @@ def _plan(desired: Sequence[models.RegistryMirror], settings: Settings, node: No
 
 def plan(desired: Sequence[models.RegistryMirror], settings: Settings) -> tuple[Plan, str]:
     """The plan for this node, without writing anything. Raises InvalidSpec (bad input) or EngineError."""
-    node = NodeRoot(settings.root)
+    node = observing.RecordingView(NodeRoot(settings.root))
     host = settings.host or Host.detect()
     try:
         state = ownership.parse_state(node.read(settings.state_path), settings.state_path)
-        runtime = detect_runtime(node, settings, state)
+        runtime = detect_runtime(node, settings, state)  # type: ignore[arg-type]
         if state.runtime and state.runtime != runtime and not state.empty:
             raise EngineError(f"this node's regmirror state belongs to {state.runtime}, not {runtime}; "
                               f"run `regmirror reset --runtime {state.runtime}` first")
-        return _plan(desired, settings, node, host, state, runtime), runtime
+        planned = _plan(desired, settings, node, host, state, runtime)  # type: ignore[arg-type]
+        return dataclasses.replace(planned, request=observing.request_key(desired, settings),
+                                   observed=node.observations()), runtime
     except (containerd.NodeRefused, docker.DockerRefused, UnsafePath, ownership.CorruptState) as exc:
         raise EngineError(str(exc)) from exc
 
@@ -175,24 +153,34 @@ def execute(plan_: Plan, runtime: str, settings: Settings, log: Log = _quiet) ->
     if not plan_.changed or settings.dry_run:
         return Outcome(runtime, plan_, notes=tuple(notes))
     config_change = next((c for c in plan_.changes if c.path == settings.config_file and c.after), None)
+    applied_record = node.fs_path(observing.applied_path(settings.state_dir))
     try:
         if runtime == containerd.RUNTIME and config_change and config_change.after:
             check_config(settings, host, node, config_change.after)
+        # A record of the last apply must never vouch for one that is half done or rolled back.
+        applying.remove_durably(applied_record)
         applying.apply_plan(plan_, node)
     except (applying.Conflict, UnsafePath) as exc:
         raise EngineError(str(exc)) from exc
     for change in plan_.changes:
         log(f"{'removed' if change.after is None else 'wrote'} {change.path}")
-    if not plan_.restart:
-        return Outcome(runtime, plan_, notes=tuple(notes))
-    if settings.restart == "never":
+    restarted = False
+    if plan_.restart and settings.restart == "never":
         verb = "reloaded (systemctl reload docker)" if runtime == docker.RUNTIME else "restarted"
         notes.append(f"{runtime} must be {verb} to read the change; --restart never left that to you")
-        return Outcome(runtime, plan_, notes=tuple(notes))
-    log(f"{'reloading' if runtime == docker.RUNTIME else 'restarting'} {runtime} ({settings.restart})")
-    reason = _restart_and_check(settings, host, node, runtime)
-    if not reason:
-        return Outcome(runtime, plan_, restarted=True, notes=tuple(notes))
+    elif plan_.restart:
+        log(f"{'reloading' if runtime == docker.RUNTIME else 'restarting'} {runtime} ({settings.restart})")
+        reason = _restart_and_check(settings, host, node, runtime)
+        if reason:
+            _roll_back(plan_, runtime, settings, host, node, reason, log)
+        restarted = True
+    if plan_.state_after is not None and plan_.observed is not None:
+        applying.write_atomic(applied_record, observing.render_applied(plan_.request, node, plan_.observed))
+    return Outcome(runtime, plan_, restarted=restarted, notes=tuple(notes))
+
+
+def _roll_back(plan_: Plan, runtime: str, settings: Settings, host: Host, node: NodeRoot, reason: str,
+               log: Log) -> None:
     log(f"{runtime} is not healthy after the change ({reason}); putting the previous files back")
     applying.apply_plan(plan_.inverse(), node)
     again = _restart_and_check(settings, host, node, runtime)
@@ -201,8 +189,16 @@ def execute(plan_: Plan, runtime: str, settings: Settings, log: Log = _quiet) ->
                       f"previous files back and restarted it; {after}")
 
 
+UNCHANGED = Outcome("", Plan(runtime="", changes=(), restart=False), notes=("already applied",))
+
+
 def apply(desired: Sequence[models.RegistryMirror], settings: Settings, log: Log = _quiet) -> Outcome:
+    """Apply; answered without planning when the last successful apply was this same request and nothing
+    it read has changed since (``UNCHANGED``)."""
     with locked(settings):
+        if not settings.dry_run and observing.already_applied(NodeRoot(settings.root), settings.state_dir,
+                                                              observing.request_key(desired, settings)):
+            return UNCHANGED
         plan_, runtime = plan(desired, settings)
         return execute(plan_, runtime, settings, log)
 

@@ -48,6 +48,10 @@ class Plan:
     state_path: str = ""
     state_before: str | None = None
     state_after: str | None = None
+    request: str = ""
+    """Identifies the request (desired set and settings) this plan answers; see ``observing``."""
+    observed: dict[str, list[str]] | None = None
+    """Everything planning read from the node; re-observed after a successful apply."""
 
     @property
     def changed(self) -> bool:
@@ -60,4 +64,5 @@ class Plan:
         """The plan that puts every file back as it was before this one (used to roll back)."""
         return dataclasses.replace(self, changes=tuple(c.inverse() for c in self.changes),
                                    mkdirs=tuple(reversed(self.rmdirs)), rmdirs=tuple(reversed(self.mkdirs)),
-                                   state_before=self.state_after, state_after=self.state_before, notes=())
+                                   state_before=self.state_after, state_after=self.state_before, notes=(),
+                                   observed=None)

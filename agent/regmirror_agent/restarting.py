@@ -18,18 +18,11 @@ import shutil
 import subprocess
 import time
 
-RESTART_CHOICES = ("never", "auto", "systemd", "command:CMD")
 NSENTER = ("nsenter", "--target", "1", "--mount", "--uts", "--ipc", "--net", "--pid", "--")
 
 
 class RestartFailed(Exception):
     """The runtime could not be restarted, or did not come back healthy."""
-
-
-def parse_restart(value: str) -> str:
-    if value in ("never", "auto", "systemd") or (value.startswith("command:") and value[len("command:"):].strip()):
-        return value
-    raise ValueError(f"--restart {value!r}: expected never, auto, systemd or command:CMD")
 
 
 def in_host_namespaces() -> bool:

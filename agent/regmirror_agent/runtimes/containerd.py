@@ -38,10 +38,10 @@ from regmirror_agent.nodeviews import NodeView
 from regmirror_agent.plans import Plan
 from regmirror_agent.runtimes import hoststoml
 from regmirror_agent.runtimes.hoststoml import TLS, Host, HostsFile
+from regmirror_agent.settings import CONFIG_FILE, MODES
 from regmirror_api import models
 
 RUNTIME = "containerd"
-CONFIG_FILE = "/etc/containerd/config.toml"
 DEFAULT_CONFIG_PATH = "/etc/containerd/certs.d"
 #: Where inline mode keeps CA bundles it writes (inline settings name files by absolute path).
 INLINE_CA_DIR = "/etc/containerd/regmirror-ca"
@@ -55,7 +55,6 @@ CRI_TABLES: Mapping[int, tuple[str, str]] = {
 #: Names under which ``disabled_plugins`` turns off what kubelet needs (Docker's containerd ships with "cri").
 CRI_PLUGIN_NAMES = frozenset({"cri", "io.containerd.grpc.v1.cri", "io.containerd.cri.v1.images",
                               "io.containerd.cri.v1.runtime"})
-MODES = ("auto", "hosts", "inline")
 MOVED_NOTE = ("moved the node's own inline registry mirrors/TLS settings into hosts.toml files: containerd "
               "refuses them beside config_path")
 

@@ -17,10 +17,10 @@ from urllib.parse import urlsplit
 from regmirror_agent import ownership
 from regmirror_agent.nodeviews import NodeView
 from regmirror_agent.plans import Plan
+from regmirror_agent.settings import DAEMON_JSON
 from regmirror_api import models
 
 RUNTIME = "docker"
-DAEMON_JSON = "/etc/docker/daemon.json"
 KEY = "registry-mirrors"
 
 

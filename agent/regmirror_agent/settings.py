@@ -1,0 +1,44 @@
+"""How the node engine runs on this node. Standard library only: the CLI's fast path reads it without
+importing the planners."""
+
+from __future__ import annotations
+
+import dataclasses
+import posixpath
+from typing import Any
+
+CONFIG_FILE = "/etc/containerd/config.toml"
+DAEMON_JSON = "/etc/docker/daemon.json"
+DEFAULT_STATE_DIR = "/var/lib/regmirror"
+STATE_FILE = "state.json"
+RUNTIMES = ("auto", "containerd", "docker")
+MODES = ("auto", "hosts", "inline")
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    root: str = "/"
+    """The node's filesystem root: ``/`` on the node, the host mount inside the agent's pod."""
+    runtime: str = "auto"
+    restart: str = "auto"
+    """never | auto | systemd | command:CMD (a shell command run as given, for nodes without systemd)."""
+    mode: str = "auto"
+    """containerd only: auto | hosts | inline."""
+    dry_run: bool = False
+    state_dir: str = DEFAULT_STATE_DIR
+    config_file: str = CONFIG_FILE
+    daemon_json: str = DAEMON_JSON
+    containerd_address: str | None = None
+    """containerd's socket for the health check; default: config.toml's ``[grpc] address``."""
+    health_timeout: float = 60.0
+    host: Any = None
+    """A ``restarting.Host``: how host commands run; detected (direct or nsenter into PID 1) when not given."""
+
+    @property
+    def state_path(self) -> str:
+        return posixpath.join(self.state_dir, STATE_FILE)
+
+    def request_settings(self) -> dict[str, Any]:
+        """The settings that shape a plan (not how to restart): part of what identifies a request."""
+        return {"runtime": self.runtime, "mode": self.mode, "config": self.config_file,
+                "daemonJson": self.daemon_json, "stateDir": self.state_dir}
