@@ -7,6 +7,7 @@ drives a cluster, except the CRD/model agreement table, which uses the Python cl
 from __future__ import annotations
 
 import json
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -88,6 +89,19 @@ def test_reapplying_the_install_keeps_what_the_operator_published(
     finally:
         controlplane.kubectl("patch", "configmap", "regmirror-desired", "-n", NS, "--type=json",
                              "-p", '[{"op": "remove", "path": "/data"}]')
+
+
+CLUSTER_SCOPED = {"Namespace", "CustomResourceDefinition", "ClusterRole", "ClusterRoleBinding",
+                  "ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding"}
+
+
+def test_every_namespaced_object_lives_in_regmirror_system(controlplane: cp.ControlPlane) -> None:
+    rendered = list(yaml.safe_load_all(controlplane.kubectl("kustomize", str(REPO / "manifests")).stdout))
+    kinds = {o["kind"] for o in rendered}
+    assert kinds >= CLUSTER_SCOPED | {"ConfigMap", "Deployment", "DaemonSet", "ServiceAccount", "Role"}
+    for obj in rendered:
+        expected = None if obj["kind"] in CLUSTER_SCOPED else NS
+        assert obj["metadata"].get("namespace") == expected, (obj["kind"], obj["metadata"]["name"])
 
 
 def test_workloads_have_the_promised_shape(controlplane: cp.ControlPlane, installed: str) -> None:
@@ -382,25 +396,77 @@ def report(node: str, state: str = "Applied", **extra: Any) -> str:
         "generation": 1, "state": state, "time": "2025-01-01T00:00:00Z", **extra}}}})
 
 
+def patch_status_as_agent(controlplane: cp.ControlPlane, name: str, body: str,
+                          node: str | None) -> subprocess.CompletedProcess[str]:
+    """A status merge patch as the agent's service account, as if from the pod-bound token of ``node``."""
+    args = ["patch", "registrymirror", name, "--subresource=status", "--type=merge", "-p", body, "--as", AGENT]
+    if node is not None:
+        args.append(f"--as-user-extra=authentication.kubernetes.io/node-name={node}")
+    return controlplane.kubectl(*args, check=False)
+
+
 def test_agents_merge_their_own_reports_without_conflict(controlplane: cp.ControlPlane,
                                                          examples_applied: list[str]) -> None:
     # Each agent merge-patches only its own key, with no resourceVersion: 1,000 agents never conflict.
     for node in ("node-a", "node-b"):
-        controlplane.kubectl("patch", "registrymirror", "quay-io", "--as", AGENT, "--subresource=status",
-                             "--type=merge", "-p", report(node, restarted=True))
-    controlplane.kubectl("patch", "registrymirror", "quay-io", "--as", AGENT, "--subresource=status",
-                         "--type=merge", "-p", report("node-a", "Failed", message="containerd did not restart"))
+        done = patch_status_as_agent(controlplane, "quay-io", report(node, restarted=True), node)
+        assert done.returncode == 0, done.stderr
+    done = patch_status_as_agent(controlplane, "quay-io",
+                                 report("node-a", "Failed", message="containerd did not restart"), "node-a")
+    assert done.returncode == 0, done.stderr
     status = json.loads(controlplane.kubectl("get", "registrymirror", "quay-io", "-o", "json").stdout)["status"]
     assert status["nodeReports"]["node-a"]["state"] == "Failed"
     assert status["nodeReports"]["node-b"] == {"generation": 1, "state": "Applied", "restarted": True,
                                                "time": "2025-01-01T00:00:00Z"}
 
-    refused = controlplane.kubectl("patch", "registrymirror", "quay-io", "--as", AGENT, "--subresource=status",
-                                   "--type=merge", "-p", report("node-c", "Done"), check=False)
+    refused = patch_status_as_agent(controlplane, "quay-io", report("node-c", "Done"), "node-c")
     assert refused.returncode != 0 and "status.nodeReports.node-c.state" in refused.stderr, refused.stderr
     spec_change = controlplane.kubectl("patch", "registrymirror", "quay-io", "--as", AGENT, "--type=merge",
                                        "-p", '{"spec": {"registry": "ghcr.io"}}', check=False)
     assert spec_change.returncode != 0 and "forbidden" in spec_change.stderr, spec_change.stderr
+
+
+@pytest.mark.parametrize(("body", "node", "words"), [
+    (report("node-b", "Failed"), "node-a", 'agent on node node-a may only write status.nodeReports["node-a"]'),
+    (json.dumps({"status": {"nodeReports": {"node-b": None}}}), "node-a",
+     'may only write status.nodeReports["node-a"]'),
+    (json.dumps({"status": {"ready": "9/9"}}), "node-a", "the operator owns the rest of status"),
+    (json.dumps({"status": {"conditions": []}}), "node-a", "the operator owns the rest of status"),
+    (report("node-a"), None, "pod's service-account token"),
+], ids=["another-nodes-report", "erasing-another-nodes-report", "ready", "conditions", "token-without-node"])
+def test_an_agent_cannot_touch_other_nodes_reports_or_the_operators_status(
+        controlplane: cp.ControlPlane, examples_applied: list[str], body: str, node: str | None,
+        words: str) -> None:
+    for name in ("node-a", "node-b"):
+        assert patch_status_as_agent(controlplane, "quay-io", report(name), name).returncode == 0
+    refused = patch_status_as_agent(controlplane, "quay-io", body, node)
+    assert refused.returncode != 0 and words in refused.stderr, refused.stderr
+
+
+def test_an_agent_cannot_write_another_nodes_report_on_an_object_without_status(
+        controlplane: cp.ControlPlane, installed: str) -> None:
+    controlplane.kubectl("apply", "--server-side", "-f", "-",
+                         input=json.dumps(mirror_object("e2e-fresh", spec_of("ghcr.io"))))
+    try:
+        refused = patch_status_as_agent(controlplane, "e2e-fresh", report("node-b"), "node-a")
+        assert refused.returncode != 0 and 'may only write status.nodeReports["node-a"]' in refused.stderr
+        refused = patch_status_as_agent(controlplane, "e2e-fresh", json.dumps({"status": {"ready": "1/1"}}),
+                                        "node-a")
+        assert refused.returncode != 0 and "the operator owns the rest of status" in refused.stderr
+        done = patch_status_as_agent(controlplane, "e2e-fresh", report("node-a"), "node-a")
+        assert done.returncode == 0, done.stderr
+    finally:
+        controlplane.kubectl("delete", "registrymirror", "e2e-fresh", "--wait", "--timeout=10s")
+
+
+def test_the_operator_may_prune_reports_of_departed_nodes(controlplane: cp.ControlPlane,
+                                                         examples_applied: list[str]) -> None:
+    assert patch_status_as_agent(controlplane, "quay-io", report("node-gone"), "node-gone").returncode == 0
+    controlplane.kubectl("patch", "registrymirror", "quay-io", "--subresource=status", "--type=merge",
+                         "--as", OPERATOR, "-p", json.dumps({"status": {"nodeReports": {"node-gone": None},
+                                                                        "ready": "0/0"}}))
+    status = json.loads(controlplane.kubectl("get", "registrymirror", "quay-io", "-o", "json").stdout)["status"]
+    assert "node-gone" not in status.get("nodeReports", {}) and status["ready"] == "0/0"
 
 
 def test_agent_reads_the_contract_only_by_name(controlplane: cp.ControlPlane, installed: str) -> None:
