@@ -16,7 +16,8 @@ from typing import Any
 import pytest
 import yaml
 
-from regmirror_api import models
+from regmirror_api import contract, models
+from regmirror_operator import planning
 from tests.harness import controlplane as cp
 from tests.harness.controlplane import REPO
 
@@ -101,6 +102,8 @@ def test_every_namespaced_object_lives_in_regmirror_system(controlplane: cp.Cont
     assert kinds >= CLUSTER_SCOPED | {"ConfigMap", "Deployment", "DaemonSet", "ServiceAccount", "Role"}
     for obj in rendered:
         expected = None if obj["kind"] in CLUSTER_SCOPED else NS
+        if obj["metadata"]["name"] == "regmirror-operator-events":  # events about cluster-scoped objects
+            expected = "default"
         assert obj["metadata"].get("namespace") == expected, (obj["kind"], obj["metadata"]["name"])
 
 
@@ -362,6 +365,16 @@ def test_crd_limits_are_the_models_constants() -> None:
     assert mirror["caBundle"]["maxLength"] == models.MAX_CA_BUNDLE_LENGTH
     assert tuple(mirror["capabilities"]["items"]["enum"]) == models.CAPABILITIES
     assert tuple(mirror["capabilities"]["default"]) == models.DEFAULT_CAPABILITIES
+    assert (contract.NAMESPACE, contract.CONFIGMAP, contract.CONFIGMAP_KEY) == (NS, "regmirror-desired",
+                                                                                "desired.json")
+    status = version["schema"]["openAPIV3Schema"]["properties"]["status"]["properties"]
+    report = status["nodeReports"]["additionalProperties"]["properties"]
+    assert report["message"]["maxLength"] == contract.MAX_REPORT_MESSAGE
+    assert report["state"]["enum"] == [contract.STATE_APPLIED, contract.STATE_FAILED]
+    assert status["message"]["maxLength"] == planning.MAX_MESSAGE
+    assert status["conditions"]["items"]["properties"]["message"]["maxLength"] >= planning.MAX_MESSAGE
+    assert status["failingNodes"]["maxItems"] == planning.MAX_FAILING_NODES
+    assert status["failingNodes"]["items"]["properties"]["reason"]["maxLength"] == planning.MAX_FAILING_REASON
     registry_rules = " ".join(r["rule"] for r in spec["properties"]["registry"]["x-kubernetes-validations"])
     assert f'r"{models.REGISTRY_PATTERN}"' in registry_rules
     for alias in models.DOCKER_HUB_ALIASES:
@@ -513,7 +526,11 @@ CAN_I = [
     (OPERATOR, True, ["patch", "configmap/regmirror-desired", "-n", NS]),
     (OPERATOR, True, ["create", "events", "-n", "default"]),
     (OPERATOR, True, ["create", "events.events.k8s.io", "-n", "default"]),
+    (OPERATOR, True, ["patch", "events", "-n", "default"]),
     (OPERATOR, True, ["watch", "customresourcedefinitions"]),
+    (OPERATOR, False, ["create", "events", "-n", "kube-system"]),
+    (OPERATOR, False, ["create", "events", "-n", NS]),
+    (OPERATOR, False, ["list", "namespaces"]),
     (OPERATOR, False, ["update", "registrymirrors"]),
     (OPERATOR, False, ["create", "registrymirrors"]),
     (OPERATOR, False, ["delete", "registrymirrors"]),
@@ -541,7 +558,8 @@ def test_service_account_permissions(controlplane: cp.ControlPlane, installed: s
 def test_no_role_uses_a_wildcard(controlplane: cp.ControlPlane, installed: str) -> None:
     roles = json.loads(controlplane.kubectl("get", "clusterroles,roles", "-A", "-l",
                                             "app.kubernetes.io/part-of=regmirror", "-o", "json").stdout)["items"]
-    assert sorted(r["metadata"]["name"] for r in roles) == ["regmirror-agent"] * 2 + ["regmirror-operator"] * 2
+    assert sorted(r["metadata"]["name"] for r in roles) == (["regmirror-agent"] * 2 + ["regmirror-operator"] * 2
+                                                            + ["regmirror-operator-events"])
     for role in roles:
         for rule in role["rules"]:
             for key in ("apiGroups", "resources", "verbs", "resourceNames"):

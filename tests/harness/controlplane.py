@@ -281,11 +281,11 @@ class ControlPlane:
         return done
 
     def request(self, method: str, path: str, body: Mapping[str, Any] | None = None,
-                content_type: str = "application/json") -> tuple[int, Any]:
-        """One raw HTTPS request as the admin; returns (status, decoded JSON or text)."""
+                content_type: str = "application/json", *, token: str | None = None) -> tuple[int, Any]:
+        """One raw HTTPS request, as the admin unless ``token`` is given; returns (status, JSON or text)."""
         data = json.dumps(body).encode() if body is not None else None
         req = urllib.request.Request(self.server + path, data=data, method=method,
-                                     headers={"Authorization": f"Bearer {self.token}",
+                                     headers={"Authorization": f"Bearer {token or self.token}",
                                               "Content-Type": content_type, "Accept": "application/json"})
         try:
             with urllib.request.urlopen(req, context=self._ssl_context(), timeout=10) as resp:
@@ -415,7 +415,10 @@ class ControlPlane:
                                         f"(last answer: {last})\n{self._log_tail('kube-apiserver')}")
             time.sleep(0.2)
 
-    def _write_kubeconfig(self) -> None:
+    def write_kubeconfig(self, path: Path, *, token: str | None = None, user: str = "admin",
+                         namespace: str = "default") -> Path:
+        """A kubeconfig for this server with a bearer token (the admin's unless given), for example a
+        service account's from ``kubectl create token``, to run a component with exactly its RBAC."""
         assert self.ca_path is not None
         ca_data = base64.b64encode(self.ca_path.read_bytes()).decode()
         # Inline CA data (not a path) so the file can be copied elsewhere; kubectl, the kubernetes client and
@@ -424,14 +427,17 @@ class ControlPlane:
             "apiVersion": "v1", "kind": "Config", "preferences": {},
             "clusters": [{"name": "regmirror-test", "cluster": {
                 "server": self.server, "certificate-authority-data": ca_data}}],
-            "users": [{"name": "admin", "user": {"token": self.token}}],
+            "users": [{"name": user, "user": {"token": token or self.token}}],
             "contexts": [{"name": "regmirror-test", "context": {
-                "cluster": "regmirror-test", "user": "admin", "namespace": "default"}}],
+                "cluster": "regmirror-test", "user": user, "namespace": namespace}}],
             "current-context": "regmirror-test",
         }
-        self.kubeconfig = self._path("kubeconfig")
-        self.kubeconfig.write_text(yaml.safe_dump(config, sort_keys=False))
-        os.chmod(self.kubeconfig, 0o600)
+        path.write_text(yaml.safe_dump(config, sort_keys=False))
+        os.chmod(path, 0o600)
+        return path
+
+    def _write_kubeconfig(self) -> None:
+        self.kubeconfig = self.write_kubeconfig(self._path("kubeconfig"))
 
     def _stop_processes(self) -> None:
         # The apiserver first, so it never logs a storm of etcd connection errors on the way down.
