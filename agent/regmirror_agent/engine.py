@@ -20,7 +20,7 @@ from regmirror_agent.nodefiles import NodeRoot, UnsafePath
 from regmirror_agent.plans import Plan
 from regmirror_agent.restarting import Host, RestartFailed, containerd_version, restart_runtime, wait_cri_healthy
 from regmirror_agent.runtimes import containerd, docker
-from regmirror_agent.settings import RUNTIMES, Settings
+from regmirror_agent.settings import Settings
 from regmirror_api import models
 
 DEFAULT_CONTAINERD_ADDRESS = "/run/containerd/containerd.sock"

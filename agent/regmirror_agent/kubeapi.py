@@ -63,7 +63,8 @@ def load_config(kubeconfig: str | None = None) -> Config:
     """In a pod: the service account. Otherwise ``$KUBECONFIG`` (current context)."""
     kubeconfig = kubeconfig or os.environ.get("KUBECONFIG")
     if not kubeconfig and os.environ.get("KUBERNETES_SERVICE_HOST"):
-        return Config(host=os.environ["KUBERNETES_SERVICE_HOST"], port=int(os.environ.get("KUBERNETES_SERVICE_PORT", 443)),
+        return Config(host=os.environ["KUBERNETES_SERVICE_HOST"],
+                      port=int(os.environ.get("KUBERNETES_SERVICE_PORT", 443)),
                       token_file=f"{SA_DIR}/token", ca_file=f"{SA_DIR}/ca.crt")
     if not kubeconfig:
         raise ApiError(0, "no cluster: set KUBECONFIG, or run in a pod with a service account")
@@ -75,7 +76,7 @@ def load_config(kubeconfig: str | None = None) -> Config:
     ctx_name = doc.get("current-context")
     ctx = next(c["context"] for c in doc["contexts"] if c["name"] == ctx_name)
     cluster = next(c["cluster"] for c in doc["clusters"] if c["name"] == ctx["cluster"])
-    user = next((u["user"] for u in doc.get("users", []) if u["name"] == ctx.get("user")), {}) or {}
+    user: dict[str, Any] = next((u["user"] for u in doc.get("users", []) if u["name"] == ctx.get("user")), {}) or {}
     url = urlsplit(cluster["server"])
     return Config(
         host=url.hostname or "localhost", port=url.port or 443,

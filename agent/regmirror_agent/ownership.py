@@ -15,7 +15,6 @@ from collections.abc import Callable, Mapping
 
 from regmirror_agent.nodeviews import NodeView
 from regmirror_agent.plans import FileChange, Plan, sha256
-from regmirror_agent.settings import DEFAULT_STATE_DIR, STATE_FILE
 
 STATE_VERSION = 1
 

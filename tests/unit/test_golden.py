@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 from regmirror_agent import ownership
+from regmirror_agent.settings import DEFAULT_STATE_DIR, STATE_FILE
 from regmirror_agent.nodeviews import DictView
 from regmirror_agent.plans import Plan
 from regmirror_agent.runtimes import containerd, docker
@@ -23,8 +24,8 @@ from tests.unit.trees import apply_in_memory, load_tree, without, write_tree
 
 GOLDEN = Path(__file__).parent / "golden"
 CASES = sorted(p.name for p in GOLDEN.iterdir() if p.is_dir())
-STATE_DIR = ownership.DEFAULT_STATE_DIR
-STATE_PATH = f"{STATE_DIR}/{ownership.STATE_FILE}"
+STATE_DIR = DEFAULT_STATE_DIR
+STATE_PATH = f"{STATE_DIR}/{STATE_FILE}"
 
 
 def plan_case(case: Path, files: dict[str, str], desired: list[models.RegistryMirror]) -> Plan:

@@ -25,7 +25,7 @@ import dataclasses
 import hashlib
 import posixpath
 import tomllib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -38,7 +38,7 @@ from regmirror_agent.nodeviews import NodeView
 from regmirror_agent.plans import Plan
 from regmirror_agent.runtimes import hoststoml
 from regmirror_agent.runtimes.hoststoml import TLS, Host, HostsFile
-from regmirror_agent.settings import CONFIG_FILE, MODES
+from regmirror_agent.settings import CONFIG_FILE, DEFAULT_STATE_DIR, MODES, STATE_FILE
 from regmirror_api import models
 
 RUNTIME = "containerd"
@@ -74,7 +74,7 @@ class Options:
     def version(self) -> tuple[int, ...] | None:
         v = self.containerd_version
         return v() if callable(v) else v
-    state_path: str = f"{ownership.DEFAULT_STATE_DIR}/{ownership.STATE_FILE}"
+    state_path: str = f"{DEFAULT_STATE_DIR}/{STATE_FILE}"
 
 
 # --- reading config.toml ------------------------------------------------------------------------------
@@ -241,7 +241,7 @@ def _set_key(table: Any, key: str, value: Any) -> None:
     new = key not in table
     table[key] = value
     item = table.item(key) if isinstance(table, tomlkit.items.Table) else None
-    if new and item is not None and not isinstance(item, tomlkit.items.Table):
+    if new and isinstance(item, tomlkit.items.Item) and not isinstance(item, tomlkit.items.Table):
         item.trivia.indent = table.trivia.indent + ("  " if table.trivia.indent else "")
 
 
@@ -318,7 +318,7 @@ def _take_inline(doc: tomlkit.TOMLDocument, keys: Sequence[str]) -> tuple[dict[s
             del table[host]
     for host in list(configs):
         cfg = _get(reg, ("configs", host))
-        if isinstance(cfg, Mapping) and "tls" in cfg:
+        if isinstance(cfg, MutableMapping) and "tls" in cfg:
             del cfg["tls"]
             if not len(cfg):
                 del reg["configs"][host]

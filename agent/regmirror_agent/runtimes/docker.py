@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 from regmirror_agent import ownership
 from regmirror_agent.nodeviews import NodeView
 from regmirror_agent.plans import Plan
-from regmirror_agent.settings import DAEMON_JSON
+from regmirror_agent.settings import DAEMON_JSON, DEFAULT_STATE_DIR, STATE_FILE
 from regmirror_api import models
 
 RUNTIME = "docker"
@@ -31,7 +31,7 @@ class DockerRefused(Exception):
 @dataclasses.dataclass(frozen=True)
 class Options:
     daemon_json: str = DAEMON_JSON
-    state_path: str = f"{ownership.DEFAULT_STATE_DIR}/{ownership.STATE_FILE}"
+    state_path: str = f"{DEFAULT_STATE_DIR}/{STATE_FILE}"
 
 
 def parse_daemon_json(text: str, path: str) -> dict[str, Any]:
