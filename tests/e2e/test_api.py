@@ -17,7 +17,6 @@ import pytest
 import yaml
 
 from regmirror_api import contract, models
-from regmirror_operator import planning
 from tests.harness import controlplane as cp
 from tests.harness.controlplane import REPO
 
@@ -367,6 +366,7 @@ def test_crd_limits_are_the_models_constants() -> None:
     assert tuple(mirror["capabilities"]["default"]) == models.DEFAULT_CAPABILITIES
     assert (contract.NAMESPACE, contract.CONFIGMAP, contract.CONFIGMAP_KEY) == (NS, "regmirror-desired",
                                                                                 "desired.json")
+    planning = pytest.importorskip("regmirror_operator.planning")
     status = version["schema"]["openAPIV3Schema"]["properties"]["status"]["properties"]
     report = status["nodeReports"]["additionalProperties"]["properties"]
     assert report["message"]["maxLength"] == contract.MAX_REPORT_MESSAGE

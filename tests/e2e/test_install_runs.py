@@ -1,0 +1,191 @@
+"""The installed RBAC and admission policy are enough for the real components, with their real credentials.
+
+`kubectl auth can-i` proves single permissions; these tests prove the sum: the operator, run with a token of
+its own service account, reconciles a RegistryMirror end to end, and a token bound to an agent pod on a node
+makes exactly the agent's calls (its Node, the ConfigMap by name, a watch, its status key) and no more.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.parse
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from regmirror_api import contract, models
+from tests.harness import controlplane as cp
+from tests.harness.controlplane import REPO
+
+pytestmark = pytest.mark.controlplane
+
+NS = contract.NAMESPACE
+AGENT = f"system:serviceaccount:{NS}:regmirror-agent"
+STATUS = f"/apis/{models.API_GROUP}/{models.API_VERSION}/{models.PLURAL}/{{name}}/status"
+MERGE = "application/merge-patch+json"
+
+
+def wait_for(what: str, probe: Callable[[], Any], timeout: float = 30.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = probe()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(0.3)
+
+
+def get_json(controlplane: cp.ControlPlane, *args: str) -> Any:
+    return json.loads(controlplane.kubectl("get", *args, "-o", "json").stdout)
+
+
+@pytest.fixture
+def node(controlplane: cp.ControlPlane, installed: str) -> Iterator[str]:
+    """A Node object (nothing runs on it: there is no kubelet)."""
+    name = "e2e-node-1"
+    controlplane.kubectl("apply", "--server-side", "-f", "-", input=json.dumps({
+        "apiVersion": "v1", "kind": "Node",
+        "metadata": {"name": name, "labels": {"kubernetes.io/os": "linux", "kubernetes.io/hostname": name}}}))
+    yield name
+    controlplane.kubectl("delete", "node", name, "--ignore-not-found", "--wait=false")
+
+
+@pytest.fixture
+def mirror(controlplane: cp.ControlPlane, installed: str) -> Iterator[str]:
+    name = "e2e-ghcr"
+    controlplane.kubectl("apply", "--server-side", "-f", "-", input=json.dumps({
+        "apiVersion": f"{models.API_GROUP}/{models.API_VERSION}", "kind": models.KIND, "metadata": {"name": name},
+        "spec": {"registry": "ghcr.io", "mirrors": [{"url": "https://ghcr.example.com"}]}}))
+    yield name
+    controlplane.kubectl("delete", "registrymirror", name, "--ignore-not-found", "--wait", "--timeout=10s")
+
+
+@pytest.fixture
+def agent_token(controlplane: cp.ControlPlane, node: str) -> Iterator[str]:
+    """A token of the agent's service account bound to an agent pod on ``node``, as the kubelet would mount."""
+    pod = "e2e-agent-pod"
+    controlplane.kubectl("apply", "--server-side", "-f", "-", input=json.dumps({
+        "apiVersion": "v1", "kind": "Pod", "metadata": {"name": pod, "namespace": NS},
+        "spec": {"serviceAccountName": "regmirror-agent", "nodeName": node,
+                 "containers": [{"name": "agent", "image": "regmirror:0.1.0"}]}}))
+    token = controlplane.kubectl("create", "token", "regmirror-agent", "-n", NS, "--bound-object-kind=Pod",
+                                 f"--bound-object-name={pod}", "--duration=10m").stdout.strip()
+    yield token
+    # No kubelet confirms a graceful deletion, so a pod bound to a node must be removed forcibly.
+    controlplane.kubectl("delete", "pod", pod, "-n", NS, "--grace-period=0", "--force", "--ignore-not-found")
+
+
+def test_a_pod_bound_agent_token_does_exactly_the_agents_calls(
+        controlplane: cp.ControlPlane, node: str, mirror: str, agent_token: str) -> None:
+    def call(method: str, path: str, body: Any = None, content_type: str = "application/json") -> int:
+        return controlplane.request(method, path, body, content_type, token=agent_token)[0]
+
+    status, review = controlplane.request("POST", "/apis/authentication.k8s.io/v1/selfsubjectreviews",
+                                          {"apiVersion": "authentication.k8s.io/v1", "kind": "SelfSubjectReview"},
+                                          token=agent_token)
+    assert status == 201, review
+    user = review["status"]["userInfo"]
+    assert user["username"] == AGENT
+    assert user["extra"]["authentication.kubernetes.io/node-name"] == [node]
+
+    by_name = "fieldSelector=" + urllib.parse.quote(f"metadata.name={contract.CONFIGMAP}")
+    configmaps = f"/api/v1/namespaces/{NS}/configmaps"
+    assert call("GET", f"/api/v1/nodes/{node}") == 200
+    assert call("GET", f"{configmaps}?{by_name}") == 200
+    assert call("GET", f"{configmaps}?{by_name}&watch=1&timeoutSeconds=1") == 200
+    assert call("GET", f"{configmaps}/{contract.CONFIGMAP}") == 200
+    assert call("GET", STATUS.format(name=mirror)) == 200
+    own = contract.report_patch(node, contract.Report(generation=1, state=contract.STATE_APPLIED),
+                                "2025-01-01T00:00:00Z")
+    assert call("PATCH", STATUS.format(name=mirror), own, MERGE) == 200
+
+    other = contract.report_patch("e2e-node-2", contract.Report(generation=1, state=contract.STATE_APPLIED),
+                                  "2025-01-01T00:00:00Z")
+    assert call("PATCH", STATUS.format(name=mirror), other, MERGE) == 403
+    assert call("PATCH", STATUS.format(name=mirror), {"status": {"ready": "1/1"}}, MERGE) == 403
+    assert call("GET", configmaps) == 403
+    assert call("GET", f"/api/v1/namespaces/{NS}/secrets") == 403
+    assert call("GET", "/api/v1/nodes") == 403
+    assert call("GET", f"/apis/{models.API_GROUP}/{models.API_VERSION}/{models.PLURAL}/{mirror}") == 403
+    assert call("PATCH", f"/apis/{models.API_GROUP}/{models.API_VERSION}/{models.PLURAL}/{mirror}",
+                {"spec": {"registry": "quay.io"}}, MERGE) == 403
+    assert call("DELETE", f"/apis/{models.API_GROUP}/{models.API_VERSION}/{models.PLURAL}/{mirror}") == 403
+
+
+@pytest.fixture
+def operator(controlplane: cp.ControlPlane, installed: str, tmp_path: Path) -> Iterator[subprocess.Popen[str]]:
+    """The real operator (``kopf run`` exactly as the Deployment runs it) with its service account's token."""
+    pytest.importorskip("regmirror_operator.main", reason="the operator package is not in this checkout")
+    token = controlplane.kubectl("create", "token", "regmirror-operator", "-n", NS,
+                                 "--duration=10m").stdout.strip()
+    kubeconfig = controlplane.write_kubeconfig(tmp_path / "operator.kubeconfig", token=token,
+                                               user="regmirror-operator", namespace=NS)
+    deployment = get_json(controlplane, "deployment", "regmirror-operator", "-n", NS)
+    command = deployment["spec"]["template"]["spec"]["containers"][0]["command"]
+    assert command[0] == "kopf"
+    env = {**os.environ, "KUBECONFIG": str(kubeconfig),
+           "PYTHONPATH": os.pathsep.join(str(REPO / d) for d in ("api", "agent", "operator"))}
+    # A free port for the liveness endpoint: the Deployment's 8080 may be taken on a developer's machine.
+    args = [a if not a.startswith("--liveness=") else f"--liveness=http://127.0.0.1:{cp.free_port()}/healthz"
+            for a in command[1:]]
+    proc = subprocess.Popen([sys.executable, "-m", "kopf", *args], env=env, cwd=REPO, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    yield proc
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    controlplane.kubectl("patch", "configmap", contract.CONFIGMAP, "-n", NS, "--type=json",
+                         "-p", '[{"op": "remove", "path": "/data"}]', check=False)
+
+
+def test_the_operator_reconciles_with_nothing_but_its_own_rbac(
+        controlplane: cp.ControlPlane, node: str, mirror: str, operator: subprocess.Popen[str]) -> None:
+    def published() -> Any:
+        data = get_json(controlplane, "configmap", contract.CONFIGMAP, "-n", NS).get("data") or {}
+        return contract.CONFIGMAP_KEY in data and mirror in data[contract.CONFIGMAP_KEY] and data
+
+    try:
+        data = wait_for("the operator to publish desired.json", published)
+        desired = contract.parse_desired(data[contract.CONFIGMAP_KEY])
+        assert mirror in [e.name for e in desired.entries]
+        obj = wait_for("the operator to write status", lambda: (
+            (o := get_json(controlplane, "registrymirror", mirror)).get("status", {}).get("observedGeneration")
+            and o))
+        generation = obj["metadata"]["generation"]
+        assert obj["status"]["observedGeneration"] == generation
+        assert obj["status"]["ready"] == "0/1"
+        assert {c["type"] for c in obj["status"]["conditions"]} == {"Ready", "Reconciling", "Stalled"}
+
+        controlplane.kubectl(
+            "patch", "registrymirror", mirror, "--subresource=status", "--type=merge", "--as", AGENT,
+            f"--as-user-extra=authentication.kubernetes.io/node-name={node}", "-p",
+            json.dumps(contract.report_patch(node, contract.Report(generation, contract.STATE_APPLIED),
+                                             time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))))
+        obj = wait_for("READY 1/1", lambda: (
+            (o := get_json(controlplane, "registrymirror", mirror)).get("status", {}).get("ready") == "1/1" and o))
+        ready = {c["type"]: c["status"] for c in obj["status"]["conditions"]}
+        assert ready == {"Ready": "True", "Reconciling": "False", "Stalled": "False"}
+        assert not obj["metadata"].get("finalizers")
+        assert operator.poll() is None, "the operator exited"
+    finally:
+        if operator.poll() is None:
+            operator.send_signal(signal.SIGINT)
+        try:
+            out, _ = operator.communicate(timeout=20)
+        except subprocess.TimeoutExpired:
+            operator.kill()
+            out, _ = operator.communicate()
+        print(out)
+    for word in ("Forbidden", "forbidden", " 403", "Traceback"):
+        assert word not in out, out
