@@ -15,8 +15,8 @@ from typing import Any
 
 import pytest
 import yaml
-
 from regmirror_api import contract, models
+
 from tests.harness import controlplane as cp
 from tests.harness.controlplane import REPO
 
@@ -155,7 +155,7 @@ def test_examples_apply_and_get_prints_the_columns(controlplane: cp.ControlPlane
 
     wide = controlplane.kubectl("get", "registrymirrors", "-o", "wide").stdout.splitlines()
     assert wide[0].split() == ["NAME", "REGISTRY", "MIRROR", "READY", "AGE", "MESSAGE"]
-    assert [line for line in wide if line.startswith("quay-io")][0].endswith("applied on every selected node")
+    assert next(line for line in wide if line.startswith("quay-io")).endswith("applied on every selected node")
 
 
 def test_short_names_and_category_reach_registrymirrors(controlplane: cp.ControlPlane,

@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from regmirror_api import contract, models
+
 from tests.harness import controlplane as cp
 from tests.harness.controlplane import REPO
 

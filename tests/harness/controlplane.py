@@ -42,7 +42,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import yaml
 from cryptography import x509
@@ -146,7 +146,7 @@ def _generate_pki() -> _Pki:
     P-256 keys: the apiserver accepts ECDSA for both, and they generate in microseconds where RSA takes a
     noticeable fraction of a second.
     """
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     start, end = now - datetime.timedelta(hours=1), now + datetime.timedelta(days=7)
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "regmirror-test-ca")])
@@ -159,7 +159,7 @@ def _generate_pki() -> _Pki:
                                        key_agreement=False, encipher_only=False, decipher_only=False), critical=True)
           .sign(ca_key, hashes.SHA256()))
     key = ec.generate_private_key(ec.SECP256R1())
-    service_ip = next(ipaddress.ip_network(SERVICE_CIDR).hosts())
+    service_ip = next(ipaddress.IPv4Network(SERVICE_CIDR).hosts())
     names: list[x509.GeneralName] = [x509.DNSName(n) for n in (
         "localhost", "kubernetes", "kubernetes.default", "kubernetes.default.svc",
         "kubernetes.default.svc.cluster.local")]
@@ -222,7 +222,7 @@ class ControlPlane:
 
     # --- lifecycle ---------------------------------------------------------------------------------------
 
-    def start(self) -> ControlPlane:
+    def start(self) -> Self:
         binaries = self.binaries
         t0 = time.monotonic()
         if self._workdir_arg is None:
@@ -257,7 +257,7 @@ class ControlPlane:
         if self.workdir and self._made_workdir and not self.keep_workdir:
             shutil.rmtree(self.workdir, ignore_errors=True)
 
-    def __enter__(self) -> ControlPlane:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, *exc_info: object) -> None:
@@ -373,7 +373,8 @@ class ControlPlane:
         try:
             # A session of its own: Ctrl-C in a terminal reaches only us, and we stop the children in order.
             return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                    cwd=self.workdir, start_new_session=True, preexec_fn=_die_with_parent())
+                                    cwd=self.workdir, start_new_session=True,
+                                    preexec_fn=_die_with_parent())  # noqa: PLW1509 - set only from the main thread
         finally:
             log.close()
 
