@@ -1,0 +1,118 @@
+"""The operator's memory of the cluster: RegistryMirrors and Node labels, fed by watch events and by lists.
+
+kopf's watch streams deliver changes as they happen, but a watch that restarts after "410 Gone" lists again
+and never reports the objects deleted in between. So every resync also lists both kinds, and the two sources
+are merged by one rule: **what the operator heard last wins**. A listing counts as heard when it started; an
+event counts when it arrived. A listing may therefore remove an object only if nothing was heard about it
+since the listing began (a RegistryMirror created while the list was in flight is kept), and a deletion heard
+after a listing began is not undone by that listing (a tombstone remembers it until the next listing).
+
+Each ``observe``/``merge`` says whether anything that matters changed, so a Node's heartbeat (which does not
+touch its labels) never wakes the reconciler. Pure: callers pass the time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Mapping
+from typing import Any, Generic, TypeVar
+
+T = TypeVar("T")
+
+#: The parts of a RegistryMirror the operator uses; resourceVersion and managedFields change on every write
+#: and would only cause useless reconciles.
+MIRROR_METADATA = ("name", "uid", "generation", "creationTimestamp", "deletionTimestamp")
+
+
+def mirror_essence(body: Mapping[str, Any]) -> dict[str, Any]:
+    """The plain-dict subset of a RegistryMirror object that planning reads."""
+    meta = body.get("metadata") or {}
+    return {"metadata": {k: meta[k] for k in MIRROR_METADATA if meta.get(k) is not None},
+            "spec": _plain(body.get("spec") or {}),
+            "status": _plain(body.get("status") or {})}
+
+
+def node_labels(body: Mapping[str, Any]) -> dict[str, str]:
+    return {str(k): str(v) for k, v in ((body.get("metadata") or {}).get("labels") or {}).items()}
+
+
+def _plain(value: Any) -> Any:
+    """kopf hands out read-only mapping views; keep plain dicts and lists so later comparisons are cheap."""
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+@dataclasses.dataclass
+class _Heard(Generic[T]):
+    value: T | None  # None: deleted (a tombstone)
+    at: float
+
+
+class Table(Generic[T]):
+    """Objects of one kind by name, with the time each was last heard of."""
+
+    def __init__(self) -> None:
+        self._rows: dict[str, _Heard[T]] = {}
+
+    def observe(self, name: str, value: T | None, *, at: float) -> bool:
+        """A watch event: ``value`` is the new state, ``None`` a deletion. True if the live set changed."""
+        row = self._rows.get(name)
+        before = row.value if row else None
+        self._rows[name] = _Heard(value, at)
+        return before != value
+
+    def merge_listing(self, listing: Mapping[str, T], *, started_at: float) -> bool:
+        """A complete list taken at ``started_at``; True if the live set changed."""
+        changed = False
+        for name, value in listing.items():
+            row = self._rows.get(name)
+            if row is None or row.at <= started_at:
+                changed |= (row.value if row else None) != value
+                self._rows[name] = _Heard(value, started_at)
+        for name in [n for n, row in self._rows.items() if n not in listing and row.at <= started_at]:
+            changed |= self._rows.pop(name).value is not None
+        return changed
+
+    def items(self) -> dict[str, T]:
+        return {name: row.value for name, row in self._rows.items() if row.value is not None}
+
+    def get(self, name: str) -> T | None:
+        row = self._rows.get(name)
+        return row.value if row else None
+
+
+class Cache:
+    """RegistryMirrors (essence dicts) and Node labels, both by name."""
+
+    def __init__(self) -> None:
+        self.mirrors: Table[dict[str, Any]] = Table()
+        self.nodes: Table[dict[str, str]] = Table()
+        #: Both kinds were listed at least once: before that, publishing could drop mirrors nobody has seen yet.
+        self.complete = False
+
+    def observe_mirror(self, body: Mapping[str, Any], *, deleted: bool, at: float) -> bool:
+        name = str((body.get("metadata") or {}).get("name", ""))
+        return self.mirrors.observe(name, None if deleted else mirror_essence(body), at=at)
+
+    def observe_node(self, body: Mapping[str, Any], *, deleted: bool, at: float) -> bool:
+        name = str((body.get("metadata") or {}).get("name", ""))
+        return self.nodes.observe(name, None if deleted else node_labels(body), at=at)
+
+    def merge_listings(self, mirrors: Iterable[Mapping[str, Any]], nodes: Iterable[Mapping[str, Any]], *,
+                       started_at: float) -> bool:
+        changed = self.mirrors.merge_listing(
+            {str(b["metadata"]["name"]): mirror_essence(b) for b in mirrors}, started_at=started_at)
+        changed |= self.nodes.merge_listing(
+            {str(b["metadata"]["name"]): node_labels(b) for b in nodes}, started_at=started_at)
+        self.complete = True
+        return changed
+
+    def record_mirror(self, body: Mapping[str, Any], *, planned_from: Any, at: float) -> None:
+        """What a status patch returned, unless a watch event replaced ``planned_from`` in the meantime (that
+        event may be newer than the patch's answer; the patch's own event follows it anyway)."""
+        name = str((body.get("metadata") or {}).get("name", ""))
+        if planned_from is not None and self.mirrors.get(name) is planned_from:
+            self.mirrors.observe(name, mirror_essence(body), at=at)

@@ -1,0 +1,79 @@
+"""The kopf entry point: ``kopf run --standalone --all-namespaces -m regmirror_operator.main``.
+
+The handlers are thin. Two ``@kopf.on.event`` watchers (RegistryMirrors and Nodes, both cluster-scoped) feed
+an in-memory cache and wake one background loop (``reconciling``), which plans everything at once
+(``planning``, pure) and writes what differs (``publishing``).
+
+**Why deleting a RegistryMirror never hangs, not even a GitOps prune with the operator down.** The operator
+registers no ``on.create``/``on.update``/``on.delete``/``on.resume`` handlers, no daemons and no timers: those
+are what make kopf put its finalizer on an object (and ``on.event`` handlers never do), and kopf's
+"last-handled-configuration" annotation is only written for them, too. So a RegistryMirror carries no
+finalizer, and ``kubectl delete`` or a prune removes it at once, whether or not the operator runs. The
+configuration is removed afterwards, level-triggered: the operator hears the DELETED event (or, after a
+restart or a broken watch, simply no longer finds the object when it lists), publishes a desired state
+without it, and every agent removes that registry's configuration from its node. Nothing waits for nodes
+either: a node that is down catches up from the ConfigMap when it returns.
+
+Events about RegistryMirrors are posted by ``publishing`` rather than ``kopf.event``: kopf's event queue is
+only reachable from inside a resource handler (its context variables are set per object), not from the
+background loop that decides what is worth an Event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Any
+
+import kopf
+
+from regmirror_api import models
+from regmirror_operator import publishing, reconciling
+
+
+@kopf.on.startup()
+async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: kopf.Logger, **_: Any) -> None:
+    # kopf posts Events for log records only when asked to; keep its own ones to warnings and worse.
+    settings.posting.level = logging.WARNING
+    # Ask the apiserver to end each watch after 5 minutes and give up on a silent one a little later, so a
+    # watch connection that died without a word (a NAT or load balancer dropping it) is replaced.
+    settings.watching.server_timeout = 300
+    settings.watching.client_timeout = 330
+    # kopf logs "Handler succeeded" for every watch event; at 1,000 Nodes that is a line per heartbeat.
+    logging.getLogger("kopf.objects").setLevel(logging.WARNING)
+    publisher = await asyncio.to_thread(publishing.Publisher.from_environment)
+    reconciler = reconciling.Reconciler(publisher)
+    memo.reconciler = reconciler
+    memo.loop_task = asyncio.create_task(reconciler.run(), name="regmirror reconciler")
+    logger.info("regmirror operator started")
+
+
+@kopf.on.cleanup()
+async def stop(memo: kopf.Memo, **_: Any) -> None:
+    task: asyncio.Task[None] = memo.loop_task
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    memo.reconciler.publisher.close()
+
+
+@kopf.on.event(models.API_GROUP, models.API_VERSION, models.PLURAL)
+async def registrymirror_event(type: str | None, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    memo.reconciler.observe_mirror(body, deleted=type == "DELETED")
+
+
+@kopf.on.event("", "v1", "nodes")
+async def node_event(type: str | None, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    memo.reconciler.observe_node(body, deleted=type == "DELETED")
+
+
+@kopf.on.probe(id="reconciler")
+async def reconciler_alive(memo: kopf.Memo, **_: Any) -> dict[str, Any]:
+    """For the liveness endpoint: fail if the loop has ended, which only a bug could cause."""
+    task: asyncio.Task[None] = memo.loop_task
+    if task.done():
+        # Permanent: a temporary error would make kopf retry the probe instead of answering 500.
+        raise kopf.PermanentError("the reconcile loop has stopped")
+    reconciler: reconciling.Reconciler = memo.reconciler
+    return {"passes": reconciler.passes, "failuresInARow": reconciler.failures}

@@ -1,0 +1,302 @@
+"""What the operator should publish and write, computed from what it has seen: pure functions on plain dicts.
+
+``plan(mirrors, nodes, now=...)`` takes the RegistryMirror objects (as the API returns them) and each Node's
+labels, and returns a :class:`Plan`:
+
+- ``desired``: the ``desired.json`` text of the ConfigMap, rendered by ``contract.render_desired`` from the
+  valid RegistryMirrors that win their registry. The same objects give the same bytes in any order.
+- ``patches``: per RegistryMirror, the smallest JSON merge patch that makes its ``status`` say the truth, or
+  nothing at all when it already does; the operator's own writes therefore never loop back through its watch.
+- ``notices``: what an admin should hear about as a Kubernetes Event (a conflict, an invalid object, a node
+  that failed, becoming Ready), derived from the change of status, so a restart does not repeat them.
+
+The status follows the kstatus conventions that Argo CD and Flux read: ``Stalled`` when the operator refuses
+the object (``Invalid`` or ``Conflict``), otherwise ``Reconciling`` until every selected node reports the
+current generation applied, and ``Ready`` only then. A brand-new object is ``Reconciling`` at once (its nodes
+have not reported yet), so no tool mistakes it for a healthy one.
+
+Nothing here reads a clock, the environment or the API: the caller passes ``now``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from regmirror_api import contract, models
+
+READY = "Ready"
+RECONCILING = "Reconciling"
+STALLED = "Stalled"
+CONDITION_TYPES = (READY, RECONCILING, STALLED)
+
+REASON_APPLIED = "Applied"
+REASON_PROGRESSING = "Progressing"
+REASON_NODES_FAILED = "NodesFailed"
+REASON_INVALID = "Invalid"
+REASON_CONFLICT = "Conflict"
+
+MAX_MESSAGE = 1024
+MAX_FAILING_NODES = 10
+MAX_FAILING_REASON = 512
+#: A report of a node the operator does not know (or does not see selected) is left alone this long: the
+#: agent may have seen its Node, or a label change, before the operator's watch did, and an agent writes a
+#: report once per change, so removing it by mistake would hide that node's result until it changes again.
+PRUNE_GRACE_SECONDS = 120.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Notice:
+    """A Kubernetes Event to post about one RegistryMirror."""
+
+    name: str
+    uid: str
+    type: str  # Normal | Warning
+    reason: str
+    message: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Verdict:
+    """Whether a RegistryMirror is published, and if not, why."""
+
+    reason: str | None = None  # None: published; REASON_INVALID or REASON_CONFLICT: Stalled
+    message: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    desired: str
+    """The ConfigMap's ``desired.json``."""
+    published: tuple[str, ...]
+    """Names of the RegistryMirrors in ``desired``, sorted."""
+    verdicts: Mapping[str, Verdict]
+    patches: Mapping[str, dict[str, Any]]
+    """RegistryMirror name -> merge patch body (``{"status": {...}}``); absent when nothing changes."""
+    statuses: Mapping[str, dict[str, Any]]
+    """RegistryMirror name -> the full status the operator wants (without ``nodeReports``)."""
+    notices: tuple[Notice, ...]
+    """Events for each name; post them once its patch (if any) is written."""
+
+
+# --- validation and conflicts -------------------------------------------------------------------------------
+
+
+def _meta(body: Mapping[str, Any]) -> Mapping[str, Any]:
+    return body.get("metadata") or {}
+
+
+def _generation(body: Mapping[str, Any]) -> int:
+    return int(_meta(body).get("generation") or 0)
+
+
+def check_mirror(body: Mapping[str, Any]) -> tuple[contract.Entry | None, list[str]]:
+    """The published entry of one RegistryMirror object, or every problem with it."""
+    name = str(_meta(body).get("name", ""))
+    spec = body.get("spec")
+    problems: list[str] = []
+    mirror: models.RegistryMirror | None = None
+    try:
+        mirror = models.parse_spec(name, spec, _generation(body))
+    except models.InvalidSpec as exc:
+        problems += exc.problems
+    selector = spec.get("nodeSelector") if isinstance(spec, Mapping) else None
+    problems += contract.check_selector(selector)
+    if problems or mirror is None:
+        return None, problems
+    # The canonical spec (defaults dropped), so apiserver defaulting never changes the published bytes.
+    return contract.Entry(name=name, generation=mirror.generation, spec=mirror.to_spec(),
+                          node_selector=dict(selector or {})), []
+
+
+def plan_verdicts(mirrors: Iterable[Mapping[str, Any]]) -> tuple[list[contract.Entry], dict[str, Verdict]]:
+    """Entries to publish, and a verdict for every RegistryMirror (the oldest one wins its registry)."""
+    entries: dict[str, contract.Entry] = {}
+    verdicts: dict[str, Verdict] = {}
+    created: dict[str, str] = {}
+    for body in mirrors:
+        name = str(_meta(body).get("name", ""))
+        entry, problems = check_mirror(body)
+        if entry is None:
+            verdicts[name] = Verdict(REASON_INVALID, _clip("invalid spec: " + "; ".join(problems)))
+        else:
+            entries[name] = entry
+            created[name] = str(_meta(body).get("creationTimestamp") or "")
+    winners = contract.pick_winners([(n, str(e.spec["registry"]), created[n]) for n, e in entries.items()])
+    published = []
+    for name, entry in sorted(entries.items()):
+        registry = str(entry.spec["registry"])
+        winner = winners[registry]
+        if winner == name:
+            verdicts[name] = Verdict()
+            published.append(entry)
+        else:
+            verdicts[name] = Verdict(REASON_CONFLICT, _clip(
+                f"registry {registry!r} is already mirrored by RegistryMirror {winner!r} (created "
+                f"{created[winner] or 'earlier'}; the oldest one wins, then the first name); this one is not "
+                f"applied until {winner!r} is deleted or mirrors another registry"))
+    return published, verdicts
+
+
+# --- status --------------------------------------------------------------------------------------------------
+
+
+def _clip(text: str, limit: int = MAX_MESSAGE) -> str:
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _nodes(count: int) -> str:
+    return f"{count} node" if count == 1 else f"{count} nodes"
+
+
+def _parse_time(value: object) -> datetime.datetime | None:
+    if not isinstance(value, str):
+        return None
+    try:
+        parsed = datetime.datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=datetime.UTC)
+
+
+def plan_status(body: Mapping[str, Any], verdict: Verdict, nodes: Mapping[str, Mapping[str, str]],
+                *, now: str) -> tuple[dict[str, Any], list[str]]:
+    """The status this RegistryMirror should have (without ``nodeReports``), and the report keys to remove."""
+    generation = _generation(body)
+    raw_spec = body.get("spec")
+    spec: Mapping[str, Any] = raw_spec if isinstance(raw_spec, Mapping) else {}
+    current = body.get("status") or {}
+    reports: Mapping[str, Any] = current.get("nodeReports") or {}
+    selector = spec.get("nodeSelector")
+    selector_ok = not contract.check_selector(selector)
+    selected = sorted(n for n, labels in nodes.items() if selector_ok and contract.selects(selector, labels))
+    applied, failing = 0, []
+    for node in selected:
+        report = reports.get(node)
+        if not isinstance(report, Mapping) or report.get("generation") != generation:
+            continue
+        if report.get("state") == contract.STATE_APPLIED:
+            applied += 1
+        elif report.get("state") == contract.STATE_FAILED:
+            failing.append(node)
+
+    if verdict.reason is not None:
+        reason, message = verdict.reason, verdict.message
+        truth = {READY: "False", RECONCILING: "False", STALLED: "True"}
+    elif applied == len(selected):
+        reason = REASON_APPLIED
+        message = (f"{applied}/{_nodes(len(selected))} {'runs' if applied == 1 else 'run'} generation {generation}"
+                   if selected else "no node matches nodeSelector")
+        truth = {READY: "True", RECONCILING: "False", STALLED: "False"}
+    elif failing:
+        reason = REASON_NODES_FAILED
+        sample = "; ".join(f"{n}: {reports[n].get('message') or 'no reason given'}"
+                           for n in failing[:MAX_FAILING_NODES])
+        message = _clip(f"{len(failing)} of {_nodes(len(selected))} failed generation {generation} "
+                        f"({applied} applied): {sample}")
+        truth = {READY: "False", RECONCILING: "True", STALLED: "False"}
+    else:
+        reason = REASON_PROGRESSING
+        message = f"{applied}/{_nodes(len(selected))} applied generation {generation}"
+        truth = {READY: "False", RECONCILING: "True", STALLED: "False"}
+
+    old_conditions = {c.get("type"): c for c in current.get("conditions") or [] if isinstance(c, Mapping)}
+    conditions = []
+    for kind in CONDITION_TYPES:
+        old = old_conditions.get(kind) or {}
+        since = old.get("lastTransitionTime") if old.get("status") == truth[kind] else None
+        conditions.append({"type": kind, "status": truth[kind], "observedGeneration": generation,
+                           "lastTransitionTime": since or now, "reason": reason, "message": message})
+    status = {
+        "observedGeneration": generation,
+        "conditions": conditions,
+        "ready": f"{applied}/{len(selected)}",
+        "message": message,
+        "nodes": {"selected": len(selected), "applied": applied, "failed": len(failing)},
+        "failingNodes": [{"name": n, "reason": _clip(str(reports[n].get("message") or ""), MAX_FAILING_REASON)}
+                         for n in failing[:MAX_FAILING_NODES]],
+    }
+
+    now_time = _parse_time(now)
+    chosen = set(selected)
+    prune = []
+    for node, report in sorted(reports.items()):
+        if node in chosen or (node in nodes and not selector_ok) or report is None:
+            continue
+        written = _parse_time(report.get("time")) if isinstance(report, Mapping) else None
+        if written is None or now_time is None or (now_time - written).total_seconds() >= PRUNE_GRACE_SECONDS:
+            prune.append(node)
+    return status, prune
+
+
+def plan_status_patch(current: Mapping[str, Any] | None, status: Mapping[str, Any],
+                      prune: Iterable[str] = ()) -> dict[str, Any] | None:
+    """A merge patch holding only the fields that differ (``None`` when there are none)."""
+    current = current or {}
+    changed: dict[str, Any] = {}
+    for key, value in status.items():
+        old = current.get(key, [] if key == "failingNodes" else None)
+        if old != value:
+            changed[key] = value
+    gone = {node: None for node in prune}
+    if gone:
+        changed["nodeReports"] = gone
+    return {"status": changed} if changed else None
+
+
+def plan_notices(body: Mapping[str, Any], status: Mapping[str, Any]) -> list[Notice]:
+    """Events for what changed between the object's current status and ``status``."""
+    meta = _meta(body)
+    name, uid = str(meta.get("name", "")), str(meta.get("uid", ""))
+    old = body.get("status") or {}
+    old_conditions = {c.get("type"): c for c in old.get("conditions") or [] if isinstance(c, Mapping)}
+    new_conditions = {c["type"]: c for c in status["conditions"]}
+    same_generation = old.get("observedGeneration") == status["observedGeneration"]
+    notices = []
+
+    stalled, was_stalled = new_conditions[STALLED], old_conditions.get(STALLED) or {}
+    if stalled["status"] == "True" and (was_stalled.get("status") != "True"
+                                        or was_stalled.get("message") != stalled["message"]):
+        notices.append(Notice(name, uid, "Warning", stalled["reason"], stalled["message"]))
+
+    known = {f.get("name") for f in old.get("failingNodes") or []} if same_generation else set()
+    fresh = [f for f in status["failingNodes"] if f["name"] not in known]
+    if fresh:
+        failed = status["nodes"]["failed"]
+        sample = "; ".join(f"{f['name']}: {f['reason'] or 'no reason given'}" for f in fresh)
+        notices.append(Notice(name, uid, "Warning", REASON_NODES_FAILED, _clip(
+            f"{_nodes(failed)} failed generation {status['observedGeneration']}; newly failing: {sample}")))
+
+    ready, was_ready = new_conditions[READY], old_conditions.get(READY) or {}
+    if ready["status"] == "True" and (was_ready.get("status") != "True" or not same_generation):
+        notices.append(Notice(name, uid, "Normal", READY, ready["message"]))
+    return notices
+
+
+# --- everything at once ---------------------------------------------------------------------------------------
+
+
+def plan(mirrors: Mapping[str, Mapping[str, Any]], nodes: Mapping[str, Mapping[str, str]], *, now: str) -> Plan:
+    """The ConfigMap text, status patches and events for every RegistryMirror.
+
+    ``mirrors``: name -> object (metadata, spec, status); objects being deleted are left out of the document
+    and get no status. ``nodes``: name -> labels. ``now``: RFC 3339 UTC time for new transition times.
+    """
+    live = {n: b for n, b in mirrors.items() if not _meta(b).get("deletionTimestamp")}
+    entries, verdicts = plan_verdicts(live[n] for n in sorted(live))
+    desired = contract.render_desired(entries)
+    patches: dict[str, dict[str, Any]] = {}
+    statuses: dict[str, dict[str, Any]] = {}
+    notices: list[Notice] = []
+    for name in sorted(live):
+        body = live[name]
+        status, prune = plan_status(body, verdicts[name], nodes, now=now)
+        statuses[name] = status
+        patch = plan_status_patch(body.get("status"), status, prune)
+        if patch is not None:
+            patches[name] = patch
+            notices += plan_notices(body, status)
+    return Plan(desired=desired, published=tuple(sorted(e.name for e in entries)), verdicts=verdicts,
+                patches=patches, statuses=statuses, notices=tuple(notices))
