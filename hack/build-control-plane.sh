@@ -83,7 +83,12 @@ import (
 GO
   (cd "$d" && go mod tidy >/dev/null 2>&1 || true)
   for b in "${want[@]}"; do
-    (cd "$d" && go build -trimpath -ldflags=-s -o "$out/$b" "k8s.io/kubernetes/cmd/$b")
+    # Stamp the version as Kubernetes' own build does, or `kubectl version` cannot parse v0.0.0-master.
+    local v=k8s.io/component-base/version
+    local major=${K8S_VERSION#v}; major=${major%%.*}
+    local minor_only=${minor%%.*}
+    local flags="-s -X $v.gitVersion=$K8S_VERSION -X $v.gitMajor=$major -X $v.gitMinor=$minor_only -X $v.gitTreeState=clean"
+    (cd "$d" && go build -trimpath -ldflags="$flags" -o "$out/$b" "k8s.io/kubernetes/cmd/$b")
   done
 }
 

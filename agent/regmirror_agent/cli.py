@@ -46,6 +46,8 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="containerd's config.toml on the node (default %(default)s)")
     p.add_argument("--containerd-address", default=_env("containerd-address", "") or None,
                    help="containerd socket for the health check (default: config.toml's [grpc] address)")
+    p.add_argument("--docker-host", default=_env("docker-host", os.environ.get("DOCKER_HOST", "")) or None,
+                   help="dockerd's address for confirming a reload (default: $DOCKER_HOST)")
     p.add_argument("--health-timeout", type=float, default=float(_env("health-timeout", "60")),
                    help="seconds to wait for the CRI plugin after a restart before rolling back")
 
@@ -104,7 +106,8 @@ def settings_from(args: argparse.Namespace) -> Settings:
     return Settings(root=args.root, runtime=args.runtime, restart=args.restart,
                            mode=getattr(args, "mode", "auto"), dry_run=getattr(args, "dry_run", False),
                            state_dir=args.state_dir, config_file=args.config_file,
-                           containerd_address=args.containerd_address, health_timeout=args.health_timeout)
+                           containerd_address=args.containerd_address, docker_host=args.docker_host,
+                           health_timeout=args.health_timeout)
 
 
 def _say(line: str) -> None:
@@ -146,7 +149,8 @@ def _plan_and_execute(desired: list[models.RegistryMirror], settings: Settings) 
         _say(f"unchanged: this node's {runtime} already has the requested configuration")
     else:
         _say(f"done: {len(plan.changes)} file(s) changed on {runtime}"
-             + (", restarted and healthy" if outcome.restarted else ""))
+             + ((", reloaded and confirmed" if runtime == "docker" else ", restarted and healthy")
+                if outcome.restarted else ""))
     return EXIT_OK
 
 

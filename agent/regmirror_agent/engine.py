@@ -18,7 +18,8 @@ from collections.abc import Callable, Iterator, Sequence
 from regmirror_agent import applying, observing, ownership
 from regmirror_agent.nodefiles import NodeRoot, UnsafePath
 from regmirror_agent.plans import Plan
-from regmirror_agent.restarting import Host, RestartFailed, containerd_version, restart_runtime, wait_cri_healthy
+from regmirror_agent.restarting import (Host, RestartFailed, containerd_version, restart_runtime, wait_cri_healthy,
+                                        wait_docker_mirrors)
 from regmirror_agent.runtimes import containerd, docker
 from regmirror_agent.settings import Settings
 from regmirror_api import models
@@ -134,13 +135,17 @@ def _socket(settings: Settings, node: NodeRoot) -> str:
 
 
 def _restart_and_check(settings: Settings, host: Host, node: NodeRoot, runtime: str) -> str:
-    """Restart; return '' when healthy, else the reason."""
+    """Restart (containerd) or reload (Docker); return '' when the runtime is healthy on the new files, else why."""
     try:
         restart_runtime(host, runtime, settings.restart)
     except RestartFailed as exc:
         return str(exc)
-    if runtime != containerd.RUNTIME:
-        return ""
+    if runtime == docker.RUNTIME:
+        text = node.read(settings.daemon_json)
+        expected = docker.parse_daemon_json(text, settings.daemon_json).get(docker.KEY) if text else None
+        if expected is None:
+            return ""  # dockerd keeps what it had; nothing to confirm (see docker.removal_bridge)
+        return wait_docker_mirrors(host, settings.docker_host, list(expected), min(settings.health_timeout, 30))
     ok, detail = wait_cri_healthy(host, _socket(settings, node), settings.health_timeout)
     return "" if ok else detail
 
@@ -154,26 +159,30 @@ def execute(plan_: Plan, runtime: str, settings: Settings, log: Log = _quiet) ->
         return Outcome(runtime, plan_, notes=tuple(notes))
     config_change = next((c for c in plan_.changes if c.path == settings.config_file and c.after), None)
     applied_record = node.fs_path(observing.applied_path(settings.state_dir))
-    try:
-        if runtime == containerd.RUNTIME and config_change and config_change.after:
-            check_config(settings, host, node, config_change.after)
-        # A record of the last apply must never vouch for one that is half done or rolled back.
-        applying.remove_durably(applied_record)
-        applying.apply_plan(plan_, node)
-    except (applying.Conflict, UnsafePath) as exc:
-        raise EngineError(str(exc)) from exc
-    for change in plan_.changes:
-        log(f"{'removed' if change.after is None else 'wrote'} {change.path}")
+    if runtime == containerd.RUNTIME and config_change and config_change.after:
+        check_config(settings, host, node, config_change.after)
+    steps = [plan_]
+    if runtime == docker.RUNTIME and settings.restart != "never":
+        steps = list(docker.removal_bridge(plan_, settings.daemon_json) or steps)
+    # A record of the last apply must never vouch for one that is half done or rolled back.
+    applying.remove_durably(applied_record)
     restarted = False
-    if plan_.restart and settings.restart == "never":
-        verb = "reloaded (systemctl reload docker)" if runtime == docker.RUNTIME else "restarted"
-        notes.append(f"{runtime} must be {verb} to read the change; --restart never left that to you")
-    elif plan_.restart:
-        log(f"{'reloading' if runtime == docker.RUNTIME else 'restarting'} {runtime} ({settings.restart})")
-        reason = _restart_and_check(settings, host, node, runtime)
-        if reason:
-            _roll_back(plan_, runtime, settings, host, node, reason, log)
-        restarted = True
+    for step in steps:
+        try:
+            applying.apply_plan(step, node)
+        except (applying.Conflict, UnsafePath) as exc:
+            raise EngineError(str(exc)) from exc
+        for change in step.changes:
+            log(f"{'removed' if change.after is None else 'wrote'} {change.path}")
+        if step.restart and settings.restart == "never":
+            verb = "reloaded (systemctl reload docker)" if runtime == docker.RUNTIME else "restarted"
+            notes.append(f"{runtime} must be {verb} to read the change; --restart never left that to you")
+        elif step.restart:
+            log(f"{'reloading' if runtime == docker.RUNTIME else 'restarting'} {runtime} ({settings.restart})")
+            reason = _restart_and_check(settings, host, node, runtime)
+            if reason:
+                _roll_back(step, runtime, settings, host, node, reason, log)
+            restarted = True
     if plan_.state_after is not None and plan_.observed is not None:
         applying.write_atomic(applied_record, observing.render_applied(plan_.request, node, plan_.observed))
     return Outcome(runtime, plan_, restarted=restarted, notes=tuple(notes))
@@ -185,8 +194,9 @@ def _roll_back(plan_: Plan, runtime: str, settings: Settings, host: Host, node: 
     applying.apply_plan(plan_.inverse(), node)
     again = _restart_and_check(settings, host, node, runtime)
     after = "it is healthy again on the previous files" if not again else f"it is still unhealthy: {again}"
+    verb = "reloaded" if runtime == docker.RUNTIME else "restarted"
     raise EngineError(f"{runtime} did not come back healthy after the change: {reason}. regmirror put the "
-                      f"previous files back and restarted it; {after}")
+                      f"previous files back and {verb} it; {after}")
 
 
 UNCHANGED = Outcome("", Plan(runtime="", changes=(), restart=False), notes=("already applied",))

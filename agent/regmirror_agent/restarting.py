@@ -12,6 +12,7 @@ Host commands run directly, or, from a pod with ``hostPID``, inside PID 1's name
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import re
 import shutil
@@ -122,3 +123,32 @@ def restart_runtime(host: Host, runtime: str, how: str) -> str:
     if result.returncode != 0:
         raise RestartFailed(f"{' '.join(argv)} exited {result.returncode}: {(result.stderr or result.stdout).strip()}")
     return " ".join(argv)
+
+
+def docker_mirrors(host: Host, docker_host: str | None) -> tuple[list[str] | None, str]:
+    """The registry mirrors the running dockerd uses, as ``docker info`` reports them (no trailing slash)."""
+    argv = ["docker", *(["--host", docker_host] if docker_host else []), "info", "--format",
+            "{{json .RegistryConfig.Mirrors}}"]
+    result = host.run(argv, timeout=15)
+    if result.returncode != 0:
+        return None, f"docker info failed: {(result.stderr or result.stdout).strip()[-300:]}"
+    try:
+        return [str(m).rstrip("/") for m in json.loads(result.stdout) or []], ""
+    except ValueError:
+        return None, f"docker info answered {result.stdout.strip()[:200]!r}"
+
+
+def wait_docker_mirrors(host: Host, docker_host: str | None, expected: list[str], timeout: float) -> str:
+    """'' once dockerd reports ``expected``; else why not. A SIGHUP reload is asynchronous and dockerd only
+    logs a refused reload (for example when --registry-mirror is also on its command line)."""
+    want = [u.rstrip("/") for u in expected]
+    deadline = time.monotonic() + timeout
+    while True:
+        actual, problem = docker_mirrors(host, docker_host)
+        if actual == want:
+            return ""
+        if time.monotonic() >= deadline:
+            return problem or (f"dockerd still uses registry-mirrors {actual} after the reload, not {want}; dockerd "
+                               f"refuses a reload when --registry-mirror is also given on its command line (its "
+                               f"log says why)")
+        time.sleep(0.2)

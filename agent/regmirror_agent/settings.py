@@ -30,6 +30,8 @@ class Settings:
     daemon_json: str = DAEMON_JSON
     containerd_address: str | None = None
     """containerd's socket for the health check; default: config.toml's ``[grpc] address``."""
+    docker_host: str | None = None
+    """dockerd's address for confirming a reload (``docker --host``); default: ``$DOCKER_HOST`` or docker's own."""
     health_timeout: float = 60.0
     host: Any = None
     """A ``restarting.Host``: how host commands run; detected (direct or nsenter into PID 1) when not given."""

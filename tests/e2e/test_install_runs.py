@@ -123,7 +123,6 @@ def test_a_pod_bound_agent_token_does_exactly_the_agents_calls(
 @pytest.fixture
 def operator(controlplane: cp.ControlPlane, installed: str, tmp_path: Path) -> Iterator[subprocess.Popen[str]]:
     """The real operator (``kopf run`` exactly as the Deployment runs it) with its service account's token."""
-    pytest.importorskip("regmirror_operator.main", reason="the operator package is not in this checkout")
     token = controlplane.kubectl("create", "token", "regmirror-operator", "-n", NS,
                                  "--duration=10m").stdout.strip()
     kubeconfig = controlplane.write_kubeconfig(tmp_path / "operator.kubeconfig", token=token,

@@ -344,8 +344,23 @@ class ControlPlane:
                 raise ControlPlaneError(f"etcd did not become healthy within 20 s\n{self._log_tail('etcd')}")
             time.sleep(0.1)
 
-    def _start_apiserver(self, binaries: Binaries) -> None:
-        port = free_port()
+    def restart_apiserver(self, down_seconds: float) -> None:
+        """Stop kube-apiserver, leave the cluster without it for ``down_seconds``, start it again on the same
+        port (so every kubeconfig stays valid) and wait until it serves: an outage as clients see one."""
+        proc = self._apiserver
+        assert proc is not None, "start() first"
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        time.sleep(down_seconds)
+        self._start_apiserver(self.binaries, port=int(self.server.rsplit(":", 1)[1]))
+        self._wait_until_usable(deadline=time.monotonic() + self.startup_timeout)
+
+    def _start_apiserver(self, binaries: Binaries, port: int | None = None) -> None:
+        port = port or free_port()
         self.server = f"https://127.0.0.1:{port}"
         self._apiserver = self._spawn("kube-apiserver", [
             str(binaries.kube_apiserver),

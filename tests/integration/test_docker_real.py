@@ -48,7 +48,8 @@ def regmirror(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def common_args(node: DockerdNode) -> list[str]:
-    return ["--runtime", "docker", "--root", str(node.node_root), "--restart", "command:" + node.reload_command()]
+    return ["--runtime", "docker", "--root", str(node.node_root), "--restart", "command:" + node.reload_command(),
+            "--docker-host", node.host_uri]
 
 
 def stat_of(path: Path) -> tuple[bytes, int, int]:

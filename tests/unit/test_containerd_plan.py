@@ -144,3 +144,11 @@ def test_docker_keeps_every_other_key() -> None:
     state = ownership.parse_state(node["/var/lib/regmirror/state.json"], "s")
     back = docker.plan_docker([], DictView(node), state)
     assert apply_in_memory(back, node) == {docker.DAEMON_JSON: own}
+
+
+def test_a_hand_edit_of_only_regmirrors_key_still_resets_to_the_exact_bytes() -> None:
+    own = 'root = "/var/lib/containerd"\n\n[plugins]\n  [plugins.cri]\n    [plugins.cri.containerd]\n      snapshotter = "native"\n'
+    node = run({CFG: own}, [QUAY])
+    node[CFG] = node[CFG].replace('config_path = "/etc/containerd/certs.d"', 'config_path = ""')
+    node = run(node, [QUAY])  # drift repaired
+    assert run(node, [])[CFG] == own

@@ -287,7 +287,16 @@ def undo_config(current: str | None, original: str | None, path: str) -> str | N
             _remove_if_empty(doc, (*keys, "configs", host), own)
     _remove_if_empty(doc, (*keys, "configs"), own)
     _remove_if_empty(doc, keys, own)
-    return tomlkit.dumps(doc)
+    undone = tomlkit.dumps(doc)
+    # Removing a table can leave a blank line behind; when only blank space differs from the node's own
+    # file, give back its own bytes.
+    if original is not None and _lines(undone) == _lines(original):
+        return original
+    return undone
+
+
+def _lines(text: str) -> list[str]:
+    return [line.rstrip() for line in text.splitlines() if line.strip()]
 
 
 def minimal_config(version: int, config_path: str | None) -> tomlkit.TOMLDocument:

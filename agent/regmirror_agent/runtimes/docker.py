@@ -16,7 +16,7 @@ from urllib.parse import urlsplit
 
 from regmirror_agent import ownership
 from regmirror_agent.nodeviews import NodeView
-from regmirror_agent.plans import Plan
+from regmirror_agent.plans import FileChange, Plan
 from regmirror_agent.settings import DAEMON_JSON, DEFAULT_STATE_DIR, STATE_FILE
 from regmirror_api import models
 
@@ -100,3 +100,28 @@ def plan_docker(desired: Sequence[models.RegistryMirror], view: NodeView, state:
             files[path] = render_daemon_json(doc)
     return ownership.plan_owned_files(runtime=RUNTIME, view=view, state=state, state_path=options.state_path,
                                       desired=files, restart_paths=frozenset({path}), undo=undo)
+
+
+def removal_bridge(plan: Plan, path: str = DAEMON_JSON) -> tuple[Plan, Plan] | None:
+    """Split a plan that drops ``registry-mirrors`` from daemon.json into (bridge, rest).
+
+    dockerd's reload changes mirrors only when the file sets the key (moby daemon/reload.go:
+    ``if conf.IsValueSet("registry-mirrors")``): a file without it leaves the old mirrors running. So the
+    bridge writes the node's own file plus ``"registry-mirrors": []`` and is reloaded; the rest then puts the
+    node's own bytes back, which needs no reload. The bridge changes no ownership record: were regmirror
+    stopped in between, the next run sees a hand edit of its key and undoes it.
+    """
+    change = next((c for c in plan.changes if c.path == path), None)
+    if change is None or change.before is None:
+        return None
+    if KEY not in parse_daemon_json(change.before, path):
+        return None
+    after = parse_daemon_json(change.after, path) if change.after is not None else {}
+    if KEY in after:
+        return None
+    bridge_text = render_daemon_json({**after, KEY: []})
+    bridge = dataclasses.replace(plan, changes=(FileChange(path, change.before, bridge_text),), mkdirs=(),
+                                 rmdirs=(), state_after=plan.state_before, observed=None, restart=True)
+    rest = dataclasses.replace(plan, restart=False, changes=tuple(
+        FileChange(path, bridge_text, change.after) if c is change else c for c in plan.changes))
+    return bridge, rest
