@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install every real component regmirror's demo and tests use, on a fresh Debian 12 machine (as root).
 #
-#   hack/install-deps.sh            containerd, ctr, docker-registry, skopeo (apt); regmirror + test deps (pip);
+#   hack/install-deps.sh            containerd, ctr, docker-registry, skopeo, dockerd (apt); regmirror + test deps (pip);
 #                                   crictl, etcd, kube-apiserver, kubectl built from the Go module proxy
 #   hack/install-deps.sh --node     the same without the control plane (enough for hack/demo.sh)
 #
@@ -24,9 +24,12 @@ apt_packages() {
   command -v docker-registry >/dev/null || missing+=(docker-registry)
   command -v skopeo >/dev/null || missing+=(skopeo)
   command -v unshare >/dev/null || missing+=(util-linux)
+  # Debian's dockerd (tests prove Docker nodes on it); not needed by the demo.
+  [ "${1:-}" = "--node" ] || [ -x /usr/bin/dockerd ] || missing+=(docker.io)
   [ ${#missing[@]} -eq 0 ] && { echo "apt packages present"; return 0; }
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
+  # --no-install-recommends: docker.io alone would pull in apparmor and needrestart.
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 }
 
@@ -42,6 +45,6 @@ go_binaries() {
   fi
 }
 
-stage "apt packages (containerd, docker-registry, skopeo)" apt_packages
+stage "apt packages (containerd, docker-registry, skopeo, docker.io)" apt_packages "${1:-}"
 stage "python package and test dependencies" python_package
 stage "Go-built binaries into .cache/bin" go_binaries "${1:-}"

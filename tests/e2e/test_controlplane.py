@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.harness import controlplane as cp
+from tests.harness.waiting import stop_process
 from tests.harness.controlplane import REPO
 
 pytestmark = pytest.mark.controlplane
@@ -66,12 +67,7 @@ def test_kopf_logs_in_with_the_kubeconfig_and_handles_a_registrymirror(
         # kopf only adds a finalizer for deletion handlers; with none, deletion never waits for the operator.
         assert not obj["metadata"].get("finalizers")
     finally:
-        kopf.send_signal(signal.SIGINT)
-        try:
-            out, _ = kopf.communicate(timeout=20)
-        except subprocess.TimeoutExpired:
-            kopf.kill()
-            out, _ = kopf.communicate()
+        out = stop_process(kopf)
         controlplane.kubectl("delete", "registrymirror", name, "--ignore-not-found", "--wait", "--timeout=10s")
     assert "Traceback" not in out, out
 

@@ -14,7 +14,7 @@ import subprocess
 import sys
 import time
 import urllib.parse
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,7 @@ from regmirror_api import contract, models
 
 from tests.harness import controlplane as cp
 from tests.harness.controlplane import REPO
+from tests.harness.waiting import stop_process, wait_for
 
 pytestmark = pytest.mark.controlplane
 
@@ -30,17 +31,6 @@ NS = contract.NAMESPACE
 AGENT = f"system:serviceaccount:{NS}:regmirror-agent"
 STATUS = f"/apis/{models.API_GROUP}/{models.API_VERSION}/{models.PLURAL}/{{name}}/status"
 MERGE = "application/merge-patch+json"
-
-
-def wait_for(what: str, probe: Callable[[], Any], timeout: float = 30.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = probe()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(0.3)
 
 
 def get_json(controlplane: cp.ControlPlane, *args: str) -> Any:
@@ -178,13 +168,7 @@ def test_the_operator_reconciles_with_nothing_but_its_own_rbac(
         assert not obj["metadata"].get("finalizers")
         assert operator.poll() is None, "the operator exited"
     finally:
-        if operator.poll() is None:
-            operator.send_signal(signal.SIGINT)
-        try:
-            out, _ = operator.communicate(timeout=20)
-        except subprocess.TimeoutExpired:
-            operator.kill()
-            out, _ = operator.communicate()
+        out = stop_process(operator)
         print(out)
     for word in ("Forbidden", "forbidden", " 403", "Traceback"):
         assert word not in out, out

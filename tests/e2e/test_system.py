@@ -19,7 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +33,7 @@ from tests.harness.containerd import ContainerdNode
 from tests.harness.controlplane import REPO
 from tests.harness.fixtures import require_crictl
 from tests.harness.registry import Registry
+from tests.harness.waiting import wait_for
 
 pytestmark = [pytest.mark.controlplane, pytest.mark.integration]
 
@@ -42,17 +43,6 @@ QUAY_IMAGE = "quay.io/k8scsi/csi-resizer:v0.5.0"
 HUB_IMAGE = "docker.io/library/busybox:1.36"
 PYTHONPATH = os.pathsep.join(str(REPO / d) for d in ("api", "agent", "operator"))
 FIGURES: dict[str, Any] = {}
-
-
-def wait_for(what: str, probe: Callable[[], Any], timeout: float = 60.0, every: float = 0.2) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = probe()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(every)
 
 
 @dataclass
@@ -225,7 +215,7 @@ def test_2_changing_the_mirror_url_converges_with_no_containerd_restart(cluster:
     pids = {n: node.containerd.pid for n, node in cluster.nodes.items()}
     new_url = cluster.registry.url.replace("127.0.0.1", "localhost")
     cluster.apply_mirror("quay-io", "quay.io", [new_url])
-    s = wait_for("generation 2 on 3/3 nodes", lambda: cluster.converged("quay-io", "3/3"))
+    s = wait_for("generation 2 on 3/3 nodes", lambda: cluster.converged("quay-io", "3/3"), timeout=60)
     assert s["observedGeneration"] == s["generation"] == 2
     assert {n: r["generation"] for n, r in s["nodeReports"].items()} == dict.fromkeys(NODES, 2)
     assert not any(r["restarted"] for r in s["nodeReports"].values())
@@ -240,11 +230,20 @@ def test_2_changing_the_mirror_url_converges_with_no_containerd_restart(cluster:
 def test_3_a_node_selector_for_one_node_leaves_the_other_nodes_untouched(cluster: Cluster) -> None:
     others = {n: node.files() for n, node in cluster.nodes.items() if n != "node-a"}
     cluster.apply_mirror("ghcr-io", "ghcr.io", [cluster.registry.url], selector={"matchLabels": {"pool": "a"}})
-    s = wait_for("ghcr-io 1/1", lambda: cluster.converged("ghcr-io", "1/1"))
+    s = wait_for("ghcr-io 1/1", lambda: cluster.converged("ghcr-io", "1/1"), timeout=60)
     assert s["nodes"] == {"selected": 1, "applied": 1, "failed": 0}
     assert (cluster.nodes["node-a"].containerd.certs_dir / "ghcr.io/hosts.toml").exists()
     time.sleep(6)  # one agent resync period: nothing is rewritten on the other nodes either
     assert {n: node.files() for n, node in cluster.nodes.items() if n != "node-a"} == others
+
+
+def test_3b_a_hand_edited_hosts_toml_is_put_back_on_resync(cluster: Cluster) -> None:
+    node = cluster.nodes["node-b"]
+    hosts = node.containerd.certs_dir / "docker.io/hosts.toml"
+    good = hosts.read_text()
+    hosts.write_text(good.replace(cluster.registry.url, "https://somewhere.else.example"))
+    wait_for("the agent to repair the drift", lambda: hosts.read_text() == good, timeout=30)
+    cluster.alive()
 
 
 def test_4_a_node_whose_containerd_cannot_restart_rolls_back_and_is_reported(cluster: Cluster) -> None:
@@ -299,7 +298,8 @@ def test_6_deleting_the_mirrors_gives_every_node_its_own_configuration_back(clus
     assert cluster.get("registrymirrors")["items"] == []
     initial = cluster.initial  # type: ignore[attr-defined]
     for name, node in cluster.nodes.items():
-        wait_for(f"{name} back to its own files", lambda node=node, name=name: node.config() == initial[name])
+        wait_for(f"{name} back to its own files", lambda node=node, name=name: node.config() == initial[name],
+                 timeout=60)
         assert not (node.containerd.node_root / "var/lib/regmirror").exists()
         ok, detail = node.containerd.wait_cri()
         assert ok, detail
