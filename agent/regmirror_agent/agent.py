@@ -85,8 +85,13 @@ class Agent:
             outcome = engine.apply(mirrors, self.settings.engine, log.info)
             drift = [n for n in outcome.notes if "edited since regmirror wrote it" in n]
             for m in mirrors:
-                message = "; ".join(drift)
-                reports[m.name] = contract.Report(m.generation, contract.STATE_APPLIED, message, outcome.restarted)
+                # "restarted" answers: did applying this generation restart the runtime? A later apply of the
+                # same generation (another RegistryMirror changed) must not turn that into a no.
+                before = self.reporter.sent.get(m.name)
+                restarted = outcome.restarted or bool(
+                    before and before.generation == m.generation and before.state == contract.STATE_APPLIED
+                    and before.restarted)
+                reports[m.name] = contract.Report(m.generation, contract.STATE_APPLIED, "; ".join(drift), restarted)
             if outcome.changed:
                 log.info("node now has %d mirror set(s)%s", len(mirrors),
                          ", containerd restarted" if outcome.restarted else "")

@@ -38,7 +38,7 @@ from tests.harness.waiting import wait_for
 pytestmark = [pytest.mark.controlplane, pytest.mark.integration]
 
 NS = contract.NAMESPACE
-NODES = {"node-a": "a", "node-b": "b", "node-c": "c"}
+NODES = {"worker-a": "a", "worker-b": "b", "worker-c": "c"}
 QUAY_IMAGE = "quay.io/k8scsi/csi-resizer:v0.5.0"
 HUB_IMAGE = "docker.io/library/busybox:1.36"
 PYTHONPATH = os.pathsep.join(str(REPO / d) for d in ("api", "agent", "operator"))
@@ -228,17 +228,17 @@ def test_2_changing_the_mirror_url_converges_with_no_containerd_restart(cluster:
 
 
 def test_3_a_node_selector_for_one_node_leaves_the_other_nodes_untouched(cluster: Cluster) -> None:
-    others = {n: node.files() for n, node in cluster.nodes.items() if n != "node-a"}
+    others = {n: node.files() for n, node in cluster.nodes.items() if n != "worker-a"}
     cluster.apply_mirror("ghcr-io", "ghcr.io", [cluster.registry.url], selector={"matchLabels": {"pool": "a"}})
     s = wait_for("ghcr-io 1/1", lambda: cluster.converged("ghcr-io", "1/1"), timeout=60)
     assert s["nodes"] == {"selected": 1, "applied": 1, "failed": 0}
-    assert (cluster.nodes["node-a"].containerd.certs_dir / "ghcr.io/hosts.toml").exists()
+    assert (cluster.nodes["worker-a"].containerd.certs_dir / "ghcr.io/hosts.toml").exists()
     time.sleep(6)  # one agent resync period: nothing is rewritten on the other nodes either
-    assert {n: node.files() for n, node in cluster.nodes.items() if n != "node-a"} == others
+    assert {n: node.files() for n, node in cluster.nodes.items() if n != "worker-a"} == others
 
 
 def test_3b_a_hand_edited_hosts_toml_is_put_back_on_resync(cluster: Cluster) -> None:
-    node = cluster.nodes["node-b"]
+    node = cluster.nodes["worker-b"]
     hosts = node.containerd.certs_dir / "docker.io/hosts.toml"
     good = hosts.read_text()
     hosts.write_text(good.replace(cluster.registry.url, "https://somewhere.else.example"))
@@ -247,7 +247,7 @@ def test_3b_a_hand_edited_hosts_toml_is_put_back_on_resync(cluster: Cluster) -> 
 
 
 def test_4_a_node_whose_containerd_cannot_restart_rolls_back_and_is_reported(cluster: Cluster) -> None:
-    node = cluster.nodes["node-c"]
+    node = cluster.nodes["worker-c"]
     state = node.containerd.state_dir / "state"
     # The node's containerd can no longer start (its state directory is gone, a file sits in its place) ...
     state.rename(state.with_name("state.saved"))
@@ -259,25 +259,25 @@ def test_4_a_node_whose_containerd_cannot_restart_rolls_back_and_is_reported(clu
     try:
         def failed() -> dict[str, Any] | None:
             s = cluster.status("quay-io")
-            report = s.get("nodeReports", {}).get("node-c", {})
+            report = s.get("nodeReports", {}).get("worker-c", {})
             return s if report.get("state") == "Failed" and s.get("ready") == "2/3" else None
 
-        s = wait_for("node-c reported Failed", failed, timeout=90)
-        reason = s["nodeReports"]["node-c"]["message"]
+        s = wait_for("worker-c reported Failed", failed, timeout=90)
+        reason = s["nodeReports"]["worker-c"]["message"]
         assert "did not come back healthy" in reason and "put the previous files back" in reason, reason
         conditions = {c["type"]: c for c in s["conditions"]}
         assert conditions["Ready"]["status"] == "False"
-        assert "node-c" in conditions["Ready"]["message"], conditions["Ready"]
-        assert s["failingNodes"][0]["name"] == "node-c"
+        assert "worker-c" in conditions["Ready"]["message"], conditions["Ready"]
+        assert s["failingNodes"][0]["name"] == "worker-c"
         assert node.config() == edited, "the node keeps its previous files after the rollback"
-        for other in ("node-a", "node-b"):
+        for other in ("worker-a", "worker-b"):
             assert s["nodeReports"][other]["state"] == "Applied"
         assert "2/3" in cluster.kubectl("get", "registrymirror", "quay-io").stdout
     finally:
         state.unlink()
         state.with_name("state.saved").rename(state)
         node.containerd.start()
-    wait_for("node-c recovered by the agent alone", lambda: cluster.converged("quay-io", "3/3"), timeout=90)
+    wait_for("worker-c recovered by the agent alone", lambda: cluster.converged("quay-io", "3/3"), timeout=90)
     assert 'config_path = "/etc/containerd/certs.d"' in config.read_text()
     cluster.alive()
 
