@@ -131,6 +131,10 @@ def cluster(controlplane: cp.ControlPlane, installed: str, registry: Registry,
     work = tmp_path_factory.mktemp("system")
     nodes: dict[str, SimNode] = {}
     operator: subprocess.Popen[str] | None = None
+    # A clean slate: objects other tests left behind would be published to these nodes (or win a registry).
+    controlplane.kubectl("delete", "registrymirrors", "--all", "--wait", "--timeout=30s")
+    controlplane.kubectl("patch", "configmap", contract.CONFIGMAP, "-n", NS, "--type=json",
+                         "-p", '[{"op": "remove", "path": "/data"}]', check=False)
     try:
         for name, pool in NODES.items():
             controlplane.kubectl("apply", "--server-side", "-f", "-", input=json.dumps({
@@ -207,7 +211,7 @@ def test_1_apply_the_seed_example_every_node_is_ready_and_pulls_through_the_mirr
     assert cluster.registry.requests_for("/v2/k8scsi/csi-resizer/manifests/", since=since, agent="containerd") >= 3
     reports = cluster.status("quay-io")["nodeReports"]
     assert {n: r["state"] for n, r in reports.items()} == dict.fromkeys(NODES, "Applied")
-    assert all(r["restarted"] for r in reports.values()), "moving to hosts mode sets config_path: one restart"
+    assert all(r["restarted"] for r in reports.values()), f"moving to hosts mode sets config_path: {reports}"
     cluster.alive()
 
 
