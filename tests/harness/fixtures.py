@@ -54,26 +54,25 @@ def _start_seeded_registry(workdir: Path, *, tls: bool) -> Registry:
     return reg
 
 
-@pytest.fixture(scope="session")
-def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
-    """A plain-HTTP docker-registry with the seed images, for the whole session."""
+def _serve_seeded(tmp_path_factory: pytest.TempPathFactory, name: str, *, tls: bool) -> Iterator[Registry]:
     require_binaries(REGISTRY_BIN, SKOPEO_BIN)
-    reg = _start_seeded_registry(tmp_path_factory.mktemp("registry"), tls=False)
+    reg = _start_seeded_registry(tmp_path_factory.mktemp(name), tls=tls)
     try:
         yield reg
     finally:
         reg.stop()
+
+
+@pytest.fixture(scope="session")
+def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
+    """A plain-HTTP docker-registry with the seed images, for the whole session."""
+    yield from _serve_seeded(tmp_path_factory, "registry", tls=False)
 
 
 @pytest.fixture(scope="session")
 def tls_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
     """An HTTPS docker-registry (certificate from a throwaway CA) with the seed images."""
-    require_binaries(REGISTRY_BIN, SKOPEO_BIN)
-    reg = _start_seeded_registry(tmp_path_factory.mktemp("tls-registry"), tls=True)
-    try:
-        yield reg
-    finally:
-        reg.stop()
+    yield from _serve_seeded(tmp_path_factory, "tls-registry", tls=True)
 
 
 class ContainerdNodeFactory(Protocol):
