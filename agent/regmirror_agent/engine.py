@@ -199,7 +199,7 @@ def _roll_back(plan_: Plan, runtime: str, settings: Settings, host: Host, node: 
                       f"previous files back and {verb} it; {after}")
 
 
-UNCHANGED = Outcome("", Plan(runtime="", changes=(), restart=False), notes=("already applied",))
+UNCHANGED = Outcome("", Plan(runtime="", changes=(), restart=False))
 
 
 def apply(desired: Sequence[models.RegistryMirror], settings: Settings, log: Log = _quiet) -> Outcome:
