@@ -1,17 +1,21 @@
 #!/usr/bin/env bash
-# Build kube-apiserver, etcd and crictl from the Go module proxy into a cache folder.
+# Build kube-apiserver, etcd, crictl and containerd 2.x from the Go module proxy into a cache folder.
 #
 # Why a script and not `go install`: k8s.io/kubernetes replaces its k8s.io/* staging modules with local
 # paths, so `go install k8s.io/kubernetes/cmd/kube-apiserver@vX` refuses. We make a tiny module that
 # requires k8s.io/kubernetes and points every staging module at its published v0.x twin.
 #
 # Usage: hack/build-control-plane.sh [OUT_DIR]    (default: .cache/bin; skips binaries already there)
-#        REGMIRROR_BUILD="crictl" hack/build-control-plane.sh   builds only what is named (crictl etcd kube)
+#        REGMIRROR_BUILD="crictl" hack/build-control-plane.sh   builds only what is named (crictl etcd kube containerd2)
+#
+# containerd 2.x (config version 3) goes to OUT_DIR/containerd2/ (`containerd`, `ctr`), a folder of its own: it must
+# never shadow the distribution's containerd 1.x on PATH. Tests put that folder first on PATH only for a 2.x node.
 set -euo pipefail
 
 K8S_VERSION=${REGMIRROR_K8S_VERSION:-v1.37.2}
 ETCD_VERSION=${REGMIRROR_ETCD_VERSION:-v3.6.16}
 CRICTL_VERSION=${REGMIRROR_CRICTL_VERSION:-v1.37.0}
+CONTAINERD2_VERSION=${REGMIRROR_CONTAINERD2_VERSION:-v2.3.7}
 
 here=$(cd "$(dirname "$0")/.." && pwd)
 out=${1:-$here/.cache/bin}
@@ -27,6 +31,17 @@ stage() { local t0=$SECONDS; "$@"; echo "[build-control-plane] $1 ${*:2}: $((SEC
 build_crictl() {
   [ -x "$out/crictl" ] && return 0
   GOBIN=$out go install "sigs.k8s.io/cri-tools/cmd/crictl@$CRICTL_VERSION"
+}
+
+build_containerd2() {
+  local d=$out/containerd2
+  [ -x "$d/containerd" ] && [ -x "$d/ctr" ] && return 0
+  # Plain `go install`: containerd's go.mod has no replace directives. No cgo, so no btrfs/devmapper/zfs
+  # snapshotters (the tests use `native`). Version stamped as containerd's Makefile does (`containerd --version`).
+  local pkg=github.com/containerd/containerd/v2
+  GOBIN=$d go install -trimpath -tags "no_btrfs no_devmapper no_zfs" \
+    -ldflags "-s -X $pkg/version.Version=$CONTAINERD2_VERSION" \
+    "$pkg/cmd/containerd@$CONTAINERD2_VERSION" "$pkg/cmd/ctr@$CONTAINERD2_VERSION"
 }
 
 build_etcd() {
@@ -92,7 +107,7 @@ GO
   done
 }
 
-for what in ${REGMIRROR_BUILD:-crictl etcd kube}; do
+for what in ${REGMIRROR_BUILD:-crictl etcd kube containerd2}; do
   stage "build_$what"
 done
 ls -la "$out"

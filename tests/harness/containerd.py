@@ -1,4 +1,4 @@
-"""Simulated nodes, each running a real containerd (Debian 1.6.x).
+"""Simulated nodes, each running a real containerd (Debian 1.6.x, or 2.x built from its Go module).
 
 Why real containerd: what matters about a mirror configuration is whether the
 node's CRI plugin loads it and pulls through the mirror.  Only containerd can
@@ -23,12 +23,21 @@ talk to the socket directly.
 
 Start/stop always go through ``containerd_ctl.sh`` (also used by the product's
 ``--restart command:...``), so a test has a single start path.
+
+Which containerd: by default ``containerd``/``ctr`` from ``$PATH`` (Debian's 1.6,
+or ``$REGMIRROR_CONTAINERD_BIN``/``$REGMIRROR_CTR_BIN``).  A node made with
+``binaries_dir`` runs that folder's ``containerd`` and ``ctr`` instead; containerd
+2.x lives in :func:`containerd2_dir` (``.cache/bin/containerd2``, built by
+hack/build-control-plane.sh), a folder of its own so it never shadows 1.6 on
+``$PATH``.  :meth:`ContainerdNode.env` puts that folder first on ``PATH`` for the
+product, whose own ``ctr``/``containerd`` calls must find the node's binaries.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import platform
 import re
 import shlex
 import shutil
@@ -45,6 +54,8 @@ NODE_ENV_MARKER = "REGMIRROR_HARNESS_NODE"
 
 CONTAINERD_BIN = os.environ.get("REGMIRROR_CONTAINERD_BIN", "containerd")
 CTR_BIN = os.environ.get("REGMIRROR_CTR_BIN", "ctr")
+#: Flavor name -> sub-folder of the binaries cache holding that containerd's ``containerd`` and ``ctr``.
+FLAVOR_DIRS = {"2.x": "containerd2"}
 
 # Where the node's own etc/containerd appears inside its mount namespace.
 NODE_ETC_IN_NS = "/etc/containerd"
@@ -54,6 +65,12 @@ CRI_PLUGIN_V1 = "cri"
 CRI_PLUGIN_V2 = '"io.containerd.grpc.v1.cri"'
 OPT_PLUGIN_V1 = "opt"
 OPT_PLUGIN_V2 = '"io.containerd.internal.v1.opt"'
+# Version 3 (containerd 2.x): the CRI image settings (snapshotter, registry) have a plugin of their own.
+# Written with literal-string keys, as ``containerd config default`` of 2.x does.
+CRI_IMAGES_PLUGIN_V3 = "'io.containerd.cri.v1.images'"
+OPT_PLUGIN_V3 = "'io.containerd.internal.v1.opt'"
+NRI_PLUGIN_V3 = "'io.containerd.nri.v1.nri'"
+TRANSFER_PLUGIN_V3 = "'io.containerd.transfer.v1.local'"
 
 
 def find_binary(name: str) -> Path | None:
@@ -73,9 +90,30 @@ def find_binary(name: str) -> Path | None:
     return Path(found) if found else None
 
 
+def containerd2_dir() -> Path:
+    """Where containerd 2.x's ``containerd`` and ``ctr`` are: ``$REGMIRROR_CONTAINERD2_DIR``, else
+    ``.cache/bin/containerd2`` (hack/build-control-plane.sh, stage ``containerd2``)."""
+    return flavor_dir("2.x")
+
+
+def flavor_dir(flavor: str) -> Path:
+    """The binaries folder of a containerd flavor (``"2.x"``); see :data:`FLAVOR_DIRS`."""
+    if flavor not in FLAVOR_DIRS:
+        raise ValueError(f"unknown containerd flavor {flavor!r}; known: {', '.join(FLAVOR_DIRS)}")
+    env = os.environ.get(f"REGMIRROR_{FLAVOR_DIRS[flavor].upper()}_DIR")
+    return Path(env) if env else REPO_ROOT / ".cache" / "bin" / FLAVOR_DIRS[flavor]
+
+
 def _toml_str(s: str) -> str:
     # JSON string escapes are valid TOML basic-string escapes for our inputs.
     return json.dumps(s)
+
+
+def _toml_literal(s: str) -> str:
+    """A TOML literal string ('...'), the quoting containerd 2.x's ``config default`` uses."""
+    if "'" in s or "\n" in s:
+        return _toml_str(s)
+    return f"'{s}'"
 
 
 def _toml_list(items: Sequence[str]) -> str:
@@ -94,7 +132,10 @@ def render_config(
 
     ``version`` 1 writes no ``version`` key and short plugin names
     (``[plugins.cri]``), like old kubeadm/Debian nodes; ``version`` 2 writes
-    ``version = 2`` and ``[plugins."io.containerd.grpc.v1.cri"]``.
+    ``version = 2`` and ``[plugins."io.containerd.grpc.v1.cri"]``; ``version`` 3
+    (containerd 2.x only) writes ``version = 3``, the CRI image settings in
+    ``[plugins.'io.containerd.cri.v1.images']`` and literal strings, as 2.x's
+    ``containerd config default`` does.
 
     Isolation choices (so many containerds run side by side):
 
@@ -105,13 +146,21 @@ def render_config(
     * the opt plugin path is private (its default, /opt/containerd, is shared);
     * the CRI streaming server is left at its 1.6 default,
       ``stream_server_address = "127.0.0.1"``, ``stream_server_port = "0"``:
-      port 0 means an ephemeral port, so nodes never collide on it.
+      port 0 means an ephemeral port, so nodes never collide on it (2.x keeps
+      that default in ``[plugins.'io.containerd.grpc.v1.cri']``);
+    * version 3 only: the NRI socket (on by default in 2.x, shared
+      ``/var/run/nri/nri.sock``) lives in ``state_dir`` too; and since CRI pulls
+      go through the transfer service from 2.1, whose built-in unpack
+      configuration names only overlayfs (a pull then fails: "no unpack platforms
+      defined"), an ``unpack_config`` entry names ``native`` for this platform.
 
     ``config_path``/``mirrors`` render the CRI ``registry`` table in the
     schema's own spelling; ``extra`` is appended verbatim.
     """
+    if version == 3:
+        return _render_config_v3(state_dir, config_path=config_path, mirrors=mirrors, extra=extra)
     if version not in (1, 2):
-        raise ValueError(f"containerd 1.6 supports config versions 1 and 2, not {version}")
+        raise ValueError(f"containerd config versions are 1 and 2 (1.6) or 3 (2.x), not {version}")
     cri = CRI_PLUGIN_V1 if version == 1 else CRI_PLUGIN_V2
     opt = OPT_PLUGIN_V1 if version == 1 else OPT_PLUGIN_V2
     sd = Path(state_dir)
@@ -146,6 +195,65 @@ def render_config(
     if extra:
         text += "\n" + extra.rstrip("\n") + "\n"
     return text
+
+
+def _render_config_v3(
+    state_dir: Path,
+    *,
+    config_path: str | None,
+    mirrors: Mapping[str, Sequence[str]] | None,
+    extra: str,
+) -> str:
+    """:func:`render_config` for ``version = 3`` (containerd 2.x)."""
+    lit = _toml_literal
+    images = CRI_IMAGES_PLUGIN_V3
+    sd = Path(state_dir)
+    lines = [
+        "version = 3",
+        "",
+        f"root = {lit(str(sd / 'root'))}",
+        f"state = {lit(str(sd / 'state'))}",
+        "",
+        "[grpc]",
+        f"  address = {lit(str(sd / 'containerd.sock'))}",
+        "",
+        "[ttrpc]",
+        f"  address = {lit(str(sd / 'containerd.sock.ttrpc'))}",
+        "",
+        "[plugins]",
+        f"  [plugins.{OPT_PLUGIN_V3}]",
+        f"    path = {lit(str(sd / 'opt'))}",
+        "",
+        f"  [plugins.{NRI_PLUGIN_V3}]",
+        f"    socket_path = {lit(str(sd / 'nri.sock'))}",
+        "",
+        f"  [plugins.{TRANSFER_PLUGIN_V3}]",
+        f"    [[plugins.{TRANSFER_PLUGIN_V3}.unpack_config]]",
+        f"      platform = {lit(_oci_platform())}",
+        "      snapshotter = 'native'",
+        "      differ = 'walking'",
+        "",
+        f"  [plugins.{images}]",
+        "    snapshotter = 'native'",
+    ]
+    if config_path is not None or mirrors:
+        lines += ["", f"    [plugins.{images}.registry]"]
+        if config_path is not None:
+            lines.append(f"      config_path = {lit(config_path)}")
+        for host, endpoints in (mirrors or {}).items():
+            lines.append(f"      [plugins.{images}.registry.mirrors.{lit(host)}]")
+            lines.append(f"        endpoint = [{', '.join(lit(e) for e in endpoints)}]")
+    text = "\n".join(lines) + "\n"
+    if extra:
+        text += "\n" + extra.rstrip("\n") + "\n"
+    return text
+
+
+def _oci_platform() -> str:
+    """This machine as an OCI platform string (``linux/amd64``), as containerd's default platform."""
+    machine = platform.machine().lower()
+    arch = {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "arm", "i686": "386"}.get(machine, machine)
+    return f"linux/{arch}"
 
 
 def render_hosts_toml(
@@ -208,10 +316,18 @@ class ContainerdNode:
     Create it with a node root and a (short) state dir, write a config with
     :meth:`write_config`, then :meth:`start`.  :meth:`ctl_command` gives the
     shell command the product should run to restart this node's containerd.
+
+    ``binaries_dir``: a folder holding the ``containerd`` and ``ctr`` this node
+    uses (e.g. :func:`containerd2_dir`); default: ``CONTAINERD_BIN``/``CTR_BIN``.
     """
 
-    def __init__(self, node_root: Path, state_dir: Path, *, name: str = "node") -> None:
+    def __init__(
+        self, node_root: Path, state_dir: Path, *, name: str = "node", binaries_dir: Path | None = None
+    ) -> None:
         self.name = name
+        self.binaries_dir = Path(binaries_dir).resolve() if binaries_dir is not None else None
+        self.containerd_bin = str(self.binaries_dir / "containerd") if self.binaries_dir else CONTAINERD_BIN
+        self.ctr_bin = str(self.binaries_dir / "ctr") if self.binaries_dir else CTR_BIN
         self.node_root = Path(node_root).resolve()
         self.state_dir = Path(state_dir).resolve()
         if len(str(self.state_dir / "containerd.sock.ttrpc")) > 100:
@@ -306,7 +422,7 @@ class ContainerdNode:
         """
         inner = (
             f"mount --bind {shlex.quote(str(self.etc_dir))} {NODE_ETC_IN_NS} && "
-            f"exec {shlex.quote(CONTAINERD_BIN)} --config {NODE_ETC_IN_NS}/config.toml"
+            f"exec {shlex.quote(self.containerd_bin)} --config {NODE_ETC_IN_NS}/config.toml"
         )
         script = (
             "#!/bin/sh\n"
@@ -317,6 +433,14 @@ class ContainerdNode:
         launcher = self.state_dir / "launch.sh"
         launcher.write_text(script)
         launcher.chmod(0o755)
+
+    def env(self, base: Mapping[str, str] | None = None) -> dict[str, str]:
+        """Environment for the product on this node: ``binaries_dir`` first on ``PATH``, so its ``ctr``
+        and ``containerd`` calls reach this node's containerd, as on a real node of that version."""
+        env = dict(os.environ if base is None else base)
+        if self.binaries_dir is not None:
+            env["PATH"] = os.pathsep.join([str(self.binaries_dir), env.get("PATH") or os.defpath])
+        return env
 
     def ctl_command(self, action: str = "restart") -> str:
         """Shell command restarting/stopping/starting this node's containerd.
@@ -457,7 +581,7 @@ class ContainerdNode:
     # ---- clients -----------------------------------------------------------
     def ctr(self, *args: str, namespace: str | None = None, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
         """Run ``ctr -a SOCK [-n NS] ARGS`` (never raises on a non-zero exit)."""
-        cmd = [CTR_BIN, "-a", str(self.socket)]
+        cmd = [self.ctr_bin, "-a", str(self.socket)]
         if namespace:
             cmd += ["-n", namespace]
         try:

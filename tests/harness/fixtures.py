@@ -18,6 +18,7 @@ test that needs a component is proven on it; ``.ci/run`` installs every one).
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
@@ -26,7 +27,7 @@ from typing import Protocol
 
 import pytest
 
-from tests.harness.containerd import CONTAINERD_BIN, CTR_BIN, ContainerdNode, find_binary
+from tests.harness.containerd import CONTAINERD_BIN, CTR_BIN, ContainerdNode, find_binary, flavor_dir
 from tests.harness.registry import REGISTRY_BIN, SKOPEO_BIN, Registry
 
 # (repository in the mirror, tag): images every session registry serves.
@@ -87,6 +88,7 @@ class ContainerdNodeFactory(Protocol):
         mirrors: Mapping[str, Sequence[str]] | None = None,
         extra: str = "",
         start: bool = False,
+        flavor: str | None = None,
     ) -> ContainerdNode: ...
 
 
@@ -94,12 +96,14 @@ class ContainerdNodeFactory(Protocol):
 def containerd_node_factory(tmp_path: Path) -> Iterator[ContainerdNodeFactory]:
     """Make simulated nodes; stop and clean up all of them at teardown.
 
-    ``factory(version, name=..., config_path=..., mirrors=..., extra=..., start=...)``:
-    ``version`` 1 or 2 writes a starting config.toml (``None`` writes none, for
+    ``factory(version, name=..., config_path=..., mirrors=..., extra=..., start=..., flavor=...)``:
+    ``version`` 1 or 2 (3 for a 2.x node) writes a starting config.toml (``None`` writes none, for
     tests that write their own); ``start=True`` starts containerd and waits for
-    its socket.  The node root is ``tmp_path/<name>`` (kept by pytest for
-    inspection, with a copy of ``containerd.log``); the runtime dir is a short
-    ``/tmp/rmn-*`` dir (socket path limit), deleted at teardown.
+    its socket.  ``flavor="2.x"`` runs containerd 2.x from ``.cache/bin/containerd2``
+    (:func:`tests.harness.containerd.containerd2_dir`); a missing binary fails the test, naming it.
+    The node root is ``tmp_path/<name>`` (kept by pytest for inspection, with a copy of
+    ``containerd.log``); the runtime dir is a short ``/tmp/rmn-*`` dir (socket path limit),
+    deleted at teardown.
     """
     require_binaries(CONTAINERD_BIN, CTR_BIN, "unshare")
     nodes: list[ContainerdNode] = []
@@ -112,10 +116,19 @@ def containerd_node_factory(tmp_path: Path) -> Iterator[ContainerdNodeFactory]:
         mirrors: Mapping[str, Sequence[str]] | None = None,
         extra: str = "",
         start: bool = False,
+        flavor: str | None = None,
     ) -> ContainerdNode:
+        binaries_dir = None
+        if flavor is not None:
+            binaries_dir = flavor_dir(flavor)
+            missing = [str(binaries_dir / b) for b in ("containerd", "ctr")
+                       if not os.access(binaries_dir / b, os.X_OK)]
+            if missing:
+                pytest.fail(f"containerd {flavor} missing: {', '.join(missing)} "
+                            f"(build it: REGMIRROR_BUILD=containerd2 hack/build-control-plane.sh)")
         name = name or f"node{len(nodes)}"
         state_dir = Path(tempfile.mkdtemp(prefix="rmn-", dir="/tmp"))
-        node = ContainerdNode(tmp_path / name, state_dir, name=name)
+        node = ContainerdNode(tmp_path / name, state_dir, name=name, binaries_dir=binaries_dir)
         nodes.append(node)
         if version is not None:
             node.write_config(version, config_path=config_path, mirrors=mirrors, extra=extra)
