@@ -2,7 +2,8 @@
 # Install every real component regmirror's demo and tests use, on a fresh Debian 12 machine (as root).
 #
 #   hack/install-deps.sh            containerd, ctr, docker-registry, skopeo, dockerd (apt); regmirror + test deps (pip);
-#                                   crictl, etcd, kube-apiserver, kubectl built from the Go module proxy
+#                                   crictl, etcd, kube-apiserver, kubectl, containerd 2.x (into .cache/bin/containerd2)
+#                                   built from the Go module proxy
 #   hack/install-deps.sh --node     the same without the control plane (enough for hack/demo.sh)
 #
 # Already-present pieces are skipped; each stage prints what it cost.

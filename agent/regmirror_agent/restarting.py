@@ -65,8 +65,12 @@ def containerd_version(host: Host) -> tuple[int, ...] | None:
     """``containerd --version`` as numbers, or None when containerd is not installed where we can run it."""
     if not host.has("containerd"):
         return None
-    out = host.run(["containerd", "--version"], timeout=10).stdout
-    match = re.search(r"\s v?(\d+)\.(\d+)\.(\d+)", out)
+    return parse_containerd_version(host.run(["containerd", "--version"], timeout=10).stdout)
+
+
+def parse_containerd_version(out: str) -> tuple[int, ...] | None:
+    """``containerd github.com/containerd/containerd 1.6.20~ds1 ...`` or ``.../v2 v2.3.7 ...`` as numbers."""
+    match = re.search(r"\sv?(\d+)\.(\d+)\.(\d+)", out)
     return tuple(int(x) for x in match.groups()) if match else None
 
 

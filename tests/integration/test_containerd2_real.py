@@ -116,41 +116,37 @@ def test_v3_apply_pull_through_mirror_then_reset(containerd_node_factory: Contai
     assert node.crictl_pull(QUAY_IMAGE).returncode != 0, "after reset the mirror must no longer be used"
 
 
-def test_v3_config_path_list_is_ignored_by_cri_pulls(containerd_node_factory: ContainerdNodeFactory,
-                                                     registry: Registry) -> None:
+def test_v3_config_path_list_becomes_one_directory_so_cri_pulls_use_the_mirror(
+        containerd_node_factory: ContainerdNodeFactory, registry: Registry) -> None:
     """containerd 2.1+ pulls through the transfer service, which takes ``config_path`` as ONE directory: with
     ``/etc/containerd/certs.d:/etc/docker/certs.d`` it looks for ``.../certs.d:/etc/docker/certs.d/quay.io`` and
-    finds nothing (containerd #12415). regmirror writes into the first directory and says so; the hosts.toml
-    it wrote is valid (``ctr --hosts-dir`` pulls through it), yet a CRI pull does not use the mirror.
-
-    This documents containerd's behaviour as observed on the built 2.x: if a containerd release fixes it, the
-    crictl pull below succeeds, and regmirror's note and this test should say from which version."""
+    finds nothing (containerd #12415). First the node as it is: a correct hosts.toml in the first directory is
+    ignored by a CRI pull. Then regmirror, seeing containerd 2.x, sets ``config_path`` to that directory alone and
+    says so; the pull goes through the mirror; reset gives the list back byte for byte."""
     require_crictl()
     node = node_2x(containerd_node_factory, TWO_DIRS)
+    node.write_hosts_toml("quay.io", registry.url)  # the node's own mirror, in the first directory
     before = contents(node.etc_dir)
+    since = registry.mark()
+    assert node.crictl_pull(QUAY_IMAGE).returncode != 0, "containerd 2.x used a config_path list: update the notes"
+    assert registry.requests_for("/v2/k8scsi/csi-resizer/", since=since) == 0
+    assert node.ctr_pull(QUAY_IMAGE).returncode == 0, "the node's own hosts.toml is valid on its own"
 
     result = regmirror(node, *apply_args(node, registry))
     assert result.returncode == 0, result.stderr
-    assert "lists several directories" in result.stdout + result.stderr
-    assert "#12415" in result.stdout + result.stderr
-    assert registry_table(node)["config_path"] == TWO_DIRS, "the node's own list is kept"
-    assert (node.certs_dir / "quay.io" / "hosts.toml").is_file()
+    assert "ignores for CRI pulls" in result.stdout and "#12415" in result.stdout
+    assert registry_table(node)["config_path"] == "/etc/containerd/certs.d"
     ok, detail = node.wait_cri()
     assert ok, detail
-
     since = registry.mark()
     pulled = node.crictl_pull(QUAY_IMAGE)
-    assert pulled.returncode != 0, "containerd 2.x used a config_path list for a CRI pull: update #12415 notes"
-    assert registry.requests_for("/v2/k8scsi/csi-resizer/", since=since) == 0
-
-    # The files themselves are right: a client that takes the first directory pulls through the mirror.
-    via_ctr = node.ctr_pull(QUAY_IMAGE)
-    assert via_ctr.returncode == 0, via_ctr.stderr
+    assert pulled.returncode == 0, pulled.stderr
     assert registry.requests_for("/v2/k8scsi/csi-resizer/manifests/", since=since, agent="containerd/v2") >= 1
 
     reset = regmirror(node, "reset", "--root", str(node.node_root), "--restart", "command:" + node.ctl_command())
     assert reset.returncode == 0, reset.stderr
     assert contents(node.etc_dir) == before
+    assert registry_table(node)["config_path"] == TWO_DIRS
 
 
 def test_v3_broken_cri_plugin_is_detected_and_rolled_back(containerd_node_factory: ContainerdNodeFactory,

@@ -152,3 +152,24 @@ def test_a_hand_edit_of_only_regmirrors_key_still_resets_to_the_exact_bytes() ->
     node[CFG] = node[CFG].replace('config_path = "/etc/containerd/certs.d"', 'config_path = ""')
     node = run(node, [QUAY])  # drift repaired
     assert run(node, [])[CFG] == own
+
+
+@pytest.mark.parametrize("out, expected", [
+    ("containerd github.com/containerd/containerd 1.6.20~ds1 1.6.20~ds1-1+deb12u3\n", (1, 6, 20)),
+    ("containerd github.com/containerd/containerd/v2 v2.3.7 0123abc\n", (2, 3, 7)),
+    ("containerd containerd.io 1.7.27 05044ec0a9a75232cad458027ca83437aae3f4da\n", (1, 7, 27)),
+    ("", None),
+])
+def test_containerd_version_is_read_from_its_own_words(out: str, expected: tuple[int, ...] | None) -> None:
+    from regmirror_agent.restarting import parse_containerd_version
+    assert parse_containerd_version(out) == expected
+
+
+def test_config_path_list_becomes_one_directory_on_containerd_2_1_and_comes_back_on_reset() -> None:
+    listed = V2.replace('""', '"/etc/containerd/certs.d:/etc/docker/certs.d"')
+    p = plan({CFG: listed}, [QUAY], containerd_version=(2, 3, 7))
+    node = apply_in_memory(p, {CFG: listed})
+    registry = tomllib.loads(node[CFG])["plugins"]["io.containerd.grpc.v1.cri"]["registry"]
+    assert registry["config_path"] == "/etc/containerd/certs.d"
+    assert p.restart and any("ignores for CRI pulls" in n for n in p.notes)
+    assert run(node, [])[CFG] == listed

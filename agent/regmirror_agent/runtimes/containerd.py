@@ -360,15 +360,24 @@ class _Desired:
 
 
 def _plan_hosts_mode(doc: tomlkit.TOMLDocument, keys: Sequence[str], desired: Sequence[models.RegistryMirror],
-                     config_path: str, out: _Desired) -> None:
+                     config_path: str, out: _Desired, options: Options) -> None:
     dirs = [d for d in config_path.split(":") if d]
     config_dir = dirs[0] if dirs else DEFAULT_CONFIG_PATH
-    if len(dirs) > 1:
-        out.notes.append(f"config_path = {config_path!r} lists several directories: regmirror writes into "
-                         f"{config_dir!r}; containerd 2.1 and later pull through the transfer service, which "
-                         f"reads only one directory and so ignores these mirrors (containerd #12415)")
     if not config_dir.startswith("/"):
         raise NodeRefused(f"config_path {config_dir!r} is not an absolute path")
+    if len(dirs) > 1:
+        version = options.version()
+        if version is not None and tuple(version[:2]) >= (2, 1):
+            # From 2.1 CRI pulls go through the transfer service, which takes the whole list as one directory
+            # and so reads none of them (containerd #12415; seen on 2.3.7): only a single directory works.
+            out.notes.append(f"config_path = {config_path!r} lists several directories, which containerd "
+                             f"{'.'.join(map(str, version))} ignores for CRI pulls (containerd #12415); regmirror "
+                             f"set it to {config_dir!r} alone (`regmirror reset` gives the list back)")
+            config_path = ""
+        else:
+            out.notes.append(f"config_path = {config_path!r} lists several directories: regmirror writes into "
+                             f"{config_dir!r}; on containerd 2.1 and later CRI pulls ignore a list like this "
+                             f"(containerd #12415), so there the mirrors would not be used")
     if not config_path:
         _set_key(_ensure_table(doc, keys), "config_path", config_dir)
     mirrors, configs = _take_inline(doc, keys)
@@ -455,7 +464,7 @@ def plan_containerd(desired: Sequence[models.RegistryMirror], view: NodeView, st
         config_path = str(_get(doc, (*keys, "config_path")) or "")
         mode = choose_mode(options.mode, config_path, options, path)
         if mode == "hosts":
-            _plan_hosts_mode(doc, keys, desired, config_path, out)
+            _plan_hosts_mode(doc, keys, desired, config_path, out, options)
         else:
             _plan_inline_mode(doc, keys, desired, out, path)
         new_text = tomlkit.dumps(doc)
