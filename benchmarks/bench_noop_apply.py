@@ -1,6 +1,10 @@
 """How long an apply that changes nothing takes: the command's own time, beyond Python's start.
 
-    python benchmarks/bench_noop_apply.py [--runs 30]
+    python benchmarks/bench_noop_apply.py [--runs 30] [--python PYTHON]
+
+``--python`` times the commands with another interpreter, for example a venv holding a plain (not editable)
+``pip install .``: an editable install adds its own import hook to every start, and this checkout's site
+packages pre-import modules that a node's Python would not.
 
 Measures, on a sample node root holding containerd's default 1.6 config with two mirrors applied:
   - in-process: imports of the CLI, then cli.main(["apply", ...]) (median and p90 over the runs);
@@ -35,7 +39,9 @@ def sample_node(folder: Path) -> Path:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--runs", type=int, default=30)
-    runs = parser.parse_args().runs
+    parser.add_argument("--python", default=sys.executable, help="interpreter for the whole-process timings")
+    options = parser.parse_args()
+    runs, python = options.runs, options.python
     work = Path(tempfile.mkdtemp())
     try:
         node = sample_node(work / "node")
@@ -58,14 +64,14 @@ def main() -> None:
             subprocess.run(cmd, check=True, capture_output=True)
             return (time.perf_counter() - t) * 1000
 
-        bare = [wall([sys.executable, "-c", "pass"]) for _ in range(runs)]
-        full = [wall([sys.executable, "-m", "regmirror_agent.cli", *apply]) for _ in range(runs)]
+        bare = [wall([python, "-c", "pass"]) for _ in range(runs)]
+        full = [wall([python, "-m", "regmirror_agent.cli", *apply]) for _ in range(runs)]
         q = lambda xs: (statistics.median(xs), sorted(xs)[int(len(xs) * 0.9) - 1])  # noqa: E731
         print(f"runs={runs}")
         print(f"import of regmirror_agent.cli (once, cold in this process): {import_ms:.1f} ms")
         print("no-op apply in process: median %.1f ms, p90 %.1f ms" % q(inproc))
-        print("python -c pass: median %.1f ms; regmirror apply (no-op) process: median %.1f ms" %
-              (statistics.median(bare), statistics.median(full)))
+        print("%s -c pass: median %.1f ms; regmirror apply (no-op) process: median %.1f ms" %
+              (python, statistics.median(bare), statistics.median(full)))
         print("command's own time beyond Python's start: median %.1f ms" %
               (statistics.median(full) - statistics.median(bare)))
     finally:

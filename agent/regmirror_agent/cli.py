@@ -8,18 +8,21 @@ DaemonSet and init scripts can configure it without rewriting command lines.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from collections.abc import Sequence
 
 from regmirror_agent import observing
+from regmirror_agent.defaults import CONFIG_FILE, DAEMON_JSON, DEFAULT_STATE_DIR, MODES, RUNTIMES
 from regmirror_agent.nodefiles import NodeRoot
-from regmirror_agent.settings import CONFIG_FILE, DEFAULT_STATE_DIR, MODES, RUNTIMES, Settings
-from regmirror_api import models
 
-# The planners (and tomlkit) are imported only when there is something to plan: an apply that changes
-# nothing is answered from the last apply's record (see regmirror_agent.observing).
+TYPE_CHECKING = False  # typing's own constant costs an import of typing on every run
+if TYPE_CHECKING:
+    from regmirror_agent.settings import Settings
+    from regmirror_api import models
+
+# An apply that changes nothing is answered from the last apply's record (regmirror_agent.observing) before
+# the model, the planners or tomlkit are imported: those come in only when there is something to check or plan.
 
 EXIT_OK, EXIT_FAILED, EXIT_INVALID = 0, 1, 2
 
@@ -74,15 +77,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def load_desired(args: argparse.Namespace) -> list[models.RegistryMirror]:
-    desired = models.parse_cli_mirrors(args.mirror)
-    for filename in args.filename:
-        import yaml  # only -f needs it; keeps a plain apply fast
-
+def read_sources(filenames: list[str]) -> list[tuple[str, str]]:
+    """The text of every ``-f`` file (``-`` is stdin), read once: it is both the request and what gets parsed."""
+    sources = []
+    for filename in filenames:
         try:
             text = sys.stdin.read() if filename == "-" else open(filename, encoding="utf-8").read()
         except OSError as exc:
+            from regmirror_api import models
+
             raise models.InvalidSpec([f"{filename}: {exc.strerror}"]) from exc
+        sources.append((filename, text))
+    return sources
+
+
+def load_desired(args: argparse.Namespace, sources: list[tuple[str, str]]) -> list[models.RegistryMirror]:
+    import yaml
+
+    from regmirror_api import models
+
+    desired = models.parse_cli_mirrors(args.mirror)
+    for filename, text in sources:
         try:
             docs = [d for d in yaml.safe_load_all(text) if d is not None]
         except yaml.YAMLError as exc:
@@ -103,6 +118,8 @@ def load_desired(args: argparse.Namespace) -> list[models.RegistryMirror]:
 
 
 def settings_from(args: argparse.Namespace) -> Settings:
+    from regmirror_agent.settings import Settings
+
     return Settings(root=args.root, runtime=args.runtime, restart=args.restart,
                            mode=getattr(args, "mode", "auto"), dry_run=getattr(args, "dry_run", False),
                            state_dir=args.state_dir, config_file=args.config_file,
@@ -115,26 +132,26 @@ def _say(line: str) -> None:
 
 
 def run_apply(args: argparse.Namespace) -> int:
-    desired = load_desired(args) if args.command == "apply" else []
-    settings = settings_from(args)
-    if not settings.dry_run and _already_applied(desired, settings):
+    sources = read_sources(args.filename) if args.command == "apply" else []
+    dry_run = getattr(args, "dry_run", False)
+    request = observing.request_key([args.command, sorted(getattr(args, "mirror", [])), [t for _, t in sources],
+                                     observing.request_settings(args.runtime, getattr(args, "mode", "auto"),
+                                                                args.config_file, DAEMON_JSON, args.state_dir)])
+    if not dry_run and observing.already_applied(NodeRoot(args.root), args.state_dir, request):
         _say("unchanged: this node already has the requested configuration")
         return EXIT_OK
+    desired = load_desired(args, sources) if args.command == "apply" else []
+    settings = settings_from(args)
     from regmirror_agent import engine
 
     with engine.locked(settings):
-        return _plan_and_execute(desired, settings)
+        return _plan_and_execute(desired, settings, request)
 
 
-def _already_applied(desired: list[models.RegistryMirror], settings: Settings) -> bool:
-    key = observing.request_key(desired, settings)
-    return observing.already_applied(NodeRoot(settings.root), settings.state_dir, key)
-
-
-def _plan_and_execute(desired: list[models.RegistryMirror], settings: Settings) -> int:
+def _plan_and_execute(desired: list[models.RegistryMirror], settings: Settings, request: str) -> int:
     from regmirror_agent import engine
 
-    plan, runtime = engine.plan(desired, settings)
+    plan, runtime = engine.plan(desired, settings, request)
     if settings.dry_run:
         sys.stdout.write(plan.diff())
         for note in plan.notes:
@@ -171,6 +188,8 @@ def run_show(args: argparse.Namespace) -> int:
         header, rows = engine.containerd.describe(node, settings.config_file)
     owned = set(state.files)
     if args.output == "json":
+        import json
+
         print(json.dumps({"runtime": runtime, "config": header, "registries": [
             {"registry": r.registry, "mirrors": list(r.mirrors), "source": r.source,
              "managedByRegmirror": r.source in owned} for r in rows]}, indent=2))
@@ -194,11 +213,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return agent.main(argv[1:])
     args = build_parser().parse_args(argv)
+    from regmirror_api.errors import InvalidSpec
+
     try:
         if args.command == "show":
             return run_show(args)
         return run_apply(args)
-    except models.InvalidSpec as exc:
+    except InvalidSpec as exc:
         for problem in exc.problems:
             print(f"regmirror: invalid input: {problem}", file=sys.stderr)
         print("regmirror: nothing was changed", file=sys.stderr)

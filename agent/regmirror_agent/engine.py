@@ -79,8 +79,15 @@ def _plan(desired: Sequence[models.RegistryMirror], settings: Settings, node: No
         state_path=settings.state_path))
 
 
-def plan(desired: Sequence[models.RegistryMirror], settings: Settings) -> tuple[Plan, str]:
-    """The plan for this node, without writing anything. Raises InvalidSpec (bad input) or EngineError."""
+def request_key(desired: Sequence[models.RegistryMirror], settings: Settings) -> str:
+    specs = [{"name": m.name, "generation": m.generation, **m.to_spec()} for m in sorted(desired, key=lambda m: m.name)]
+    return observing.request_key([specs, settings.request_settings()])
+
+
+def plan(desired: Sequence[models.RegistryMirror], settings: Settings, request: str | None = None) -> tuple[Plan, str]:
+    """The plan for this node, without writing anything. Raises InvalidSpec (bad input) or EngineError.
+
+    ``request`` identifies the request for the fast path (see ``observing``); by default, the desired set."""
     node = observing.RecordingView(NodeRoot(settings.root))
     host = settings.host or Host.detect()
     try:
@@ -90,7 +97,7 @@ def plan(desired: Sequence[models.RegistryMirror], settings: Settings) -> tuple[
             raise EngineError(f"this node's regmirror state belongs to {state.runtime}, not {runtime}; "
                               f"run `regmirror reset --runtime {state.runtime}` first")
         planned = _plan(desired, settings, node, host, state, runtime)  # type: ignore[arg-type]
-        return dataclasses.replace(planned, request=observing.request_key(desired, settings),
+        return dataclasses.replace(planned, request=request or request_key(desired, settings),
                                    observed=node.observations()), runtime
     except (containerd.NodeRefused, docker.DockerRefused, UnsafePath, ownership.CorruptState) as exc:
         raise EngineError(str(exc)) from exc
@@ -207,7 +214,7 @@ def apply(desired: Sequence[models.RegistryMirror], settings: Settings, log: Log
     it read has changed since (``UNCHANGED``)."""
     with locked(settings):
         if not settings.dry_run and observing.already_applied(NodeRoot(settings.root), settings.state_dir,
-                                                              observing.request_key(desired, settings)):
+                                                              request_key(desired, settings)):
             return UNCHANGED
         plan_, runtime = plan(desired, settings)
         return execute(plan_, runtime, settings, log)

@@ -7,7 +7,6 @@ already refuses) must never let a privileged agent write outside the runtime's c
 
 from __future__ import annotations
 
-import glob
 import os
 import posixpath
 import stat
@@ -72,6 +71,8 @@ class NodeRoot:
             return False
 
     def glob(self, pattern: str) -> list[str]:
+        import glob  # only drop-ins and `show` need it; the fast path stays small
+
         _check_node_path(posixpath.normpath(pattern))
         matches = glob.glob(os.path.join(self.root, pattern.lstrip("/")))
         return sorted(self.node_path(m) for m in matches if not os.path.islink(m))

@@ -12,10 +12,8 @@ from __future__ import annotations
 import hashlib
 import json
 import posixpath
-from collections.abc import Sequence
+
 from regmirror_agent.nodefiles import NodeRoot, UnsafePath
-from regmirror_agent.settings import Settings
-from regmirror_api import models
 
 APPLIED_FILE = "applied.json"
 
@@ -57,10 +55,16 @@ def digest(node: NodeRoot, observations: dict[str, list[str]]) -> str:
     return h.hexdigest()
 
 
-def request_key(desired: Sequence[models.RegistryMirror], settings: Settings) -> str:
-    """Identifies what was asked: the same key and the same node observations mean the same plan."""
-    specs = [{"name": m.name, "generation": m.generation, **m.to_spec()} for m in sorted(desired, key=lambda m: m.name)]
-    return hashlib.sha256(json.dumps([specs, settings.request_settings()], sort_keys=True).encode()).hexdigest()
+def request_key(request: object) -> str:
+    """Identifies what was asked (any JSON-able description of it): the same key and the same node observations
+    mean the same plan. A key is only ever recorded for a request that was valid, so a caller may look it up
+    before validating: a match proves the same input was valid before."""
+    return hashlib.sha256(json.dumps(request, sort_keys=True).encode()).hexdigest()
+
+
+def request_settings(runtime: str, mode: str, config_file: str, daemon_json: str, state_dir: str) -> dict[str, str]:
+    """The settings that shape a plan (not how to restart): part of what identifies a request."""
+    return {"runtime": runtime, "mode": mode, "config": config_file, "daemonJson": daemon_json, "stateDir": state_dir}
 
 
 def applied_path(state_dir: str) -> str:

@@ -1,5 +1,4 @@
-"""How the node engine runs on this node. Standard library only: the CLI's fast path reads it without
-importing the planners."""
+"""How the node engine runs on this node."""
 
 from __future__ import annotations
 
@@ -7,12 +6,8 @@ import dataclasses
 import posixpath
 from typing import Any
 
-CONFIG_FILE = "/etc/containerd/config.toml"
-DAEMON_JSON = "/etc/docker/daemon.json"
-DEFAULT_STATE_DIR = "/var/lib/regmirror"
-STATE_FILE = "state.json"
-RUNTIMES = ("auto", "containerd", "docker")
-MODES = ("auto", "hosts", "inline")
+from regmirror_agent import observing
+from regmirror_agent.defaults import CONFIG_FILE, DAEMON_JSON, DEFAULT_STATE_DIR, STATE_FILE
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,6 +36,4 @@ class Settings:
         return posixpath.join(self.state_dir, STATE_FILE)
 
     def request_settings(self) -> dict[str, Any]:
-        """The settings that shape a plan (not how to restart): part of what identifies a request."""
-        return {"runtime": self.runtime, "mode": self.mode, "config": self.config_file,
-                "daemonJson": self.daemon_json, "stateDir": self.state_dir}
+        return observing.request_settings(self.runtime, self.mode, self.config_file, self.daemon_json, self.state_dir)

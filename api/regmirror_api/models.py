@@ -10,9 +10,14 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from typing import Any
 from urllib.parse import urlsplit
+
+from regmirror_api.errors import InvalidSpec
+
+__all__ = ["InvalidSpec", "Mirror", "RegistryMirror", "parse_cli_mirror", "parse_cli_mirrors", "parse_document",
+           "parse_spec", "check_registry", "check_mirror_url", "check_unique_registries"]
 
 API_GROUP = "regmirror.io"
 API_VERSION = "v1alpha1"
@@ -36,14 +41,6 @@ REGISTRY_PATTERN = rf"^(?:\*|{_LABEL}(?:\.{_LABEL})*(?::[0-9]{{1,5}})?)$"
 _REGISTRY_RE = re.compile(REGISTRY_PATTERN)
 #: Characters that would let a URL break out of a TOML string or a JSON document, or that no URL needs.
 _URL_FORBIDDEN = re.compile(r"[\s\"'\\`<>{}|^\[\]]")
-
-
-class InvalidSpec(ValueError):
-    """One or more problems in what the user asked for; ``problems`` lists them all."""
-
-    def __init__(self, problems: Sequence[str]) -> None:
-        self.problems = list(problems)
-        super().__init__("; ".join(self.problems))
 
 
 @dataclasses.dataclass(frozen=True)

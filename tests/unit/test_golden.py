@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from regmirror_agent import ownership
-from regmirror_agent.settings import DEFAULT_STATE_DIR, STATE_FILE
+from regmirror_agent.defaults import DEFAULT_STATE_DIR, STATE_FILE
 from regmirror_agent.nodeviews import DictView
 from regmirror_agent.plans import Plan
 from regmirror_agent.runtimes import containerd, docker

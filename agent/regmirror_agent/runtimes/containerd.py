@@ -38,7 +38,7 @@ from regmirror_agent.nodeviews import NodeView
 from regmirror_agent.plans import Plan
 from regmirror_agent.runtimes import hoststoml
 from regmirror_agent.runtimes.hoststoml import TLS, Host, HostsFile
-from regmirror_agent.settings import CONFIG_FILE, DEFAULT_STATE_DIR, MODES, STATE_FILE
+from regmirror_agent.defaults import CONFIG_FILE, DEFAULT_STATE_DIR, MODES, STATE_FILE
 from regmirror_api import models
 
 RUNTIME = "containerd"

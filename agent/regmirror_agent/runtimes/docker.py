@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 from regmirror_agent import ownership
 from regmirror_agent.nodeviews import NodeView
 from regmirror_agent.plans import FileChange, Plan
-from regmirror_agent.settings import DAEMON_JSON, DEFAULT_STATE_DIR, STATE_FILE
+from regmirror_agent.defaults import DAEMON_JSON, DEFAULT_STATE_DIR, STATE_FILE
 from regmirror_api import models
 
 RUNTIME = "docker"
