@@ -32,6 +32,7 @@ from tests.harness import controlplane as cp
 from tests.harness.containerd import ContainerdNode
 from tests.harness.controlplane import REPO
 from tests.harness.fixtures import require_crictl
+from tests.harness.product import contents, snapshot
 from tests.harness.registry import Registry
 from tests.harness.waiting import wait_for
 
@@ -63,13 +64,10 @@ class SimNode:
             env=env, stdout=self.log.open("w"), stderr=subprocess.STDOUT, text=True)
 
     def files(self) -> dict[str, tuple[bytes, int]]:
-        root = self.containerd.node_root
-        return {str(p.relative_to(root)): (p.read_bytes(), p.stat().st_mtime_ns)
-                for p in sorted(root.rglob("*")) if p.is_file() and p.name != "containerd.log"}
+        return snapshot(self.containerd.node_root, lambda p: p.name != "containerd.log")
 
     def config(self) -> dict[str, bytes]:
-        return {str(p.relative_to(self.containerd.etc_dir)): p.read_bytes()
-                for p in sorted(self.containerd.etc_dir.rglob("*")) if p.is_file()}
+        return contents(self.containerd.etc_dir)
 
     def rss_kib(self) -> int:
         assert self.agent is not None

@@ -12,18 +12,17 @@ from __future__ import annotations
 
 import re
 import subprocess
-import sys
 import tomllib
-from pathlib import Path
 
 import pytest
 
 from regmirror_agent import engine
-from regmirror_agent.plans import FileChange
 from regmirror_agent.restarting import Host
 from regmirror_api import models
 from tests.harness.containerd import ContainerdNode
 from tests.harness.fixtures import ContainerdNodeFactory, require_crictl
+from tests.harness.product import contents, snapshot, with_broken_config
+from tests.harness.product import regmirror as run_regmirror
 from tests.harness.registry import Registry
 
 pytestmark = pytest.mark.integration
@@ -36,18 +35,8 @@ TWO_DIRS = "/etc/containerd/certs.d:/etc/docker/certs.d"
 
 
 def regmirror(node: ContainerdNode, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "regmirror_agent.cli", *args], capture_output=True, text=True,
-                          timeout=180, check=False, env=node.env())
-
-
-def snapshot(folder: Path) -> dict[str, tuple[bytes, int]]:
-    """Every file under ``folder`` with its bytes and mtime (ns): what "writes nothing" is checked against."""
-    return {str(p.relative_to(folder)): (p.read_bytes(), p.stat().st_mtime_ns)
-            for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-def contents(folder: Path) -> dict[str, bytes]:
-    return {k: v[0] for k, v in snapshot(folder).items()}
+    """The command as on a 2.x node: 2.x's containerd and ctr first on PATH."""
+    return run_regmirror(*args, env=node.env())
 
 
 def apply_args(node: ContainerdNode, registry: Registry) -> list[str]:
@@ -161,12 +150,8 @@ def test_v3_broken_cri_plugin_is_detected_and_rolled_back(containerd_node_factor
     settings = engine.Settings(root=str(node.node_root), restart="command:" + node.ctl_command(),
                                health_timeout=20, host=Host())
     plan, runtime = engine.plan([models.parse_cli_mirror(f"quay.io={registry.url}")], settings)
-    config = next(c for c in plan.changes if c.path == "/etc/containerd/config.toml")
-    assert config.after is not None
-    broken = config.after + f"\n[plugins.'{IMAGES_PLUGIN}'.registry.mirrors.'ghcr.io']\n" \
-                            "  endpoint = ['https://ghcr.mirror.example']\n"
-    bad_plan = plan.__class__(**{**plan.__dict__, "changes": tuple(
-        FileChange(c.path, c.before, broken) if c is config else c for c in plan.changes)})
+    bad_plan = with_broken_config(plan, f"\n[plugins.'{IMAGES_PLUGIN}'.registry.mirrors.'ghcr.io']\n"
+                                        "  endpoint = ['https://ghcr.mirror.example']\n")
 
     with pytest.raises(engine.EngineError) as exc:
         engine.execute(bad_plan, runtime, settings)

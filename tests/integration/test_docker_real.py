@@ -11,8 +11,6 @@ without a restart (same pid) and that ``reset`` gives back daemon.json byte for 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -20,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from tests.harness.docker import DockerdNode, missing_docker_binaries
+from tests.harness.product import regmirror
 from tests.harness.registry import Registry
 
 pytestmark = pytest.mark.integration
@@ -40,11 +39,6 @@ NODE_DAEMON_JSON = (
     '\t"default-ulimits": {"nofile": {"Name": "nofile", "Hard": 65536, "Soft": 65536}}\n'
     '}'
 )
-
-
-def regmirror(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "regmirror_agent.cli", *args], capture_output=True, text=True,
-                          timeout=180, check=False)
 
 
 def common_args(node: DockerdNode) -> list[str]:

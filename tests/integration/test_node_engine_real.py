@@ -8,39 +8,22 @@ Each node runs its own containerd in a private mount namespace where the node ro
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from regmirror_agent import engine
-from regmirror_agent.plans import FileChange
 from regmirror_agent.restarting import Host
 from regmirror_api import models
 from tests.harness.containerd import ContainerdNode
 from tests.harness.fixtures import require_crictl
+from tests.harness.product import contents, regmirror, snapshot, with_broken_config
 from tests.harness.registry import Registry
 
 pytestmark = pytest.mark.integration
 
 QUAY_IMAGE = "quay.io/k8scsi/csi-resizer:v0.5.0"
 HUB_IMAGE = "docker.io/library/busybox:1.36"
-
-
-def regmirror(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "regmirror_agent.cli", *args], capture_output=True, text=True,
-                          timeout=180, check=False)
-
-
-def snapshot(folder: Path) -> dict[str, tuple[bytes, int]]:
-    """Every file under ``folder`` with its bytes and mtime (ns): what "writes nothing" is checked against."""
-    return {str(p.relative_to(folder)): (p.read_bytes(), p.stat().st_mtime_ns)
-            for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-def contents(folder: Path) -> dict[str, bytes]:
-    return {k: v[0] for k, v in snapshot(folder).items()}
 
 
 def apply_args(node: ContainerdNode, registry: Registry, *extra: str) -> list[str]:
@@ -158,12 +141,8 @@ def test_restart_failure_rolls_back_to_previous_files(containerd_node_factory, r
     settings = engine.Settings(root=str(node.node_root), restart="command:" + node.ctl_command(),
                                health_timeout=20, host=Host())
     plan, runtime = engine.plan([models.parse_cli_mirror(f"quay.io={registry.url}")], settings)
-    config = next(c for c in plan.changes if c.path == "/etc/containerd/config.toml")
-    assert config.after is not None
-    broken = config.after + '\n[plugins."io.containerd.grpc.v1.cri".registry.mirrors."ghcr.io"]\n' \
-                            '  endpoint = ["https://ghcr.mirror.example"]\n'
-    bad_plan = plan.__class__(**{**plan.__dict__, "changes": tuple(
-        FileChange(c.path, c.before, broken) if c is config else c for c in plan.changes)})
+    bad_plan = with_broken_config(plan, '\n[plugins."io.containerd.grpc.v1.cri".registry.mirrors."ghcr.io"]\n'
+                                        '  endpoint = ["https://ghcr.mirror.example"]\n')
 
     with pytest.raises(engine.EngineError) as exc:
         engine.execute(bad_plan, runtime, settings)
@@ -178,15 +157,15 @@ def test_restart_failure_rolls_back_to_previous_files(containerd_node_factory, r
 
 def test_failed_restart_command_changes_nothing(containerd_node_factory, registry: Registry) -> None:
     node = containerd_node_factory(2, start=True)
-    before = contents(node.node_root)
+    def node_files(p: Path) -> bool:
+        return p.name != "containerd.log"
+
+    before = contents(node.node_root, node_files)
     result = regmirror("apply", "--root", str(node.node_root), "--restart", "command:exit 3",
                        "--mirror", f"quay.io={registry.url}")
     assert result.returncode == 1
     assert "exited 3" in result.stderr and "put the previous files back" in result.stderr
-    after = contents(node.node_root)
-    after.pop("containerd.log", None)
-    before.pop("containerd.log", None)
-    assert after == before
+    assert contents(node.node_root, node_files) == before
 
 
 def test_dry_run_prints_the_diff_and_writes_nothing(containerd_node_factory, registry: Registry) -> None:

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from regmirror_agent import applying, cli
+from tests.harness.product import contents
 
 V2 = 'version = 2\n[plugins."io.containerd.grpc.v1.cri".registry]\n  config_path = ""\n'
 
@@ -24,10 +25,6 @@ def node(tmp_path: Path, config: str | None = V2) -> Path:
     return root
 
 
-def tree(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
-
-
 def run(*args: str) -> int:
     return cli.main(list(args))
 
@@ -38,10 +35,10 @@ def test_symlink_in_certs_d_is_refused_and_nothing_changes(tmp_path: Path, capsy
     outside.mkdir()
     (root / "etc/containerd/certs.d").mkdir()
     (root / "etc/containerd/certs.d/quay.io").symlink_to(outside)
-    before = tree(root)
+    before = contents(root)
     assert run("apply", "--root", str(root), "--restart", "never", "--mirror", "quay.io=https://m.example") == 1
     assert "is a symlink" in capsys.readouterr().err
-    assert tree(root) == before and not any(outside.iterdir())
+    assert contents(root) == before and not any(outside.iterdir())
 
 
 def test_symlinked_config_toml_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -59,20 +56,20 @@ def test_symlinked_config_toml_is_refused(tmp_path: Path, capsys: pytest.Capture
 def test_invalid_input_exits_2_and_changes_nothing(tmp_path: Path, flag: str,
                                                    capsys: pytest.CaptureFixture[str]) -> None:
     root = node(tmp_path)
-    before = tree(root)
+    before = contents(root)
     assert run("apply", "--root", str(root), "--restart", "never", "--mirror", flag) == 2
     err = capsys.readouterr().err
     assert "invalid input" in err and "nothing was changed" in err
-    assert tree(root) == before
+    assert contents(root) == before
 
 
 def test_malformed_config_toml_is_named_with_its_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     root = node(tmp_path, 'version = 2\n\n[plugins."io.containerd.grpc.v1.cri"\n')
-    before = tree(root)
+    before = contents(root)
     assert run("apply", "--root", str(root), "--restart", "never", "--mirror", "quay.io=https://m.example") == 1
     err = capsys.readouterr().err
     assert "/etc/containerd/config.toml is not valid TOML" in err and "line 3" in err
-    assert tree(root) == before
+    assert contents(root) == before
 
 
 def test_yaml_file_errors_list_every_problem(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -88,19 +85,19 @@ def test_yaml_file_errors_list_every_problem(tmp_path: Path, capsys: pytest.Capt
 def test_reset_on_a_node_regmirror_never_touched_changes_nothing(tmp_path: Path,
                                                                  capsys: pytest.CaptureFixture[str]) -> None:
     root = node(tmp_path)
-    before = tree(root)
+    before = contents(root)
     assert run("reset", "--root", str(root), "--restart", "never") == 0
     assert "unchanged" in capsys.readouterr().out
-    assert tree(root) == before
+    assert contents(root) == before
 
 
 def test_reset_twice_is_safe(tmp_path: Path) -> None:
     root = node(tmp_path)
-    before = tree(root)
+    before = contents(root)
     assert run("apply", "--root", str(root), "--restart", "never", "--mirror", "quay.io=https://m.example") == 0
     assert run("reset", "--root", str(root), "--restart", "never") == 0
     assert run("reset", "--root", str(root), "--restart", "never") == 0
-    assert tree(root) == before
+    assert contents(root) == before
     assert sorted(p.name for p in (root / "etc/containerd").iterdir()) == ["config.toml"]
     assert not (root / "var").exists()
 

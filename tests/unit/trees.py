@@ -6,7 +6,6 @@ in ``test_engine_on_disk.py`` and on real containerd in ``tests/integration``.
 
 from __future__ import annotations
 
-import posixpath
 from pathlib import Path
 
 from regmirror_agent.plans import Plan
@@ -44,13 +43,3 @@ def apply_in_memory(plan: Plan, files: dict[str, str]) -> dict[str, str]:
 
 def without(files: dict[str, str], folder: str) -> dict[str, str]:
     return {p: t for p, t in files.items() if not p.startswith(folder.rstrip("/") + "/")}
-
-
-def dirs_of(files: dict[str, str]) -> set[str]:
-    dirs = set()
-    for path in files:
-        parent = posixpath.dirname(path)
-        while parent != "/":
-            dirs.add(parent)
-            parent = posixpath.dirname(parent)
-    return dirs
