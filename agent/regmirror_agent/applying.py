@@ -11,12 +11,12 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import glob
-import json
 import os
 import stat
 import time
 from collections.abc import Iterator
 
+from regmirror_agent import ownership
 from regmirror_agent.nodefiles import NodeRoot
 from regmirror_agent.plans import FileChange, Plan
 
@@ -68,19 +68,6 @@ def remove_durably(target: str) -> None:
         _fsync_dir(os.path.dirname(target))
 
 
-def _intent_state(plan: Plan) -> str | None:
-    """Old and new records together: whatever point an apply stops at, every original is still known."""
-    if plan.state_after is None:
-        return plan.state_before
-    if plan.state_before is None:
-        return plan.state_after
-    before, after = json.loads(plan.state_before), json.loads(plan.state_after)
-    merged = dict(after)
-    merged["files"] = {**before["files"], **after["files"]}
-    merged["dirs"] = sorted(set(before["dirs"]) | set(after["dirs"]))
-    return json.dumps(merged, indent=2, sort_keys=True) + "\n"
-
-
 def _write_state(node: NodeRoot, plan: Plan, text: str | None) -> None:
     target = node.fs_path(plan.state_path)
     if text is None:
@@ -127,7 +114,7 @@ def apply_plan(plan: Plan, node: NodeRoot) -> None:
     """Make the node match ``plan``. Raises before writing anything if a planned-over file has changed."""
     check_unchanged(node, plan.changes)
     paths = {c.path: node.fs_path(c.path) for c in plan.changes}  # refuses symlinks before any write
-    intent = _intent_state(plan)
+    intent = ownership.intent_state(plan.state_before, plan.state_after)
     if intent != plan.state_before:
         _write_state(node, plan, intent)
     for directory in plan.mkdirs:

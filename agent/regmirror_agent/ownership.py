@@ -70,6 +70,16 @@ def render_state(state: State) -> str | None:
     }, indent=2, sort_keys=True) + "\n"
 
 
+def intent_state(before: str | None, after: str | None) -> str | None:
+    """What to record while an apply is under way: old and new records together, so whatever point an apply
+    stops at, every file's original is still known."""
+    if before is None or after is None:
+        return after if before is None else before
+    old, new = parse_state(before, "state"), parse_state(after, "state")
+    return render_state(State(runtime=new.runtime or old.runtime, files={**old.files, **new.files},
+                              dirs=tuple(set(old.dirs) | set(new.dirs))))
+
+
 def pristine(path: str, current: str | None, state: State,
              undo: Callable[[str, str | None, str | None], str | None]) -> str | None:
     """The node's own content of ``path``: what it would hold had regmirror never touched it.

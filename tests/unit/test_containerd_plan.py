@@ -173,3 +173,13 @@ def test_config_path_list_becomes_one_directory_on_containerd_2_1_and_comes_back
     assert registry["config_path"] == "/etc/containerd/certs.d"
     assert p.restart and any("ignores for CRI pulls" in n for n in p.notes)
     assert run(node, [])[CFG] == listed
+
+
+def test_state_during_an_apply_keeps_old_and_new_records() -> None:
+    node = run({CFG: V2}, [QUAY])
+    hub = plan(node, [HUB])  # drops quay.io (its records go) and adds docker.io
+    intent = ownership.parse_state(ownership.intent_state(hub.state_before, hub.state_after), "intent")
+    after = ownership.parse_state(hub.state_after, "after")
+    assert "/etc/containerd/certs.d/quay.io/hosts.toml" in intent.files
+    assert "/etc/containerd/certs.d/quay.io/hosts.toml" not in after.files
+    assert "/etc/containerd/certs.d/docker.io/hosts.toml" in intent.files
