@@ -174,18 +174,7 @@ def _plan_and_execute(desired: list[models.RegistryMirror], settings: Settings, 
 def run_show(args: argparse.Namespace) -> int:
     from regmirror_agent import engine
 
-    settings = settings_from(args)
-    node = engine.NodeRoot(settings.root)
-    state = engine.ownership.parse_state(node.read(settings.state_path), settings.state_path)
-    runtime = engine.detect_runtime(node, settings, state)
-    if runtime == engine.docker.RUNTIME:
-        text = node.read(settings.daemon_json)
-        doc = engine.docker.parse_daemon_json(text, settings.daemon_json) if text else {}
-        header = f"{settings.daemon_json}: " + ("present" if text else "absent")
-        rows = [engine.containerd.Effective("docker.io", tuple(doc.get("registry-mirrors", [])),
-                                            settings.daemon_json)] if doc.get("registry-mirrors") else []
-    else:
-        header, rows = engine.containerd.describe(node, settings.config_file)
+    runtime, header, rows, state = engine.describe(settings_from(args))
     owned = set(state.files)
     if args.output == "json":
         import json

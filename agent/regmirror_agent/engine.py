@@ -20,7 +20,7 @@ from regmirror_agent.nodefiles import NodeRoot, UnsafePath
 from regmirror_agent.plans import Plan
 from regmirror_agent.restarting import (Host, RestartFailed, containerd_version, restart_runtime, wait_cri_healthy,
                                         wait_docker_mirrors)
-from regmirror_agent.runtimes import containerd, docker
+from regmirror_agent.runtimes import Effective, containerd, docker
 from regmirror_agent.settings import Settings
 from regmirror_api import models
 
@@ -99,6 +99,19 @@ def plan(desired: Sequence[models.RegistryMirror], settings: Settings, request: 
         planned = _plan(desired, settings, node, host, state, runtime)  # type: ignore[arg-type]
         return dataclasses.replace(planned, request=request or request_key(desired, settings),
                                    observed=node.observations()), runtime
+    except (containerd.NodeRefused, docker.DockerRefused, UnsafePath, ownership.CorruptState) as exc:
+        raise EngineError(str(exc)) from exc
+
+
+def describe(settings: Settings) -> tuple[str, str, list[Effective], ownership.State]:
+    """``(runtime, config header, what it uses per registry, regmirror's records)`` for ``regmirror show``."""
+    node = NodeRoot(settings.root)
+    try:
+        state = ownership.parse_state(node.read(settings.state_path), settings.state_path)
+        runtime = detect_runtime(node, settings, state)
+        if runtime == docker.RUNTIME:
+            return (runtime, *docker.describe(node, settings.daemon_json), state)
+        return (runtime, *containerd.describe(node, settings.config_file), state)
     except (containerd.NodeRefused, docker.DockerRefused, UnsafePath, ownership.CorruptState) as exc:
         raise EngineError(str(exc)) from exc
 

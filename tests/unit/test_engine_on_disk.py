@@ -157,3 +157,12 @@ def test_a_second_writer_waits_for_the_node_lock(tmp_path: Path) -> None:
         with pytest.raises(applying.Conflict, match="another regmirror"):
             with applying.node_lock(str(root), timeout=0.3):
                 pass
+
+
+def test_show_on_a_docker_node_lists_docker_hubs_mirrors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    root = tmp_path / "node"
+    (root / "etc/docker").mkdir(parents=True)
+    (root / "etc/docker/daemon.json").write_text('{"registry-mirrors": ["https://own.example"]}\n')
+    assert run("show", "--root", str(root)) == 0
+    out = capsys.readouterr().out
+    assert "runtime: docker" in out and "docker.io" in out and "https://own.example" in out and "no " in out

@@ -36,7 +36,7 @@ import tomlkit.items
 from regmirror_agent import ownership
 from regmirror_agent.nodeviews import NodeView
 from regmirror_agent.plans import Plan
-from regmirror_agent.runtimes import hoststoml
+from regmirror_agent.runtimes import Effective, hoststoml
 from regmirror_agent.runtimes.hoststoml import TLS, Host, HostsFile
 from regmirror_agent.defaults import CONFIG_FILE, DEFAULT_STATE_DIR, MODES, STATE_FILE
 from regmirror_api import models
@@ -482,13 +482,6 @@ def plan_containerd(desired: Sequence[models.RegistryMirror], view: NodeView, st
 
 
 # --- what the node uses now (for `regmirror show`) ---------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class Effective:
-    registry: str
-    mirrors: tuple[str, ...]
-    source: str
 
 
 def describe(view: NodeView, path: str = CONFIG_FILE) -> tuple[str, list[Effective]]:

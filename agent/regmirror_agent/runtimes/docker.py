@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 from regmirror_agent import ownership
 from regmirror_agent.nodeviews import NodeView
 from regmirror_agent.plans import FileChange, Plan
+from regmirror_agent.runtimes import Effective
 from regmirror_agent.defaults import DAEMON_JSON, DEFAULT_STATE_DIR, STATE_FILE
 from regmirror_api import models
 
@@ -100,6 +101,16 @@ def plan_docker(desired: Sequence[models.RegistryMirror], view: NodeView, state:
             files[path] = render_daemon_json(doc)
     return ownership.plan_owned_files(runtime=RUNTIME, view=view, state=state, state_path=options.state_path,
                                       desired=files, restart_paths=frozenset({path}), undo=undo)
+
+
+def describe(view: NodeView, path: str = DAEMON_JSON) -> tuple[str, list[Effective]]:
+    """What dockerd will use: ``registry-mirrors`` (Docker Hub only). Mirrors given as dockerd flags are not
+    visible here."""
+    text = view.read(path)
+    if text is None:
+        return f"{path}: absent (dockerd's defaults: no mirrors)", []
+    mirrors = parse_daemon_json(text, path).get(KEY) or []
+    return f"{path}: present", [Effective(models.DOCKER_HUB, tuple(mirrors), path)] if mirrors else []
 
 
 def removal_bridge(plan: Plan, path: str = DAEMON_JSON) -> tuple[Plan, Plan] | None:
