@@ -44,8 +44,6 @@ class Agent:
         self.reporter = Reporter(client, settings.node)
         self.stop = stop or threading.Event()
         self.data: str | None = None
-        self.applied_hash: str | None = None
-        self.reconciles = 0
         self.busy = False
 
     # --- one reconcile ---------------------------------------------------------------------------------
@@ -104,8 +102,6 @@ class Agent:
         for name, report in sorted(reports.items()):
             self.reporter.report(name, report)
         self.reporter.forget_others(set(reports))
-        self.applied_hash = desired.hash
-        self.reconciles += 1
 
     # --- the watch loop --------------------------------------------------------------------------------
 

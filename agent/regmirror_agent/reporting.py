@@ -28,7 +28,6 @@ class Reporter:
         self.node = node
         self.sent: dict[str, contract.Report | None] = {}
         """What this agent last wrote per RegistryMirror (None: its key removed)."""
-        self.writes = 0
 
     def _current(self, name: str) -> Mapping[str, object] | None:
         try:
@@ -51,7 +50,6 @@ class Reporter:
                 return
         try:
             self.client.merge_patch(STATUS_PATH.format(name=name), contract.report_patch(self.node, report, _now()))
-            self.writes += 1
         except ApiError as exc:
             if exc.status != 404:  # a deleted RegistryMirror needs no report
                 raise
