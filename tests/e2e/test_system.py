@@ -33,6 +33,7 @@ from tests.harness.containerd import ContainerdNode
 from tests.harness.controlplane import REPO
 from tests.harness.fixtures import require_crictl
 from tests.harness.product import contents, snapshot
+from tests.harness.proofs import HUB_IMAGE, QUAY_IMAGE
 from tests.harness.registry import Registry
 from tests.harness.waiting import wait_for
 
@@ -40,8 +41,6 @@ pytestmark = [pytest.mark.controlplane, pytest.mark.integration]
 
 NS = contract.NAMESPACE
 NODES = {"worker-a": "a", "worker-b": "b", "worker-c": "c"}
-QUAY_IMAGE = "quay.io/k8scsi/csi-resizer:v0.5.0"
-HUB_IMAGE = "docker.io/library/busybox:1.36"
 PYTHONPATH = os.pathsep.join(str(REPO / d) for d in ("api", "agent", "operator"))
 FIGURES: dict[str, Any] = {}
 

@@ -21,14 +21,13 @@ from regmirror_agent.restarting import Host
 from regmirror_api import models
 from tests.harness.containerd import ContainerdNode
 from tests.harness.fixtures import ContainerdNodeFactory, require_crictl
-from tests.harness.product import contents, snapshot, with_broken_config
+from tests.harness.product import contents, with_broken_config
+from tests.harness.proofs import QUAY_IMAGE, prove_apply_pull_reset
 from tests.harness.product import regmirror as run_regmirror
 from tests.harness.registry import Registry
 
 pytestmark = pytest.mark.integration
 
-QUAY_IMAGE = "quay.io/k8scsi/csi-resizer:v0.5.0"
-HUB_IMAGE = "docker.io/library/busybox:1.36"
 IMAGES_PLUGIN = "io.containerd.cri.v1.images"
 #: The list EKS-style nodes set, and the built-in default of 2.x when config_path is empty and there are no mirrors.
 TWO_DIRS = "/etc/containerd/certs.d:/etc/docker/certs.d"
@@ -65,44 +64,15 @@ def test_v3_apply_pull_through_mirror_then_reset(containerd_node_factory: Contai
     require_crictl()
     # config_path = '' is what `containerd config default` of 2.x writes.
     node = node_2x(containerd_node_factory, "")
-    before = contents(node.etc_dir)
-    for image in (QUAY_IMAGE, HUB_IMAGE):
-        assert node.crictl_pull(image).returncode != 0, "without a mirror nothing can serve this image"
 
-    first_pid = node.pid
-    result = regmirror(node, *apply_args(node, registry))
-    assert result.returncode == 0, result.stderr
-    assert "restarted and healthy" in result.stdout
-    assert node.pid != first_pid
-    assert re.search(r"^version = 3$", node.config_path.read_text(), re.MULTILINE)
-    assert registry_table(node)["config_path"] == "/etc/containerd/certs.d"
-    assert node.plugins().get(("io.containerd.grpc.v1", "cri")) == "ok"
-    assert node.plugins().get(("io.containerd.cri.v1", "images")) == "ok"
+    def schema_3_kept_and_both_cri_plugins_ok() -> None:
+        assert re.search(r"^version = 3$", node.config_path.read_text(), re.MULTILINE)
+        assert registry_table(node)["config_path"] == "/etc/containerd/certs.d"
+        assert node.plugins().get(("io.containerd.grpc.v1", "cri")) == "ok"
+        assert node.plugins().get(("io.containerd.cri.v1", "images")) == "ok"
 
-    since = registry.mark()
-    for image in (QUAY_IMAGE, HUB_IMAGE):
-        pulled = node.crictl_pull(image)
-        assert pulled.returncode == 0, pulled.stderr + node.log_tail()
-    assert registry.requests_for("/v2/k8scsi/csi-resizer/manifests/", since=since, agent="containerd/v2") >= 1
-    assert registry.requests_for("/v2/library/busybox/manifests/", since=since, agent="containerd/v2") >= 1
-
-    # A second identical apply writes nothing: same bytes, same mtimes, no restart.
-    root_before = snapshot(node.node_root)
-    pid = node.pid
-    again = regmirror(node, *apply_args(node, registry))
-    assert again.returncode == 0, again.stderr
-    assert "unchanged" in again.stdout
-    assert snapshot(node.node_root) == root_before
-    assert node.pid == pid
-
-    reset = regmirror(node, "reset", "--root", str(node.node_root), "--restart", "command:" + node.ctl_command())
-    assert reset.returncode == 0, reset.stderr
-    assert contents(node.etc_dir) == before, "reset must give back the node's own files exactly"
-    assert not (node.node_root / "var/lib/regmirror/state.json").exists()
-    ok, detail = node.wait_cri()
-    assert ok, detail
-    assert node.crictl("rmi", QUAY_IMAGE).returncode == 0
-    assert node.crictl_pull(QUAY_IMAGE).returncode != 0, "after reset the mirror must no longer be used"
+    prove_apply_pull_reset(node, registry, lambda *a: regmirror(node, *a), apply_args(node, registry),
+                           agent="containerd/v2", check_applied=schema_3_kept_and_both_cri_plugins_ok)
 
 
 def test_v3_config_path_list_becomes_one_directory_so_cri_pulls_use_the_mirror(

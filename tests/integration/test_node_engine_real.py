@@ -18,12 +18,11 @@ from regmirror_api import models
 from tests.harness.containerd import ContainerdNode
 from tests.harness.fixtures import require_crictl
 from tests.harness.product import contents, regmirror, snapshot, with_broken_config
+from tests.harness.proofs import HUB_IMAGE, QUAY_IMAGE, prove_apply_pull_reset
 from tests.harness.registry import Registry
 
 pytestmark = pytest.mark.integration
 
-QUAY_IMAGE = "quay.io/k8scsi/csi-resizer:v0.5.0"
-HUB_IMAGE = "docker.io/library/busybox:1.36"
 
 
 def apply_args(node: ContainerdNode, registry: Registry, *extra: str) -> list[str]:
@@ -38,42 +37,7 @@ def test_apply_pull_through_mirror_then_reset(containerd_node_factory, registry:
                                               mode: str) -> None:
     require_crictl()
     node = containerd_node_factory(version, start=True)
-    before = contents(node.etc_dir)
-    for image in (QUAY_IMAGE, HUB_IMAGE):
-        assert node.crictl_pull(image).returncode != 0, "without a mirror nothing can serve this image"
-
-    first_pid = node.pid
-    result = regmirror(*apply_args(node, registry, "--mode", mode))
-    assert result.returncode == 0, result.stderr
-    assert "restarted and healthy" in result.stdout
-    assert node.pid != first_pid
-    ok, detail = node.wait_cri()
-    assert ok, detail
-
-    since = registry.mark()
-    for image in (QUAY_IMAGE, HUB_IMAGE):
-        pulled = node.crictl_pull(image)
-        assert pulled.returncode == 0, pulled.stderr + node.log_tail()
-    assert registry.requests_for("/v2/k8scsi/csi-resizer/manifests/", since=since, agent="containerd") >= 1
-    assert registry.requests_for("/v2/library/busybox/manifests/", since=since, agent="containerd") >= 1
-
-    # A second identical apply writes nothing: same bytes, same mtimes, no restart.
-    root_before = snapshot(node.node_root)
-    pid = node.pid
-    again = regmirror(*apply_args(node, registry, "--mode", mode))
-    assert again.returncode == 0, again.stderr
-    assert "unchanged" in again.stdout
-    assert snapshot(node.node_root) == root_before
-    assert node.pid == pid
-
-    reset = regmirror("reset", "--root", str(node.node_root), "--restart", "command:" + node.ctl_command())
-    assert reset.returncode == 0, reset.stderr
-    assert contents(node.etc_dir) == before, "reset must give back the node's own files exactly"
-    assert not (node.node_root / "var/lib/regmirror/state.json").exists()
-    ok, detail = node.wait_cri()
-    assert ok, detail
-    assert node.crictl("rmi", QUAY_IMAGE).returncode == 0
-    assert node.crictl_pull(QUAY_IMAGE).returncode != 0, "after reset the mirror must no longer be used"
+    prove_apply_pull_reset(node, registry, regmirror, apply_args(node, registry, "--mode", mode))
 
 
 def test_moving_to_hosts_mode_keeps_the_nodes_own_inline_mirror_working(containerd_node_factory,
