@@ -1,13 +1,16 @@
-"""The operator <-> agent contract: one ConfigMap with the desired state, one status key per node.
+"""The operator <-> agent contract: one ConfigMap with the desired state, one report object per node.
 
 The operator renders every valid, winning RegistryMirror into ``desired.json`` of the ConfigMap
 ``regmirror-system/regmirror-desired``. Rendering is deterministic (sorted, canonical JSON, a content hash), so
 the same objects always give the same bytes and nothing is rewritten without a change.
 
-Each agent reports its node's result for each RegistryMirror under ``status.nodeReports.<node>`` with a JSON
-merge patch on the status subresource that names only its own key and carries no resourceVersion: 1,000
-agents never conflict, and each writes once per change.
-"""
+Each agent reports its node's results in an object of its own, the cluster-scoped ``RegistryMirrorNode`` named
+after the node (one per node, whatever the number of RegistryMirrors): one small write per node per change, into
+an object no other node writes, so the cost of a rollout grows linearly with the cluster and no write ever
+conflicts with another. The object is owned by its Node (``ownerReferences``), so the garbage collector removes it
+with the node; the operator reads all of them with one watch and aggregates counts into each RegistryMirror's
+status at a bounded rate. Why not keys in the RegistryMirror's own status: every node then rewrites one object
+that grows with the cluster, and 1,000 nodes saturate the apiserver (issue 7 measured it).
 
 from __future__ import annotations
 
@@ -40,6 +43,9 @@ class Entry:
     generation: int
     spec: Mapping[str, Any]
     node_selector: Mapping[str, Any]
+    uid: str = ""
+    """The RegistryMirror's uid: reports name it, so an object deleted and created again under the same name
+    (generation 1 again) is never taken for one its nodes already applied."""
 
     def mirror(self) -> models.RegistryMirror:
         return models.parse_spec(self.name, self.spec, self.generation)
@@ -57,7 +63,7 @@ def _canonical(value: Any) -> str:
 
 def render_desired(entries: Iterable[Entry]) -> str:
     """The ConfigMap value: same entries, same bytes."""
-    items = [{"name": e.name, "generation": e.generation, "spec": dict(e.spec),
+    items = [{"name": e.name, "uid": e.uid, "generation": e.generation, "spec": dict(e.spec),
               "nodeSelector": dict(e.node_selector)} for e in sorted(entries, key=lambda e: e.name)]
     digest = hashlib.sha256(_canonical(items).encode()).hexdigest()
     return json.dumps({"version": DOCUMENT_VERSION, "hash": f"sha256:{digest}", "mirrors": items},
@@ -73,8 +79,8 @@ def parse_desired(text: str) -> Desired:
         raise InvalidDocument(f"{CONFIGMAP_KEY}: version {raw.get('version') if isinstance(raw, Mapping) else raw!r}"
                               f" is not {DOCUMENT_VERSION}; is the agent older than the operator?")
     try:
-        entries = tuple(Entry(str(m["name"]), int(m.get("generation", 0)), m["spec"], m.get("nodeSelector") or {})
-                        for m in raw.get("mirrors", []))
+        entries = tuple(Entry(str(m["name"]), int(m.get("generation", 0)), m["spec"], m.get("nodeSelector") or {},
+                              str(m.get("uid") or "")) for m in raw.get("mirrors", []))
     except (KeyError, TypeError, ValueError) as exc:
         raise InvalidDocument(f"{CONFIGMAP_KEY}: malformed entry ({exc})") from exc
     return Desired(entries=entries, hash=str(raw.get("hash", "")))
@@ -129,33 +135,79 @@ def mirrors_for_node(desired: Desired, labels: Mapping[str, str]) -> list[Entry]
     return [e for e in desired.entries if selects(e.node_selector, labels)]
 
 
-# --- node reports ---------------------------------------------------------------------------------------
+# --- node reports: one RegistryMirrorNode per node ------------------------------------------------------
+
+NODE_KIND = "RegistryMirrorNode"
+NODE_PLURAL = "registrymirrornodes"
+NODE_REPORTS_PATH = f"/apis/{models.API_GROUP}/{models.API_VERSION}/{NODE_PLURAL}"
 
 
 @dataclasses.dataclass(frozen=True)
 class Report:
+    """What one node's agent did for one RegistryMirror."""
+
+    name: str
     generation: int
     state: str
     message: str = ""
     restarted: bool = False
+    uid: str = ""
 
-    def body(self, time: str) -> dict[str, Any]:
-        return {"generation": self.generation, "state": self.state,
-                "message": self.message[:MAX_REPORT_MESSAGE], "restarted": self.restarted, "time": time}
-
-
-def report_patch(node: str, report: Report | None, time: str) -> dict[str, Any]:
-    """A JSON merge patch for ``status`` touching only this node's key (``None`` removes it)."""
-    return {"status": {"nodeReports": {node: None if report is None else report.body(time)}}}
+    def body(self) -> dict[str, Any]:
+        return {"name": self.name, "uid": self.uid, "generation": self.generation, "state": self.state,
+                "message": self.message[:MAX_REPORT_MESSAGE], "restarted": self.restarted}
 
 
-def same_report(current: Mapping[str, Any] | None, report: Report) -> bool:
-    """Is this already what the object says for the node? Then the agent writes nothing."""
-    if not current:
+def report_content(reports: Iterable[Report]) -> list[dict[str, Any]]:
+    """The part of a node's report that matters (sorted, messages clipped): equal content, no write."""
+    return [r.body() for r in sorted(reports, key=lambda r: r.name)]
+
+
+def _summary(content: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """The printer-column fields: ``kubectl get registrymirrornodes`` shows which node runs which generation and
+    why one failed without opening the object."""
+    applied = sum(1 for r in content if r["state"] == STATE_APPLIED)
+    failures = [f"{r['name']}: {r['message'] or 'failed'}" for r in content if r["state"] == STATE_FAILED]
+    return {"ready": f"{applied}/{len(content)}",
+            "generations": " ".join(f"{r['name']}={r['generation']}" for r in content)[:MAX_REPORT_MESSAGE],
+            "message": "; ".join(failures)[:MAX_REPORT_MESSAGE]}
+
+
+def render_node_report(node: str, node_uid: str, reports: Iterable[Report], *, time: str) -> dict[str, Any]:
+    """The whole ``RegistryMirrorNode`` for ``node``: the body of its create, and of every later merge patch
+    (lists are replaced whole by a merge patch, so the same body serves both). It holds only what this node
+    did, never which document it read: a change that does not touch the node must not make it write."""
+    content = report_content(reports)
+    metadata: dict[str, Any] = {"name": node, "labels": {"app.kubernetes.io/part-of": "regmirror"}}
+    if node_uid:
+        # The garbage collector deletes the report with its Node. No blockOwnerDeletion: that needs the right
+        # to set finalizers on Nodes, which an agent must not have.
+        metadata["ownerReferences"] = [{"apiVersion": "v1", "kind": "Node", "name": node, "uid": node_uid}]
+    return {"apiVersion": f"{models.API_GROUP}/{models.API_VERSION}", "kind": NODE_KIND, "metadata": metadata,
+            "status": {**_summary(content), "time": time, "mirrors": content}}
+
+
+def parse_node_report(obj: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """RegistryMirror name -> that node's report on it, from a ``RegistryMirrorNode`` (malformed entries are
+    skipped: a report is evidence for the operator, never a reason to fail)."""
+    status = obj.get("status") if isinstance(obj, Mapping) else None
+    mirrors = status.get("mirrors") if isinstance(status, Mapping) else None
+    found: dict[str, dict[str, Any]] = {}
+    for item in mirrors if isinstance(mirrors, list) else []:
+        if isinstance(item, Mapping) and isinstance(item.get("name"), str):
+            found[item["name"]] = dict(item)
+    return found
+
+
+def same_reports(obj: Mapping[str, Any] | None, reports: Iterable[Report], node_uid: str = "") -> bool:
+    """Does the node's object already say exactly this (its time aside)? Then the agent writes nothing."""
+    if not obj:
         return False
-    return (current.get("generation") == report.generation and current.get("state") == report.state
-            and current.get("message", "") == report.message[:MAX_REPORT_MESSAGE]
-            and bool(current.get("restarted", False)) == report.restarted)
+    owners = (obj.get("metadata") or {}).get("ownerReferences") or []
+    if node_uid and not any(o.get("uid") == node_uid for o in owners):
+        return False
+    status = obj.get("status") or {}
+    return bool(status.get("mirrors") == report_content(reports))
 
 
 def pick_winners(objects: Sequence[tuple[str, str, str]]) -> dict[str, str]:
