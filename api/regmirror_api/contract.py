@@ -11,6 +11,7 @@ conflicts with another. The object is owned by its Node (``ownerReferences``), s
 with the node; the operator reads all of them with one watch and aggregates counts into each RegistryMirror's
 status at a bounded rate. Why not keys in the RegistryMirror's own status: every node then rewrites one object
 that grows with the cluster, and 1,000 nodes saturate the apiserver (issue 7 measured it).
+"""
 
 from __future__ import annotations
 
