@@ -23,11 +23,12 @@ from regmirror_agent.restarting import (Host, RestartFailed, containerd_version,
 from regmirror_agent.runtimes import Effective, containerd, docker
 from regmirror_agent.settings import Settings
 from regmirror_api import models
+from regmirror_api.errors import Refused
 
 DEFAULT_CONTAINERD_ADDRESS = "/run/containerd/containerd.sock"
 
 
-class EngineError(Exception):
+class EngineError(Refused):
     """The node was refused or the change failed; the message says why and that files are as they were."""
 
 

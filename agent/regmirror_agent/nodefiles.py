@@ -11,8 +11,10 @@ import os
 import posixpath
 import stat
 
+from regmirror_api.errors import Refused
 
-class UnsafePath(Exception):
+
+class UnsafePath(Refused):
     """A path regmirror would read or write is not a plain file or directory inside the node root."""
 
 

@@ -15,11 +15,12 @@ from collections.abc import Callable, Mapping
 
 from regmirror_agent.nodeviews import NodeView
 from regmirror_agent.plans import FileChange, Plan, sha256
+from regmirror_api.errors import Refused
 
 STATE_VERSION = 1
 
 
-class CorruptState(ValueError):
+class CorruptState(Refused, ValueError):
     """The state file cannot be read; nothing is changed until a human looks at it."""
 
 
