@@ -52,14 +52,15 @@ class NodeRoot:
     def read(self, path: str) -> str | None:
         target = self.fs_path(path)
         try:
-            fd = os.open(target, os.O_RDONLY | os.O_NOFOLLOW)
+            fd = os.open(target, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)  # a FIFO must not hang the read
         except FileNotFoundError:
             return None
         except NotADirectoryError:
             return None
+        if not stat.S_ISREG(os.fstat(fd).st_mode):  # before fdopen, which refuses a directory with no path
+            os.close(fd)
+            raise UnsafePath(f"{path} is not a regular file")
         with os.fdopen(fd, "rb") as f:
-            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-                raise UnsafePath(f"{path} is not a regular file")
             data = f.read()
         try:
             return data.decode()

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import posixpath
 import tomllib
 from collections.abc import Callable, Mapping, MutableMapping, Sequence
@@ -84,11 +85,58 @@ class Options:
 def parse_config(text: str, path: str) -> tomlkit.TOMLDocument:
     """Parse strictly first (tomllib names the line), then with tomlkit, which keeps comments and layout."""
     try:
-        tomllib.loads(text)
+        check_types(tomllib.loads(text), path)
     except tomllib.TOMLDecodeError as exc:
         raise NodeRefused(f"{path} is not valid TOML: {exc}; fix it by hand first, regmirror changed nothing") \
             from exc
     return tomlkit.parse(text)
+
+
+_TABLE, _TEXT, _FLAG, _TEXTS = "a table", "a string", "true or false", "a list of strings"
+#: The keys regmirror reads or writes, with the type containerd gives them: checked before any of them is
+#: used, so a file of the wrong shape is refused naming the key instead of failing halfway through a plan.
+_REGISTRY_TYPES: Mapping[str, str] = {"config_path": _TEXT, "mirrors": _TABLE, "configs": _TABLE}
+_MIRROR_TYPES: Mapping[str, str] = {"endpoint": _TEXTS}
+_CONFIG_TYPES: Mapping[str, str] = {"tls": _TABLE}
+_TLS_TYPES: Mapping[str, str] = {"ca_file": _TEXT, "cert_file": _TEXT, "key_file": _TEXT,
+                                 "insecure_skip_verify": _FLAG}
+
+
+def _type_problem(value: Any, expected: str) -> bool:
+    if expected == _TABLE:
+        return not isinstance(value, Mapping)
+    if expected == _TEXT:
+        return not isinstance(value, str)
+    if expected == _FLAG:
+        return not isinstance(value, bool)
+    return not isinstance(value, list) or not all(isinstance(v, str) for v in value)
+
+
+def check_types(doc: Mapping[str, Any], path: str) -> None:
+    """Refuse a config.toml whose keys that regmirror uses have a type containerd would not accept either."""
+    def check(table: Mapping[str, Any], where: tuple[str, ...], types: Mapping[str, str]) -> None:
+        for key, expected in types.items():
+            if key in table and _type_problem(table[key], expected):
+                dotted = ".".join(json.dumps(k) if not k.replace("_", "").isalnum() else k for k in (*where, key))
+                raise NodeRefused(f"{path}: {dotted} = {_plain(table[key])!r} should be {expected}; containerd "
+                                  f"would not read it either. Fix it by hand first, regmirror changed nothing")
+
+    check(doc, (), {"plugins": _TABLE, "grpc": _TABLE, "disabled_plugins": _TEXTS, "imports": _TEXTS})
+    check(doc.get("grpc", {}), ("grpc",), {"address": _TEXT})
+    plugins = doc.get("plugins", {})
+    for _, name in sorted(set(CRI_TABLES.values())):
+        check(plugins, ("plugins",), {name: _TABLE})
+        check(plugins.get(name, {}), ("plugins", name), {"registry": _TABLE})
+        registry = plugins.get(name, {}).get("registry", {})
+        where = ("plugins", name, "registry")
+        check(registry, where, _REGISTRY_TYPES)
+        for host, entry in registry.get("mirrors", {}).items():
+            check(registry["mirrors"], (*where, "mirrors"), {host: _TABLE})
+            check(entry, (*where, "mirrors", host), _MIRROR_TYPES)
+        for host, entry in registry.get("configs", {}).items():
+            check(registry["configs"], (*where, "configs"), {host: _TABLE})
+            check(entry, (*where, "configs", host), _CONFIG_TYPES)
+            check(entry.get("tls", {}), (*where, "configs", host, "tls"), _TLS_TYPES)
 
 
 def schema_version(doc: Mapping[str, Any], path: str) -> int:
@@ -116,6 +164,7 @@ def _plain(value: Any) -> Any:
 
 
 def check_cri_enabled(doc: Mapping[str, Any], path: str) -> None:
+    check_types(_plain(doc), path)
     disabled = set(_plain(doc.get("disabled_plugins", [])) or [])
     if disabled & CRI_PLUGIN_NAMES:
         raise NodeRefused(f"{path}: disabled_plugins = {sorted(disabled)} turns off containerd's CRI plugin "
