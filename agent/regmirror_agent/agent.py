@@ -1,12 +1,17 @@
-"""The DaemonSet agent: watch the one ConfigMap, apply what selects this node, report, repeat.
+"""The DaemonSet agent: follow the desired state and the node's labels, apply what selects this node, report.
 
-- One single-object watch (``fieldSelector=metadata.name=regmirror-desired``); no polling. The watch ends
-  every ``resync`` seconds by the server's ``timeoutSeconds``; the agent then reconciles again, which puts
-  back managed files someone edited by hand (drift), and watches on from where it was.
-- The node's labels are read from its Node object at each reconcile (RBAC lets the agent get nodes).
-- No ConfigMap, or no ``desired.json`` in it: nothing has been published yet, so the node stays as it is.
-- The apiserver going away changes nothing on the node: the agent retries with capped exponential backoff and
-  catches up (a fresh list) when it returns.
+What the agent asks of the apiserver, and nothing more (so 5,000 agents cost the apiserver little, and nothing
+at rest but their watches):
+
+- two single-object watches (``watching``): the ConfigMap ``regmirror-system/regmirror-desired`` and its own
+  Node, metadata only (labels and uid, not the Node's status), each listed once at start;
+- one GET of its own ``RegistryMirrorNode`` at start, and one write of it per change of what the node did
+  (``reporting``), never a write when nothing changed.
+
+Every ``resync`` seconds the agent reconciles again without asking the apiserver anything: that puts back
+managed files someone edited by hand (drift). No ConfigMap, or no ``desired.json`` in it: nothing has been
+published yet, so the node stays as it is. The apiserver going away changes nothing on the node; the watches
+and a failed report retry with jittered exponential backoff.
 """
 
 from __future__ import annotations
@@ -16,16 +21,22 @@ import logging
 import os
 import signal
 import threading
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 from regmirror_agent import engine
-from regmirror_agent.kubeapi import ApiError, Client, load_config
+from regmirror_agent.kubeapi import METADATA_ONLY, ApiError, Client, load_config
 from regmirror_agent.reporting import Reporter
+from regmirror_agent.watching import ObjectWatch, jittered
 from regmirror_api import contract, models
 
 log = logging.getLogger("regmirror.agent")
 CONFIGMAPS = f"/api/v1/namespaces/{contract.NAMESPACE}/configmaps"
-SELECTOR = {"fieldSelector": f"metadata.name={contract.CONFIGMAP}"}
+NODES = "/api/v1/nodes"
+
+#: Applies the RegistryMirrors that select this node; the engine on the host, or a stand-in in benchmarks.
+ApplyMirrors = Callable[[Sequence[models.RegistryMirror]], engine.Outcome]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,27 +44,71 @@ class AgentSettings:
     node: str
     engine: engine.Settings
     resync: int = 300
-    """Seconds between reconciles without any change (drift repair); the watch's server-side timeout."""
+    """Seconds between reconciles without any change (drift repair); costs the apiserver nothing."""
+    watch_seconds: int = 3600
+    """The server-side timeout asked for each watch (jittered down to half): how often a watch is renewed."""
+    read_timeout: float = 180.0
+    """Seconds without a byte (bookmarks come about every minute) after which a watch connection is dead."""
     max_backoff: float = 30.0
 
 
 class Agent:
-    def __init__(self, settings: AgentSettings, client: Client, stop: threading.Event | None = None) -> None:
+    def __init__(self, settings: AgentSettings, client: Client, stop: threading.Event | None = None,
+                 apply_mirrors: ApplyMirrors | None = None) -> None:
         self.settings = settings
         self.client = client
         self.reporter = Reporter(client, settings.node)
         self.stop = stop or threading.Event()
+        self.apply_mirrors = apply_mirrors or self._apply_on_node
+        self.wake = threading.Event()
+        self._lock = threading.Lock()
         self.data: str | None = None
+        self.labels: dict[str, str] | None = None
+        self.node_uid = ""
+        self._seen_configmap = False
         self.busy = False
+        self.reconciles = 0
+        self.watches = [
+            ObjectWatch(client, CONFIGMAPS, contract.CONFIGMAP, self._on_configmap, stop=self.stop,
+                        watch_seconds=settings.watch_seconds, read_timeout=settings.read_timeout,
+                        max_backoff=settings.max_backoff),
+            ObjectWatch(client, NODES, settings.node, self._on_node, stop=self.stop, accept=METADATA_ONLY,
+                        watch_seconds=settings.watch_seconds, read_timeout=settings.read_timeout,
+                        max_backoff=settings.max_backoff),
+        ]
+
+    def _apply_on_node(self, mirrors: Sequence[models.RegistryMirror]) -> engine.Outcome:
+        return engine.apply(mirrors, self.settings.engine, log.info)
+
+    # --- fed by the watches (their threads) ---------------------------------------------------------------
+
+    def _on_configmap(self, obj: Mapping[str, Any] | None) -> None:
+        data = None if obj is None else (obj.get("data") or {}).get(contract.CONFIGMAP_KEY)
+        if obj is None and self._seen_configmap:
+            log.warning("the ConfigMap was deleted: leaving the node as it is until it is back")
+        with self._lock:
+            changed = data != self.data or not self._seen_configmap
+            self.data, self._seen_configmap = data, True
+        if changed:
+            self.wake.set()
+
+    def _on_node(self, obj: Mapping[str, Any] | None) -> None:
+        meta = (obj or {}).get("metadata") or {}
+        labels = {str(k): str(v) for k, v in (meta.get("labels") or {}).items()}
+        uid = str(meta.get("uid") or "")
+        if obj is None:
+            log.warning("Node %s not found: waiting for it", self.settings.node)
+        with self._lock:
+            changed = obj is not None and (labels != self.labels or uid != self.node_uid)
+            if obj is not None:
+                self.labels, self.node_uid = labels, uid
+        if changed:  # a heartbeat changes the Node's resourceVersion, not its labels: no reconcile for it
+            self.wake.set()
 
     # --- one reconcile ---------------------------------------------------------------------------------
 
-    def node_labels(self) -> dict[str, str]:
-        node = self.client.get(f"/api/v1/nodes/{self.settings.node}")
-        return dict((node.get("metadata") or {}).get("labels") or {})
-
     def reconcile(self) -> None:
-        """Bring the node to what the ConfigMap asks of it, then report per RegistryMirror."""
+        """Bring the node to what the ConfigMap asks of it, then report what it did."""
         self.busy = True
         try:
             self._reconcile()
@@ -61,92 +116,83 @@ class Agent:
             self.busy = False
 
     def _reconcile(self) -> None:
-        if self.data is None:
+        with self._lock:
+            data, labels, node_uid = self.data, dict(self.labels or {}), self.node_uid
+        self.reconciles += 1
+        if data is None:
             log.info("nothing published yet (no %s/%s %s): leaving the node as it is",
                      contract.NAMESPACE, contract.CONFIGMAP, contract.CONFIGMAP_KEY)
             return
         try:
-            desired = contract.parse_desired(self.data)
+            desired = contract.parse_desired(data)
         except contract.InvalidDocument as exc:
             log.error("cannot read the desired state, leaving the node as it is: %s", exc)
             return
-        labels = self.node_labels()
         entries = contract.mirrors_for_node(desired, labels)
-        mirrors: list[models.RegistryMirror] = []
+        mirrors: list[tuple[contract.Entry, models.RegistryMirror]] = []
         reports: dict[str, contract.Report] = {}
         for entry in entries:
             try:
-                mirrors.append(entry.mirror())
+                mirrors.append((entry, entry.mirror()))
             except models.InvalidSpec as exc:
-                reports[entry.name] = contract.Report(entry.generation, contract.STATE_FAILED, str(exc))
+                reports[entry.name] = contract.Report(entry.name, entry.generation, contract.STATE_FAILED,
+                                                      str(exc), uid=entry.uid)
+        previous = self.reporter.previous()
         try:
-            outcome = engine.apply(mirrors, self.settings.engine, log.info)
+            outcome = self.apply_mirrors([m for _, m in mirrors])
             drift = [n for n in outcome.notes if "edited since regmirror wrote it" in n]
-            for m in mirrors:
+            for entry, m in mirrors:
                 # "restarted" answers: did applying this generation restart the runtime? A later apply of the
                 # same generation (another RegistryMirror changed) must not turn that into a no.
-                before = self.reporter.sent.get(m.name)
+                before = previous.get(m.name) or {}
                 restarted = outcome.restarted or bool(
-                    before and before.generation == m.generation and before.state == contract.STATE_APPLIED
-                    and before.restarted)
-                reports[m.name] = contract.Report(m.generation, contract.STATE_APPLIED, "; ".join(drift), restarted)
+                    before.get("generation") == m.generation and before.get("uid", "") == entry.uid
+                    and before.get("state") == contract.STATE_APPLIED and before.get("restarted"))
+                reports[m.name] = contract.Report(m.name, m.generation, contract.STATE_APPLIED, "; ".join(drift),
+                                                  restarted, uid=entry.uid)
             if outcome.changed:
                 log.info("node now has %d mirror set(s)%s", len(mirrors),
-                         ", containerd restarted" if outcome.restarted else "")
+                         ", runtime restarted" if outcome.restarted else "")
             for note in outcome.notes:
                 log.warning("%s", note)
         except (engine.EngineError, models.InvalidSpec) as exc:
             log.error("applying failed, node unchanged: %s", exc)
-            for m in mirrors:
-                reports[m.name] = contract.Report(m.generation, contract.STATE_FAILED, str(exc))
-        for name, report in sorted(reports.items()):
-            self.reporter.report(name, report)
-        self.reporter.forget_others(set(reports))
+            for entry, m in mirrors:
+                reports[m.name] = contract.Report(m.name, m.generation, contract.STATE_FAILED, str(exc),
+                                                  uid=entry.uid)
+        self.reporter.send(list(reports.values()), node_uid)
 
-    # --- the watch loop --------------------------------------------------------------------------------
+    # --- the loop --------------------------------------------------------------------------------------
 
-    def _list(self) -> str:
-        """List the one ConfigMap; remember its data; return the resourceVersion to watch from."""
-        result = self.client.get(CONFIGMAPS, **SELECTOR)
-        items = result.get("items") or []
-        self.data = ((items[0].get("data") or {}).get(contract.CONFIGMAP_KEY)) if items else None
-        return str(result["metadata"]["resourceVersion"])
-
-    def _watch(self, version: str) -> str | None:
-        """Follow the ConfigMap; return the version to resume from, or None when a fresh list is needed."""
-        for event in self.client.watch(CONFIGMAPS, {**SELECTOR, "resourceVersion": version}, self.settings.resync):
-            if self.stop.is_set():
-                return version
-            kind, obj = event.get("type"), event.get("object") or {}
-            if kind == "ERROR":
-                log.info("watch expired (%s): listing again", obj.get("message"))
-                return None
-            version = str((obj.get("metadata") or {}).get("resourceVersion") or version)
-            if kind == "BOOKMARK":
-                continue
-            data = None if kind == "DELETED" else (obj.get("data") or {}).get(contract.CONFIGMAP_KEY)
-            if kind == "DELETED":
-                log.warning("the ConfigMap was deleted: leaving the node as it is until it is back")
-            if data != self.data:
-                self.data = data
-                self.reconcile()
-        self.reconcile()  # the periodic resync: repairs drift on the node
-        return version
+    def ready(self) -> bool:
+        """Both watches have answered: the desired state (or its absence) and this node's labels are known."""
+        with self._lock:
+            return self._seen_configmap and self.labels is not None
 
     def run(self) -> None:
+        for watch in self.watches:
+            watch.start()
+        resync_at = time.monotonic() + self.settings.resync
+        retry_at: float | None = None
         backoff = 1.0
-        version: str | None = None
         while not self.stop.is_set():
+            due = min(resync_at, retry_at) if retry_at is not None else resync_at
+            if self.wake.wait(timeout=max(0.0, due - time.monotonic())):
+                self.wake.clear()
+            if self.stop.is_set():
+                return
+            now = time.monotonic()
+            if now >= resync_at:
+                resync_at = now + self.settings.resync
+            if not self.ready():
+                continue
             try:
-                if version is None:
-                    version = self._list()
-                    self.reconcile()
-                version = self._watch(version)
-                backoff = 1.0
+                self.reconcile()
+                retry_at, backoff = None, 1.0
             except ApiError as exc:
-                log.warning("apiserver: %s; node left as it is, retrying in %.0fs", exc, backoff)
-                version = None
-                self.stop.wait(backoff)
+                delay = jittered(backoff)
+                log.warning("reporting failed (%s); node as applied, reporting again in %.1fs", exc, delay)
+                retry_at = time.monotonic() + delay
                 backoff = min(backoff * 2, self.settings.max_backoff)
 
 
@@ -175,9 +221,9 @@ def main(argv: Sequence[str] | None = None, *, install_signals: bool = True,
     agent = Agent(settings, client, stop)
     if install_signals:
         def on_signal(*_: object) -> None:
+            # The loop ends at once when idle; mid-apply, it finishes the apply (and its report) first.
             stop.set()
-            if not agent.busy:  # idle in a watch: leave now; mid-apply: finish it first
-                raise SystemExit(0)
+            agent.wake.set()
 
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, on_signal)

@@ -87,7 +87,13 @@ def load_config(kubeconfig: str | None = None) -> Config:
         insecure=bool(cluster.get("insecure-skip-tls-verify")))
 
 
+#: Accept header for metadata-only answers (``PartialObjectMetadata``): a Node's labels without its status.
+METADATA_ONLY = "application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1,application/json"
+
+
 class Client:
+    """One kept-alive connection for requests (so a report costs no TLS handshake) and one per watch."""
+
     def __init__(self, config: Config, timeout: float = 30.0) -> None:
         self.config = config
         self.timeout = timeout
@@ -98,12 +104,13 @@ class Client:
         if config.cert_file:
             ctx.load_cert_chain(config.cert_file, config.key_file)
         self._ssl = ctx
+        self._conn: http.client.HTTPSConnection | None = None
 
     def _connection(self, timeout: float) -> http.client.HTTPSConnection:
         return http.client.HTTPSConnection(self.config.host, self.config.port, context=self._ssl, timeout=timeout)
 
-    def _headers(self, content_type: str | None = None) -> dict[str, str]:
-        headers = {"Accept": "application/json", "User-Agent": "regmirror-agent"}
+    def _headers(self, content_type: str | None = None, accept: str = "application/json") -> dict[str, str]:
+        headers = {"Accept": accept, "User-Agent": "regmirror-agent"}
         token = self.config.bearer()
         if token:
             headers["Authorization"] = f"Bearer {token}"
@@ -111,35 +118,60 @@ class Client:
             headers["Content-Type"] = content_type
         return headers
 
-    def request(self, method: str, path: str, body: Any = None, *, params: Mapping[str, str] | None = None,
-                content_type: str | None = None) -> Any:
-        url = path + ("?" + urlencode(params) if params else "")
-        conn = self._connection(self.timeout)
-        try:
-            payload = None if body is None else json.dumps(body).encode()
-            conn.request(method, url, body=payload, headers=self._headers(content_type))
-            response = conn.getresponse()
-            data = response.read()
-        except (OSError, http.client.HTTPException) as exc:
-            raise ApiError(0, f"{method} {path}: {exc}") from exc
-        finally:
-            conn.close()
-        if response.status >= 400:
-            raise ApiError(response.status, f"{method} {path}: {_reason(data)}")
-        return json.loads(data) if data else None
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
 
-    def get(self, path: str, **params: str) -> Any:
-        return self.request("GET", path, params=params or None)
+    def request(self, method: str, path: str, body: Any = None, *, params: Mapping[str, str] | None = None,
+                content_type: str | None = None, accept: str = "application/json") -> Any:
+        url = path + ("?" + urlencode(params) if params else "")
+        payload = None if body is None else json.dumps(body).encode()
+        headers = self._headers(content_type, accept)
+        for attempt in (1, 2):
+            reused = self._conn is not None
+            conn = self._conn or self._connection(self.timeout)
+            self._conn = None
+            try:
+                conn.request(method, url, body=payload, headers=headers)
+                response = conn.getresponse()
+                data = response.read()
+            except (OSError, http.client.HTTPException) as exc:
+                conn.close()
+                # A kept-alive connection the server closed while idle fails before any answer: once more, anew.
+                if reused and attempt == 1:
+                    continue
+                raise ApiError(0, f"{method} {path}: {exc}") from exc
+            if response.will_close:
+                conn.close()
+            else:
+                self._conn = conn
+            if response.status >= 400:
+                raise ApiError(response.status, f"{method} {path}: {_reason(data)}")
+            return json.loads(data) if data else None
+        raise AssertionError("unreachable")
+
+    def get(self, path: str, *, accept: str = "application/json", **params: str) -> Any:
+        return self.request("GET", path, params=params or None, accept=accept)
+
+    def create(self, path: str, body: Any) -> Any:
+        return self.request("POST", path, body, content_type="application/json")
 
     def merge_patch(self, path: str, body: Any) -> Any:
         return self.request("PATCH", path, body, content_type="application/merge-patch+json")
 
-    def watch(self, path: str, params: Mapping[str, str], timeout_seconds: int) -> Iterator[dict[str, Any]]:
-        """Stream watch events until the server closes the watch (after ``timeout_seconds``) or it fails."""
+    def watch(self, path: str, params: Mapping[str, str], timeout_seconds: int, *, read_timeout: float,
+              accept: str = "application/json") -> Iterator[dict[str, Any]]:
+        """Stream watch events until the server closes the watch (after ``timeout_seconds``) or it fails.
+
+        Bookmarks are asked for: the apiserver then sends one about every minute even when nothing changes,
+        which keeps the resume point fresh and lets ``read_timeout`` (a few bookmark periods) tell a dead
+        connection from a quiet one without any extra request.
+        """
         query = {**params, "watch": "true", "timeoutSeconds": str(timeout_seconds), "allowWatchBookmarks": "true"}
-        conn = self._connection(timeout_seconds + 30)
+        conn = self._connection(read_timeout)
         try:
-            conn.request("GET", f"{path}?{urlencode(query)}", headers=self._headers())
+            conn.request("GET", f"{path}?{urlencode(query)}", headers=self._headers(accept=accept))
             response = conn.getresponse()
             if response.status >= 400:
                 raise ApiError(response.status, f"watch {path}: {_reason(response.read())}")

@@ -1,21 +1,23 @@
-"""Reporting a node's result to each RegistryMirror: one merge patch on its own status key, only on change.
+"""Reporting this node's results: its own ``RegistryMirrorNode``, written once per change and never otherwise.
 
-The patch names only ``status.nodeReports.<node>`` and carries no resourceVersion, so agents never conflict
-with each other or with the operator. What was last written is remembered; after an agent restart the object
-itself is read first, so a restart alone writes nothing.
+The object holds one entry per RegistryMirror that selects the node, so however many RegistryMirrors change at
+once, the node writes one request. It is read once (a GET of this small object) when the agent starts, so a
+restarted agent whose node already says the right thing writes nothing; after that the agent knows what the
+object holds because it is the only writer. The body is the whole object, sent as a JSON merge patch (lists are
+replaced whole) or, the first time, as a create.
 """
 
 from __future__ import annotations
 
 import datetime
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from regmirror_agent.kubeapi import ApiError, Client
-from regmirror_api import contract, models
+from regmirror_api import contract
 
 log = logging.getLogger("regmirror.agent")
-STATUS_PATH = f"/apis/{models.API_GROUP}/{models.API_VERSION}/{models.PLURAL}/{{name}}/status"
 
 
 def _now() -> str:
@@ -26,38 +28,53 @@ class Reporter:
     def __init__(self, client: Client, node: str) -> None:
         self.client = client
         self.node = node
-        self.sent: dict[str, contract.Report | None] = {}
-        """What this agent last wrote per RegistryMirror (None: its key removed)."""
+        self.path = f"{contract.NODE_REPORTS_PATH}/{node}"
+        self.current: Mapping[str, Any] | None = None
+        """The object as this agent last wrote or read it (None: absent)."""
+        self.read = False
+        self.writes = 0
 
-    def _current(self, name: str) -> Mapping[str, object] | None:
+    def _read(self) -> None:
         try:
-            obj = self.client.get(STATUS_PATH.format(name=name))
+            self.current = self.client.get(self.path)
         except ApiError as exc:
-            if exc.status == 404:
-                return None
-            raise
-        reports = (obj.get("status") or {}).get("nodeReports") or {}
-        return reports.get(self.node)
-
-    def report(self, name: str, report: contract.Report | None) -> None:
-        """Write this node's report for ``name`` unless the object already says exactly that."""
-        if name in self.sent and self.sent[name] == report:
-            return
-        if name not in self.sent:
-            current = self._current(name)
-            if (report is None and current is None) or (report and contract.same_report(current, report)):
-                self.sent[name] = report
-                return
-        try:
-            self.client.merge_patch(STATUS_PATH.format(name=name), contract.report_patch(self.node, report, _now()))
-        except ApiError as exc:
-            if exc.status != 404:  # a deleted RegistryMirror needs no report
+            if exc.status != 404:
                 raise
-        self.sent[name] = report
-        log.info("reported %s for %s: %s", self.node, name, report or "removed")
+            self.current = None
+        self.read = True
 
-    def forget_others(self, keep: set[str]) -> None:
-        """Remove this node's key from RegistryMirrors that no longer select it."""
-        for name, report in list(self.sent.items()):
-            if name not in keep and report is not None:
-                self.report(name, None)
+    def previous(self) -> dict[str, dict[str, Any]]:
+        """What the object says per RegistryMirror (reads it once, after a start)."""
+        if not self.read:
+            self._read()
+        return contract.parse_node_report(self.current or {})
+
+    def send(self, reports: Sequence[contract.Report], node_uid: str) -> bool:
+        """Make the node's object say ``reports``; True if that took a write."""
+        if not self.read:
+            self._read()
+        if contract.same_reports(self.current, reports, node_uid):
+            return False
+        body = contract.render_node_report(self.node, node_uid, reports, time=_now())
+        if self.current is not None:
+            try:
+                self.current = self.client.merge_patch(self.path, body)
+            except ApiError as exc:
+                if exc.status != 404:  # deleted meanwhile (by hand, or its Node went): create it again
+                    raise
+                self.current = self._create(body)
+        else:
+            self.current = self._create(body)
+        self.writes += 1
+        log.info("reported node %s: %s %s", self.node, body["status"]["ready"],
+                 body["status"]["message"] or body["status"]["generations"] or "no RegistryMirror selects it")
+        return True
+
+    def _create(self, body: Mapping[str, Any]) -> Mapping[str, Any]:
+        try:
+            result: Mapping[str, Any] = self.client.create(contract.NODE_REPORTS_PATH, body)
+        except ApiError as exc:
+            if exc.status != 409:  # it exists after all (an earlier attempt's answer was lost)
+                raise
+            result = self.client.merge_patch(self.path, body)
+        return result

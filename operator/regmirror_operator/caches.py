@@ -1,11 +1,15 @@
-"""The operator's memory of the cluster: RegistryMirrors and Node labels, fed by watch events and by lists.
+"""The operator's memory of the cluster: RegistryMirrors, Node labels and each node's report, fed by watch
+events and by lists.
 
-kopf's watch streams deliver changes as they happen, but a watch that restarts after "410 Gone" lists again
-and never reports the objects deleted in between. So every resync also lists both kinds, and the two sources
-are merged by one rule: **what the operator heard last wins**. A listing counts as heard when it started; an
+RegistryMirrors come from kopf's watch, which restarts after "410 Gone" with a new list and never reports the
+objects deleted in between; so each resync also lists them (their number does not grow with the cluster), and
+the two sources are merged by one rule: **what the operator heard last wins**. A listing counts as heard when it started; an
 event counts when it arrived. A listing may therefore remove an object only if nothing was heard about it
 since the listing began (a RegistryMirror created while the list was in flight is kept), and a deletion heard
 after a listing began is not undone by that listing (a tombstone remembers it until the next listing).
+
+Nodes and RegistryMirrorNodes come from informers (``informing``): each listing is a complete snapshot, merged
+by the same rule, and events follow it in order.
 
 Each ``observe``/``merge`` says whether anything that matters changed, so a Node's heartbeat (which does not
 touch its labels) never wakes the reconciler. Pure: callers pass the time.
@@ -16,6 +20,8 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterable, Mapping
 from typing import Any, Generic, TypeVar
+
+from regmirror_api import contract
 
 T = TypeVar("T")
 
@@ -34,6 +40,14 @@ def mirror_essence(body: Mapping[str, Any]) -> dict[str, Any]:
 
 def node_labels(body: Mapping[str, Any]) -> dict[str, str]:
     return {str(k): str(v) for k, v in ((body.get("metadata") or {}).get("labels") or {}).items()}
+
+
+def report_essence(body: Mapping[str, Any]) -> dict[str, Any]:
+    """What the operator uses of a RegistryMirrorNode: its uid and time (for pruning) and the reports."""
+    meta = body.get("metadata") or {}
+    status = body.get("status") or {}
+    return {"uid": str(meta.get("uid") or ""), "time": status.get("time"),
+            "mirrors": _plain(contract.parse_node_report(body))}
 
 
 def _plain(value: Any) -> Any:
@@ -84,31 +98,47 @@ class Table(Generic[T]):
         return row.value if row else None
 
 
+NODES = "nodes"
+REPORTS = "registrymirrornodes"
+
+
 class Cache:
-    """RegistryMirrors (essence dicts) and Node labels, both by name."""
+    """RegistryMirrors (essence dicts), Node labels and node reports (essence dicts), all by name."""
 
     def __init__(self) -> None:
         self.mirrors: Table[dict[str, Any]] = Table()
         self.nodes: Table[dict[str, str]] = Table()
-        #: Both kinds were listed at least once: before that, publishing could drop mirrors nobody has seen yet.
-        self.complete = False
+        self.reports: Table[dict[str, Any]] = Table()
+        self._listed: set[str] = set()
+
+    @property
+    def complete(self) -> bool:
+        """Every kind was listed at least once: before that, publishing could drop mirrors nobody has seen yet,
+        and statuses would count nodes that are merely not heard of yet."""
+        return {"mirrors", NODES, REPORTS} <= self._listed
 
     def observe_mirror(self, body: Mapping[str, Any], *, deleted: bool, at: float) -> bool:
         name = str((body.get("metadata") or {}).get("name", ""))
         return self.mirrors.observe(name, None if deleted else mirror_essence(body), at=at)
 
-    def observe_node(self, body: Mapping[str, Any], *, deleted: bool, at: float) -> bool:
-        name = str((body.get("metadata") or {}).get("name", ""))
-        return self.nodes.observe(name, None if deleted else node_labels(body), at=at)
+    def observe(self, kind: str, name: str, body: Mapping[str, Any] | None, *, at: float) -> bool:
+        """An informer's event about a Node or a RegistryMirrorNode (``None``: deleted)."""
+        if kind == NODES:
+            return self.nodes.observe(name, None if body is None else node_labels(body), at=at)
+        return self.reports.observe(name, None if body is None else report_essence(body), at=at)
 
-    def merge_listings(self, mirrors: Iterable[Mapping[str, Any]], nodes: Iterable[Mapping[str, Any]], *,
-                       started_at: float) -> bool:
-        changed = self.mirrors.merge_listing(
-            {str(b["metadata"]["name"]): mirror_essence(b) for b in mirrors}, started_at=started_at)
-        changed |= self.nodes.merge_listing(
-            {str(b["metadata"]["name"]): node_labels(b) for b in nodes}, started_at=started_at)
-        self.complete = True
-        return changed
+    def merge_listed(self, kind: str, objects: Mapping[str, Mapping[str, Any]], *, started_at: float) -> bool:
+        """An informer's complete listing of Nodes or RegistryMirrorNodes."""
+        self._listed.add(kind)
+        if kind == NODES:
+            return self.nodes.merge_listing({n: node_labels(b) for n, b in objects.items()}, started_at=started_at)
+        return self.reports.merge_listing({n: report_essence(b) for n, b in objects.items()},
+                                          started_at=started_at)
+
+    def merge_mirrors(self, mirrors: Iterable[Mapping[str, Any]], *, started_at: float) -> bool:
+        self._listed.add("mirrors")
+        return self.mirrors.merge_listing({str(b["metadata"]["name"]): mirror_essence(b) for b in mirrors},
+                                          started_at=started_at)
 
     def record_mirror(self, body: Mapping[str, Any], *, planned_from: Any, at: float) -> None:
         """What a status patch returned, unless a watch event replaced ``planned_from`` in the meantime (that

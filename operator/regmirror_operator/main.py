@@ -1,8 +1,9 @@
 """The kopf entry point: ``kopf run --standalone --all-namespaces -m regmirror_operator.main``.
 
-The handlers are thin. Two ``@kopf.on.event`` watchers (RegistryMirrors and Nodes, both cluster-scoped) feed
-an in-memory cache and wake one background loop (``reconciling``), which plans everything at once
-(``planning``, pure) and writes what differs (``publishing``).
+The handlers are thin. One ``@kopf.on.event`` watcher (RegistryMirrors) and two informers (Nodes, metadata
+only, and the nodes' RegistryMirrorNode reports; see ``informing`` for why those are not kopf's) feed an
+in-memory cache and wake one background loop (``reconciling``), which plans everything at once (``planning``,
+pure) and writes what differs (``publishing``).
 
 **Why deleting a RegistryMirror never hangs, not even a GitOps prune with the operator down.** The operator
 registers no ``on.create``/``on.update``/``on.delete``/``on.resume`` handlers, no daemons and no timers: those
@@ -46,11 +47,16 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: kopf.L
     reconciler = reconciling.Reconciler(publisher)
     memo.reconciler = reconciler
     memo.loop_task = asyncio.create_task(reconciler.run(), name="regmirror reconciler")
+    memo.informers = reconciler.informers()
+    for informer in memo.informers:
+        informer.start()
     logger.info("regmirror operator started")
 
 
 @kopf.on.cleanup()
 async def stop(memo: kopf.Memo, **_: Any) -> None:
+    for informer in memo.informers:
+        informer.stop.set()
     task: asyncio.Task[None] = memo.loop_task
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
@@ -61,11 +67,6 @@ async def stop(memo: kopf.Memo, **_: Any) -> None:
 @kopf.on.event(models.API_GROUP, models.API_VERSION, models.PLURAL)
 async def registrymirror_event(type: str | None, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     memo.reconciler.observe_mirror(body, deleted=type == "DELETED")
-
-
-@kopf.on.event("", "v1", "nodes")
-async def node_event(type: str | None, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-    memo.reconciler.observe_node(body, deleted=type == "DELETED")
 
 
 @kopf.on.probe(id="reconciler")

@@ -1,12 +1,14 @@
 """What the operator should publish and write, computed from what it has seen: pure functions on plain dicts.
 
-``plan(mirrors, nodes, now=...)`` takes the RegistryMirror objects (as the API returns them) and each Node's
-labels, and returns a :class:`Plan`:
+``plan(mirrors, nodes, reports, now=...)`` takes the RegistryMirror objects (as the API returns them), each
+Node's labels and each node's report (a ``RegistryMirrorNode``, as ``caches.report_essence`` keeps it), and
+returns a :class:`Plan`:
 
 - ``desired``: the ``desired.json`` text of the ConfigMap, rendered by ``contract.render_desired`` from the
   valid RegistryMirrors that win their registry. The same objects give the same bytes in any order.
 - ``patches``: per RegistryMirror, the smallest JSON merge patch that makes its ``status`` say the truth, or
   nothing at all when it already does; the operator's own writes therefore never loop back through its watch.
+- ``prunes``: reports of nodes that are gone, to delete (the garbage collector does it where it runs).
 - ``notices``: what an admin should hear about as a Kubernetes Event (a conflict, an invalid object, a node
   that failed, becoming Ready), derived from the change of status, so a restart does not repeat them.
 
@@ -41,9 +43,9 @@ REASON_CONFLICT = "Conflict"
 MAX_MESSAGE = 1024
 MAX_FAILING_NODES = 10
 MAX_FAILING_REASON = 512
-#: A report of a node the operator does not know (or does not see selected) is left alone this long: the
-#: agent may have seen its Node, or a label change, before the operator's watch did, and an agent writes a
-#: report once per change, so removing it by mistake would hide that node's result until it changes again.
+#: A report of a node the operator does not know is left alone this long: the agent may have seen its Node
+#: before the operator's watch did, and an agent writes a report once per change, so removing it by mistake
+#: would hide that node's result until it changes again.
 PRUNE_GRACE_SECONDS = 120.0
 
 
@@ -76,7 +78,9 @@ class Plan:
     patches: Mapping[str, dict[str, Any]]
     """RegistryMirror name -> merge patch body (``{"status": {...}}``); absent when nothing changes."""
     statuses: Mapping[str, dict[str, Any]]
-    """RegistryMirror name -> the full status the operator wants (without ``nodeReports``)."""
+    """RegistryMirror name -> the full status the operator wants."""
+    prunes: tuple[tuple[str, str], ...]
+    """(name, uid) of RegistryMirrorNodes whose Node is gone."""
     notices: tuple[Notice, ...]
     """Events for each name; post them once its patch (if any) is written."""
 
@@ -108,7 +112,7 @@ def check_mirror(body: Mapping[str, Any]) -> tuple[contract.Entry | None, list[s
         return None, problems
     # The canonical spec (defaults dropped), so apiserver defaulting never changes the published bytes.
     return contract.Entry(name=name, generation=mirror.generation, spec=mirror.to_spec(),
-                          node_selector=dict(selector or {})), []
+                          node_selector=dict(selector or {}), uid=str(_meta(body).get("uid") or "")), []
 
 
 def plan_verdicts(mirrors: Iterable[Mapping[str, Any]]) -> tuple[list[contract.Entry], dict[str, Verdict]]:
@@ -161,26 +165,37 @@ def _parse_time(value: object) -> datetime.datetime | None:
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=datetime.UTC)
 
 
+def _report_of(node_report: Mapping[str, Any] | None, name: str, uid: str) -> Mapping[str, Any] | None:
+    """One node's report on one RegistryMirror, if it is about this very object (not an earlier one that had
+    the same name)."""
+    report = ((node_report or {}).get("mirrors") or {}).get(name)
+    if not isinstance(report, Mapping) or (uid and report.get("uid") and report.get("uid") != uid):
+        return None
+    return report
+
+
 def plan_status(body: Mapping[str, Any], verdict: Verdict, nodes: Mapping[str, Mapping[str, str]],
-                *, now: str) -> tuple[dict[str, Any], list[str]]:
-    """The status this RegistryMirror should have (without ``nodeReports``), and the report keys to remove."""
+                reports: Mapping[str, Mapping[str, Any]], *, now: str) -> dict[str, Any]:
+    """The status this RegistryMirror should have: counts and a sample of failures, never per-node entries, so
+    it stays the same small size on any cluster."""
+    meta = _meta(body)
+    name, uid = str(meta.get("name", "")), str(meta.get("uid") or "")
     generation = _generation(body)
     raw_spec = body.get("spec")
     spec: Mapping[str, Any] = raw_spec if isinstance(raw_spec, Mapping) else {}
     current = body.get("status") or {}
-    reports: Mapping[str, Any] = current.get("nodeReports") or {}
     selector = spec.get("nodeSelector")
     selector_ok = not contract.check_selector(selector)
     selected = sorted(n for n, labels in nodes.items() if selector_ok and contract.selects(selector, labels))
     applied, failing = 0, []
     for node in selected:
-        report = reports.get(node)
-        if not isinstance(report, Mapping) or report.get("generation") != generation:
+        report = _report_of(reports.get(node), name, uid)
+        if report is None or report.get("generation") != generation:
             continue
         if report.get("state") == contract.STATE_APPLIED:
             applied += 1
         elif report.get("state") == contract.STATE_FAILED:
-            failing.append(node)
+            failing.append((node, str(report.get("message") or "")))
 
     if verdict.reason is not None:
         reason, message = verdict.reason, verdict.message
@@ -192,8 +207,7 @@ def plan_status(body: Mapping[str, Any], verdict: Verdict, nodes: Mapping[str, M
         truth = {READY: "True", RECONCILING: "False", STALLED: "False"}
     elif failing:
         reason = REASON_NODES_FAILED
-        sample = "; ".join(f"{n}: {reports[n].get('message') or 'no reason given'}"
-                           for n in failing[:MAX_FAILING_NODES])
+        sample = "; ".join(f"{n}: {why or 'no reason given'}" for n, why in failing[:MAX_FAILING_NODES])
         message = _clip(f"{len(failing)} of {_nodes(len(selected))} failed generation {generation} "
                         f"({applied} applied): {sample}")
         truth = {READY: "False", RECONCILING: "True", STALLED: "False"}
@@ -209,30 +223,18 @@ def plan_status(body: Mapping[str, Any], verdict: Verdict, nodes: Mapping[str, M
         since = old.get("lastTransitionTime") if old.get("status") == truth[kind] else None
         conditions.append({"type": kind, "status": truth[kind], "observedGeneration": generation,
                            "lastTransitionTime": since or now, "reason": reason, "message": message})
-    status = {
+    return {
         "observedGeneration": generation,
         "conditions": conditions,
         "ready": f"{applied}/{len(selected)}",
         "message": message,
         "nodes": {"selected": len(selected), "applied": applied, "failed": len(failing)},
-        "failingNodes": [{"name": n, "reason": _clip(str(reports[n].get("message") or ""), MAX_FAILING_REASON)}
-                         for n in failing[:MAX_FAILING_NODES]],
+        "failingNodes": [{"name": n, "reason": _clip(why, MAX_FAILING_REASON)}
+                         for n, why in failing[:MAX_FAILING_NODES]],
     }
 
-    now_time = _parse_time(now)
-    chosen = set(selected)
-    prune = []
-    for node, report in sorted(reports.items()):
-        if node in chosen or (node in nodes and not selector_ok) or report is None:
-            continue
-        written = _parse_time(report.get("time")) if isinstance(report, Mapping) else None
-        if written is None or now_time is None or (now_time - written).total_seconds() >= PRUNE_GRACE_SECONDS:
-            prune.append(node)
-    return status, prune
 
-
-def plan_status_patch(current: Mapping[str, Any] | None, status: Mapping[str, Any],
-                      prune: Iterable[str] = ()) -> dict[str, Any] | None:
+def plan_status_patch(current: Mapping[str, Any] | None, status: Mapping[str, Any]) -> dict[str, Any] | None:
     """A merge patch holding only the fields that differ (``None`` when there are none)."""
     current = current or {}
     changed: dict[str, Any] = {}
@@ -240,10 +242,21 @@ def plan_status_patch(current: Mapping[str, Any] | None, status: Mapping[str, An
         old = current.get(key, [] if key == "failingNodes" else None)
         if old != value:
             changed[key] = value
-    gone = {node: None for node in prune}
-    if gone:
-        changed["nodeReports"] = gone
     return {"status": changed} if changed else None
+
+
+def plan_prunes(nodes: Mapping[str, Any], reports: Mapping[str, Mapping[str, Any]], *,
+                now: str) -> list[tuple[str, str]]:
+    """(name, uid) of reports whose Node the operator does not know, written at least PRUNE_GRACE_SECONDS ago."""
+    now_time = _parse_time(now)
+    prunes = []
+    for name, report in sorted(reports.items()):
+        if name in nodes:
+            continue
+        written = _parse_time(report.get("time"))
+        if written is None or now_time is None or (now_time - written).total_seconds() >= PRUNE_GRACE_SECONDS:
+            prunes.append((name, str(report.get("uid") or "")))
+    return prunes
 
 
 def plan_notices(body: Mapping[str, Any], status: Mapping[str, Any]) -> list[Notice]:
@@ -278,11 +291,13 @@ def plan_notices(body: Mapping[str, Any], status: Mapping[str, Any]) -> list[Not
 # --- everything at once ---------------------------------------------------------------------------------------
 
 
-def plan(mirrors: Mapping[str, Mapping[str, Any]], nodes: Mapping[str, Mapping[str, str]], *, now: str) -> Plan:
-    """The ConfigMap text, status patches and events for every RegistryMirror.
+def plan(mirrors: Mapping[str, Mapping[str, Any]], nodes: Mapping[str, Mapping[str, str]],
+         reports: Mapping[str, Mapping[str, Any]], *, now: str) -> Plan:
+    """The ConfigMap text, status patches, prunes and events for every RegistryMirror.
 
     ``mirrors``: name -> object (metadata, spec, status); objects being deleted are left out of the document
-    and get no status. ``nodes``: name -> labels. ``now``: RFC 3339 UTC time for new transition times.
+    and get no status. ``nodes``: name -> labels. ``reports``: node name -> ``caches.report_essence``.
+    ``now``: RFC 3339 UTC time for new transition times.
     """
     live = {n: b for n, b in mirrors.items() if not _meta(b).get("deletionTimestamp")}
     entries, verdicts = plan_verdicts(live[n] for n in sorted(live))
@@ -292,11 +307,12 @@ def plan(mirrors: Mapping[str, Mapping[str, Any]], nodes: Mapping[str, Mapping[s
     notices: list[Notice] = []
     for name in sorted(live):
         body = live[name]
-        status, prune = plan_status(body, verdicts[name], nodes, now=now)
+        status = plan_status(body, verdicts[name], nodes, reports, now=now)
         statuses[name] = status
-        patch = plan_status_patch(body.get("status"), status, prune)
+        patch = plan_status_patch(body.get("status"), status)
         if patch is not None:
             patches[name] = patch
             notices += plan_notices(body, status)
     return Plan(desired=desired, published=tuple(sorted(e.name for e in entries)), verdicts=verdicts,
-                patches=patches, statuses=statuses, notices=tuple(notices))
+                patches=patches, statuses=statuses, prunes=tuple(plan_prunes(nodes, reports, now=now)),
+                notices=tuple(notices))

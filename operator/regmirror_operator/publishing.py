@@ -11,7 +11,8 @@ What the operator writes, and how:
   only when the bytes differ. It is never created: the install owns it (RBAC allows no ``create``); a
   missing one is an error to log and retry.
 - ``registrymirrors/status``: JSON merge patches without a resourceVersion, naming only the fields that change.
-  ``nodeReports: {node: null}`` removes a departed node's report without touching the other agents' keys.
+- ``registrymirrornodes``: deleted (with a uid precondition) when their Node is gone, a fallback for clusters
+  whose garbage collector does not run; nothing else. The agents write them.
 - Events: ``core/v1`` Events in ``default`` with ``involvedObject.namespace`` empty, the convention for
   cluster-scoped objects (Node events look the same), so ``kubectl describe registrymirror`` lists them.
 """
@@ -28,6 +29,7 @@ from typing import Any
 
 import kubernetes.client
 import kubernetes.config
+from kubernetes.watch.watch import iter_resp_lines
 
 from regmirror_api import contract, models
 
@@ -37,6 +39,8 @@ MERGE_PATCH = "application/merge-patch+json"
 #: Labels are metadata, so a metadata-only list of Nodes carries all the operator needs at a fraction of the
 #: bytes of full Node objects (which hold images, conditions and addresses).
 METADATA_ONLY = "application/json;as=PartialObjectMetadataList;g=meta.k8s.io;v=v1,application/json"
+#: The same for watch events: each event's object is a PartialObjectMetadata.
+METADATA_ONLY_WATCH = "application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1,application/json"
 MIRRORS_PATH = f"/apis/{models.API_GROUP}/{models.API_VERSION}/{models.PLURAL}"
 CONFIGMAP_PATH = f"/api/v1/namespaces/{contract.NAMESPACE}/configmaps/{contract.CONFIGMAP}"
 #: Events about cluster-scoped objects live in "default" (the apiserver refuses other namespaces for them).
@@ -87,6 +91,7 @@ class Publisher:
         headers = {"Accept": accept}
         if body is not None:
             headers["Content-Type"] = content_type
+        if body is not None and method != "DELETE":
             # The name managedFields show for what the operator owns (data["desired.json"], its status fields).
             query = [*(query or []), ("fieldManager", COMPONENT)]
         serialized = self.api.param_serialize(method=method, resource_path=path, query_params=query or [],
@@ -101,24 +106,44 @@ class Publisher:
             raise ApiError(response.status, method, path, message)
         return json.loads(raw) if raw else None
 
-    def _list(self, path: str, *, accept: str = "application/json") -> Iterator[dict[str, Any]]:
-        token = ""
+    def list_all(self, path: str, *, accept: str = "application/json") -> tuple[list[dict[str, Any]], str]:
+        """Every object, in pages of LIST_CHUNK, and the resourceVersion to watch from."""
+        token, items = "", []
         while True:
             query = [("limit", str(LIST_CHUNK))] + ([("continue", token)] if token else [])
             page = self.request("GET", path, query=query, accept=accept)
-            yield from page.get("items") or []
-            token = (page.get("metadata") or {}).get("continue") or ""
+            items += page.get("items") or []
+            meta = page.get("metadata") or {}
+            token = meta.get("continue") or ""
             if not token:
-                return
+                return items, str(meta.get("resourceVersion") or "")
+
+    def watch(self, path: str, version: str, *, timeout_seconds: int, read_timeout: float,
+              accept: str = "application/json") -> Iterator[dict[str, Any]]:
+        """Watch events from ``version`` with bookmarks, until the server ends the watch or it breaks."""
+        query = [("watch", "true"), ("resourceVersion", version), ("allowWatchBookmarks", "true"),
+                 ("timeoutSeconds", str(timeout_seconds))]
+        serialized = self.api.param_serialize(method="GET", resource_path=path, query_params=query,
+                                              header_params={"Accept": accept}, auth_settings=["BearerToken"])
+        response = self.api.call_api(*serialized, _request_timeout=(10.0, read_timeout))
+        raw = response.response
+        try:
+            if not 200 <= response.status < 300:
+                data = raw.read()
+                try:
+                    message = json.loads(data).get("message", "")
+                except (ValueError, AttributeError):
+                    message = data[:300].decode(errors="replace")
+                raise ApiError(response.status, "WATCH", path, message)
+            for line in iter_resp_lines(raw):
+                yield json.loads(line)
+        finally:
+            raw.release_conn()
 
     # --- reads ------------------------------------------------------------------------------------------
 
     def list_mirrors(self) -> list[dict[str, Any]]:
-        return list(self._list(MIRRORS_PATH))
-
-    def list_nodes(self) -> list[dict[str, Any]]:
-        """Every Node as ``{"metadata": {...}}`` only."""
-        return list(self._list("/api/v1/nodes", accept=METADATA_ONLY))
+        return self.list_all(MIRRORS_PATH)[0]
 
     # --- writes -----------------------------------------------------------------------------------------
 
@@ -139,6 +164,15 @@ class Publisher:
         result: dict[str, Any] = self.request("PATCH", f"{MIRRORS_PATH}/{name}/status", body=dict(patch),
                                               content_type=MERGE_PATCH)
         return result
+
+    def delete_node_report(self, name: str, uid: str) -> None:
+        """Delete a RegistryMirrorNode, but only the one that was seen (a node that came back has a new one)."""
+        body = {"apiVersion": "v1", "kind": "DeleteOptions", "preconditions": {"uid": uid}}
+        try:
+            self.request("DELETE", f"{contract.NODE_REPORTS_PATH}/{name}", body=body)
+        except ApiError as exc:
+            if exc.status not in (404, 409):  # gone already, or replaced by a new one: nothing to do
+                raise
 
     def post_event(self, *, name: str, uid: str, type: str, reason: str, message: str) -> None:
         now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")

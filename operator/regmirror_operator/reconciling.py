@@ -3,10 +3,14 @@ from the cache and write what differs.
 
 Watch events only update the cache and set a flag; the loop waits ``debounce`` seconds after a wake-up to take
 a burst of agent reports in one pass, then plans the whole cluster at once (pure and fast: a pass over 1,000
-nodes takes milliseconds) and writes the ConfigMap and the status patches that differ. Each resync also lists
-RegistryMirrors and Nodes, which catches deletions a restarted watch never reports, and re-reads the ConfigMap.
+nodes takes milliseconds) and writes the ConfigMap and the status patches that differ. Status writes draw from
+a token bucket (``status_writes_per_second``, ``status_burst``): however many nodes report at once, the
+RegistryMirrors' statuses are written at a bounded rate, and a patch that finds no token waits for the next
+pass, planned afresh. Each resync lists RegistryMirrors (a number that does not grow with the cluster), which
+catches deletions a restarted kopf watch never reports, and re-reads the ConfigMap; Nodes and
+RegistryMirrorNodes come from informers (``informing``), which need no periodic listing.
 
-Nothing is published before the first complete listing of both kinds: a document rendered from a cache that
+Nothing is published before the first complete listing of every kind: a document rendered from a cache that
 has not seen every RegistryMirror yet would tell every agent to remove the mirrors it misses.
 
 Errors never end the loop: API failures and bugs alike are logged and retried with backoff.
@@ -23,7 +27,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from regmirror_api import contract
-from regmirror_operator import caches, planning, publishing
+from regmirror_operator import caches, informing, planning, publishing
 
 log = logging.getLogger("regmirror.operator")
 
@@ -38,6 +42,36 @@ class Settings:
     """Seconds before retrying after a failed pass: the n-th failure in a row waits the n-th value."""
     event_memory: float = 30.0
     """Seconds during which the same event about the same object is not posted again."""
+    status_writes_per_second: float = 5.0
+    """The rate at which RegistryMirror statuses (and deletions of departed nodes' reports) are written."""
+    status_burst: int = 10
+    """Writes allowed at once after a quiet spell."""
+
+
+class TokenBucket:
+    """``rate`` tokens a second, at most ``burst`` saved up; pure but for the clock it is given."""
+
+    def __init__(self, rate: float, burst: int, clock: Callable[[], float]) -> None:
+        self.rate, self.burst, self.clock = rate, burst, clock
+        self.tokens = float(burst)
+        self.at = clock()
+
+    def _refill(self) -> None:
+        now = self.clock()
+        self.tokens = min(float(self.burst), self.tokens + (now - self.at) * self.rate)
+        self.at = now
+
+    def take(self) -> bool:
+        self._refill()
+        if self.tokens >= 1.0:
+            self.tokens -= 1.0
+            return True
+        return False
+
+    def wait_time(self) -> float:
+        """Seconds until the next token."""
+        self._refill()
+        return max(0.0, (1.0 - self.tokens) / self.rate)
 
 
 def utc_now() -> str:
@@ -52,6 +86,11 @@ class Reconciler:
         self.clock = clock
         self.cache = caches.Cache()
         self.changed = asyncio.Event()
+        self.bucket = TokenBucket(settings.status_writes_per_second, settings.status_burst, clock)
+        #: When the next pass must run to write what the bucket held back (None: nothing held back).
+        self.held_back_until: float | None = None
+        self.status_writes = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
         #: The desired.json text the ConfigMap is known to hold (None: unknown, read it before writing).
         self.published: str | None = None
         self.failures = 0
@@ -65,17 +104,44 @@ class Reconciler:
         if self.cache.observe_mirror(body, deleted=deleted, at=self.clock()):
             self.changed.set()
 
-    def observe_node(self, body: Mapping[str, Any], *, deleted: bool) -> None:
-        if self.cache.observe_node(body, deleted=deleted, at=self.clock()):
+    # --- fed by the informers, from their threads (the informing.Sink protocol) ------------------------------
+
+    def listed(self, kind: str, objects: Mapping[str, Mapping[str, Any]]) -> None:
+        self._call_in_loop(self._merge_listed, kind, objects)
+
+    def event(self, kind: str, name: str, obj: Mapping[str, Any] | None) -> None:
+        self._call_in_loop(self._observe, kind, name, obj)
+
+    def _call_in_loop(self, fn: Callable[..., None], *args: Any) -> None:
+        if self._loop is None:
+            fn(*args)
+        else:
+            self._loop.call_soon_threadsafe(fn, *args)
+
+    def _merge_listed(self, kind: str, objects: Mapping[str, Mapping[str, Any]]) -> None:
+        if self.cache.merge_listed(kind, objects, started_at=self.clock()) or self.cache.complete:
             self.changed.set()
+
+    def _observe(self, kind: str, name: str, obj: Mapping[str, Any] | None) -> None:
+        if self.cache.observe(kind, name, obj, at=self.clock()):
+            self.changed.set()
+
+    def informers(self) -> list[informing.Informer]:
+        """The informers that feed this reconciler: Nodes (metadata only) and RegistryMirrorNodes. Call it from the
+        event loop the reconciler runs in: their threads hand what they hear to it."""
+        self._loop = asyncio.get_running_loop()
+        return [informing.Informer(self.publisher, caches.NODES, "/api/v1/nodes", self,
+                                   accept=publishing.METADATA_ONLY_WATCH),
+                informing.Informer(self.publisher, caches.REPORTS, contract.NODE_REPORTS_PATH, self)]
 
     # --- the loop --------------------------------------------------------------------------------------------
 
     async def run(self) -> None:
+        self._loop = asyncio.get_running_loop()
         next_resync = self.clock()
         retry_at: float | None = None
         while True:
-            due = min(next_resync, retry_at) if retry_at is not None else next_resync
+            due = min(d for d in (next_resync, retry_at, self.held_back_until) if d is not None)
             if not self.changed.is_set() and due > self.clock():
                 try:
                     await asyncio.wait_for(self.changed.wait(), timeout=due - self.clock())
@@ -108,18 +174,19 @@ class Reconciler:
     async def resync(self) -> None:
         started = self.clock()
         mirrors = await asyncio.to_thread(self.publisher.list_mirrors)
-        nodes = await asyncio.to_thread(self.publisher.list_nodes)
         first = not self.cache.complete
-        self.cache.merge_listings(mirrors, nodes, started_at=started)
-        if first:
-            log.info("listed %d RegistryMirrors and %d Nodes", len(mirrors), len(nodes))
+        self.cache.merge_mirrors(mirrors, started_at=started)
+        if first and self.cache.complete:
+            log.info("listed %d RegistryMirrors, %d Nodes and %d RegistryMirrorNodes", len(mirrors),
+                     len(self.cache.nodes.items()), len(self.cache.reports.items()))
 
     async def reconcile(self, *, reread: bool = False) -> None:
         """One pass: plan from the cache, then write the ConfigMap and the status patches that differ."""
         if not self.cache.complete:
             return
         mirrors = self.cache.mirrors.items()
-        plan = planning.plan(mirrors, self.cache.nodes.items(), now=utc_now())
+        plan = planning.plan(mirrors, self.cache.nodes.items(), self.cache.reports.items(), now=utc_now())
+        self.held_back_until = None
         self.passes += 1
         problems: list[Exception] = []
 
@@ -141,6 +208,10 @@ class Reconciler:
         for notice in plan.notices:
             notices.setdefault(notice.name, []).append(notice)
         for name, patch in plan.patches.items():
+            if not self.bucket.take():
+                self.held_back_until = self.clock() + self.bucket.wait_time()
+                break
+            self.status_writes += 1
             try:
                 result = await asyncio.to_thread(self.publisher.patch_status, name, patch)
             except publishing.ApiError as exc:
@@ -151,6 +222,15 @@ class Reconciler:
             log.info("status of %s: %s", name, plan.statuses[name]["message"])
             for notice in notices.get(name, []):
                 await self.post(notice)
+        for name, uid in plan.prunes:
+            if not self.bucket.take():
+                self.held_back_until = self.clock() + self.bucket.wait_time()
+                break
+            try:
+                await asyncio.to_thread(self.publisher.delete_node_report, name, uid)
+                log.info("deleted the report of node %s, which is gone", name)
+            except publishing.ApiError as exc:
+                problems.append(exc)
         if problems:
             raise problems[0]
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
+
 import pytest
 
 from regmirror_api import contract
@@ -34,13 +37,32 @@ def test_node_selector(selector: dict, labels: dict, expected: bool) -> None:
     assert contract.selects(selector, labels) is expected
 
 
-def test_report_patch_touches_only_this_nodes_key() -> None:
-    report = contract.Report(4, contract.STATE_FAILED, "x" * 2000, True)
-    patch = contract.report_patch("node-a", report, "2026-11-28T00:00:00Z")
-    assert list(patch["status"]["nodeReports"]) == ["node-a"]
-    assert len(patch["status"]["nodeReports"]["node-a"]["message"]) == contract.MAX_REPORT_MESSAGE
-    assert contract.same_report(patch["status"]["nodeReports"]["node-a"], report)
-    assert contract.report_patch("node-a", None, "t") == {"status": {"nodeReports": {"node-a": None}}}
+def test_a_node_report_is_one_small_object_named_and_owned_by_its_node() -> None:
+    reports = [contract.Report("quay-io", 4, contract.STATE_FAILED, "x" * 2000, True, uid="u1"),
+               contract.Report("docker-io", 2, contract.STATE_APPLIED, uid="u2")]
+    body = contract.render_node_report("node-a", "node-uid", reports, time="2026-11-28T00:00:00Z")
+    assert body["kind"] == "RegistryMirrorNode" and body["metadata"]["name"] == "node-a"
+    assert body["metadata"]["ownerReferences"] == [{"apiVersion": "v1", "kind": "Node", "name": "node-a",
+                                                    "uid": "node-uid"}]
+    status = body["status"]
+    assert [m["name"] for m in status["mirrors"]] == ["docker-io", "quay-io"]  # sorted: same content, same bytes
+    assert len(status["mirrors"][1]["message"]) == contract.MAX_REPORT_MESSAGE
+    assert status["ready"] == "1/2" and status["generations"] == "docker-io=2 quay-io=4"
+    assert status["message"].startswith("quay-io: xxx") and len(status["message"]) <= contract.MAX_REPORT_MESSAGE
+    assert set(contract.parse_node_report(body)) == {"docker-io", "quay-io"}
+    assert len(json.dumps(body)) < 2048
+
+
+def test_the_same_reports_need_no_write_whatever_their_order_or_time() -> None:
+    a = contract.Report("a", 1, contract.STATE_APPLIED, uid="ua")
+    b = contract.Report("b", 3, contract.STATE_APPLIED, restarted=True, uid="ub")
+    written = contract.render_node_report("n", "uid-n", [a, b], time="2026-01-01T00:00:00Z")
+    assert contract.same_reports(written, [b, a], "uid-n")
+    assert not contract.same_reports(written, [a], "uid-n")
+    assert not contract.same_reports(written, [a, dataclasses.replace(b, generation=4)], "uid-n")
+    # A Node deleted and registered again under the same name has a new uid: the report must follow it.
+    assert not contract.same_reports(written, [a, b], "uid-of-the-new-node")
+    assert not contract.same_reports(None, [], "uid-n")
 
 
 def test_oldest_object_wins_a_registry_then_name() -> None:

@@ -1,15 +1,17 @@
-"""The reconcile loop with a fake API: it waits for a full listing, never creates the ConfigMap, survives errors."""
+"""The reconcile loop with a fake API: it waits for a full listing, never creates the ConfigMap, survives errors,
+and writes statuses at a bounded rate."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import time
 from typing import Any
 
 import pytest
 
 from regmirror_api import contract
-from regmirror_operator import publishing, reconciling
+from regmirror_operator import caches, publishing, reconciling
 
 FAST = reconciling.Settings(debounce=0.01, resync=3600, backoff=(0.05,), event_memory=30)
 
@@ -36,9 +38,11 @@ class FakeApi:
             raise publishing.ApiError(503, "GET", "/apis", "unavailable")
         return list(self.mirrors.values())
 
-    def list_nodes(self) -> list[dict[str, Any]]:
-        self.calls.append("list_nodes")
-        return [{"metadata": {"name": n, "labels": {}}} for n in self.nodes]
+    def informers_listed(self, reconciler: reconciling.Reconciler) -> None:
+        """What the Node and RegistryMirrorNode informers deliver first: complete listings."""
+        self.calls.append("informers listed")
+        reconciler.listed(caches.NODES, {n: {"metadata": {"name": n, "labels": {}}} for n in self.nodes})
+        reconciler.listed(caches.REPORTS, {})
 
     def publish_desired(self, text: str) -> bool:
         self.calls.append("publish_desired")
@@ -76,14 +80,28 @@ async def run_until(reconciler: reconciling.Reconciler, done: Any, timeout: floa
             await task
 
 
-def test_nothing_is_published_before_both_kinds_were_listed() -> None:
+def test_nothing_is_published_before_every_kind_was_listed() -> None:
     api = FakeApi([rm("quay-io"), rm("docker-io", "docker.io")], ["n1"])
     api.fail_lists = 2
     reconciler = reconciling.Reconciler(api, settings=FAST)  # type: ignore[arg-type]
     # A watch event alone must not publish a document that lacks docker-io.
     reconciler.observe_mirror(rm("quay-io"), deleted=False)
-    asyncio.run(run_until(reconciler, lambda: api.published()))
-    assert api.calls[:5] == ["list_mirrors", "list_mirrors", "list_mirrors", "list_nodes", "publish_desired"]
+
+    async def scenario() -> None:
+        task = asyncio.create_task(reconciler.run())
+        try:
+            while api.calls.count("list_mirrors") < 3:
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0.05)
+            assert "publish_desired" not in api.calls  # RegistryMirrors listed, Nodes and reports not yet
+            api.informers_listed(reconciler)
+            while not api.published():
+                await asyncio.sleep(0.01)
+        finally:
+            task.cancel()
+
+    asyncio.run(asyncio.wait_for(scenario(), 5))
+    assert api.calls[:5] == ["list_mirrors", "list_mirrors", "list_mirrors", "informers listed", "publish_desired"]
     assert api.published() == ["docker-io", "quay-io"]
     assert reconciler.failures == 0
 
@@ -92,6 +110,7 @@ def test_a_missing_configmap_is_never_created_and_statuses_still_tell_the_truth(
     api = FakeApi([rm("quay-io")], ["n1"])
     api.configmap = None
     reconciler = reconciling.Reconciler(api, settings=FAST)  # type: ignore[arg-type]
+    api.informers_listed(reconciler)
 
     async def scenario() -> None:
         task = asyncio.create_task(reconciler.run())
@@ -113,6 +132,7 @@ def test_a_missing_configmap_is_never_created_and_statuses_still_tell_the_truth(
 def test_a_deletion_is_published_and_writes_happen_only_on_change() -> None:
     api = FakeApi([rm("quay-io"), rm("docker-io", "docker.io")], ["n1"])
     reconciler = reconciling.Reconciler(api, settings=FAST)  # type: ignore[arg-type]
+    api.informers_listed(reconciler)
 
     async def scenario() -> None:
         task = asyncio.create_task(reconciler.run())
@@ -133,3 +153,40 @@ def test_a_deletion_is_published_and_writes_happen_only_on_change() -> None:
             task.cancel()
 
     asyncio.run(asyncio.wait_for(scenario(), 5))
+
+
+def test_the_token_bucket_allows_a_burst_then_its_rate() -> None:
+    now = [0.0]
+    bucket = reconciling.TokenBucket(5.0, 3, lambda: now[0])
+    assert [bucket.take() for _ in range(4)] == [True, True, True, False]
+    assert bucket.wait_time() == pytest.approx(0.2)
+    now[0] = 0.2
+    assert bucket.take() and not bucket.take()
+    now[0] = 100.0
+    assert sum(bucket.take() for _ in range(10)) == 3  # never more saved up than the burst
+
+
+def test_statuses_are_written_at_a_bounded_rate_however_many_change_at_once() -> None:
+    api = FakeApi([rm(f"m{i:02d}", f"r{i}.example.com") for i in range(12)], ["n1"])
+    settings = reconciling.Settings(debounce=0.01, resync=3600, backoff=(0.05,), status_writes_per_second=20.0,
+                                    status_burst=2)
+    reconciler = reconciling.Reconciler(api, settings=settings)  # type: ignore[arg-type]
+    api.informers_listed(reconciler)
+    started = [0.0]
+    times: list[float] = []
+    original = api.patch_status
+
+    def timed(name: str, patch: dict[str, Any]) -> dict[str, Any]:
+        times.append(time.monotonic() - started[0])
+        return original(name, patch)
+
+    api.patch_status = timed  # type: ignore[method-assign]
+
+    async def scenario() -> None:
+        started[0] = time.monotonic()
+        await run_until(reconciler, lambda: len(times) == 12)
+
+    asyncio.run(scenario())
+    # Two at once, then one every 50 ms: the twelfth no sooner than half a second in.
+    assert times[-1] >= 0.45, times
+    assert all("status" in m for m in api.mirrors.values())

@@ -1,0 +1,104 @@
+"""Following one named object (the desired-state ConfigMap, the agent's own Node) for as long as the agent runs.
+
+What it costs the apiserver, on purpose: one list of that single object (``fieldSelector=metadata.name=...``)
+at start, then one watch from the list's resourceVersion that the server holds open for an hour (jittered, so
+5,000 agents do not renew together), with bookmarks. At rest that is all: no periodic list, no GET. A watch
+that ends resumes from the last resourceVersion seen (bookmarks keep it fresh); only "410 Gone" (the version
+fell out of the watch cache) lists again. Any failure backs off exponentially with jitter, so an apiserver that
+comes back is not met by every node at the same instant.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from regmirror_agent.kubeapi import ApiError, Client
+
+log = logging.getLogger("regmirror.agent")
+
+Handler = Callable[[Mapping[str, Any] | None], None]
+
+
+def jittered(delay: float, rand: Callable[[], float] = random.random) -> float:
+    """``delay`` spread over [0.5, 1.5) times itself."""
+    return delay * (0.5 + rand())
+
+
+class ObjectWatch:
+    """Calls ``on_change`` with the object (or None when it is absent or deleted) after the first list and after
+    every watch event that is not a bookmark; runs in a thread of its own until ``stop`` is set."""
+
+    def __init__(self, client: Client, collection: str, name: str, on_change: Handler, *,
+                 stop: threading.Event, accept: str = "application/json", watch_seconds: int = 3600,
+                 read_timeout: float = 180.0, max_backoff: float = 30.0,
+                 rand: Callable[[], float] = random.random) -> None:
+        self.client = client
+        self.collection = collection
+        self.name = name
+        self.on_change = on_change
+        self.stop = stop
+        self.accept = accept
+        self.watch_seconds = watch_seconds
+        self.read_timeout = read_timeout
+        self.max_backoff = max_backoff
+        self.rand = rand
+        self.lists = 0
+        self.watches = 0
+
+    @property
+    def _selector(self) -> dict[str, str]:
+        return {"fieldSelector": f"metadata.name={self.name}"}
+
+    def _list(self) -> str:
+        self.lists += 1
+        result = self.client.get(self.collection, accept=self.accept, **self._selector)
+        items = result.get("items") or []
+        self.on_change(items[0] if items else None)
+        return str(result["metadata"]["resourceVersion"])
+
+    def _watch(self, version: str) -> str | None:
+        """Follow from ``version``; the version to resume from, or None when a fresh list is needed."""
+        self.watches += 1
+        # Half to all of watch_seconds: renewals of many agents spread out instead of arriving together.
+        timeout = int(self.watch_seconds * (0.5 + self.rand() / 2))
+        params = {**self._selector, "resourceVersion": version}
+        for event in self.client.watch(self.collection, params, timeout, read_timeout=self.read_timeout,
+                                       accept=self.accept):
+            if self.stop.is_set():
+                return version
+            kind, obj = event.get("type"), event.get("object") or {}
+            if kind == "ERROR":
+                log.info("watch of %s %s expired (%s): listing again", self.collection, self.name,
+                         obj.get("message"))
+                return None
+            version = str((obj.get("metadata") or {}).get("resourceVersion") or version)
+            if kind != "BOOKMARK":
+                self.on_change(None if kind == "DELETED" else obj)
+        return version
+
+    def run(self) -> None:
+        backoff = 1.0
+        version: str | None = None
+        while not self.stop.is_set():
+            try:
+                if version is None:
+                    version = self._list()
+                version = self._watch(version)
+                backoff = 1.0
+            except ApiError as exc:
+                if exc.status == 410:
+                    version = None
+                    continue
+                delay = jittered(backoff, self.rand)
+                log.warning("apiserver: %s; node left as it is, retrying in %.1fs", exc, delay)
+                self.stop.wait(delay)
+                backoff = min(backoff * 2, self.max_backoff)
+
+    def start(self) -> threading.Thread:
+        thread = threading.Thread(target=self.run, name=f"watch {self.name}", daemon=True)
+        thread.start()
+        return thread
