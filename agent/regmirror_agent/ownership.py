@@ -42,6 +42,36 @@ class State:
         return not self.files and not self.dirs
 
 
+def check_state_types(raw: object, where: str) -> None:
+    """Refuse a state file of the wrong shape before any of it is used (a hand edit, another tool, a bug): a
+    record regmirror cannot read must stop the run with its name, never halfway through a plan."""
+    def wrong(what: str, value: object, expected: str) -> CorruptState:
+        return CorruptState(f"{where}: {what} = {json.dumps(value)[:120]} should be {expected}; not a state file "
+                            f"this regmirror wrote. Move it aside only if you are sure the node's files hold "
+                            f"their own configuration")
+
+    if not isinstance(raw, dict):
+        raise wrong("the file", raw, "a JSON object")
+    if not isinstance(raw.get("runtime", ""), str):
+        raise wrong("runtime", raw["runtime"], "a string")
+    dirs = raw.get("dirs", [])
+    if not isinstance(dirs, list) or not all(isinstance(d, str) for d in dirs):
+        raise wrong("dirs", dirs, "a list of paths")
+    files = raw.get("files")
+    if not isinstance(files, dict):
+        raise wrong("files", files, "an object of records by path")
+    for path, rec in files.items():
+        if not isinstance(rec, dict):
+            raise wrong(f"files[{path!r}]", rec, "a record object")
+        if "original" not in rec or not isinstance(rec["original"], (str, type(None))):
+            raise wrong(f"files[{path!r}].original", rec.get("original"), "the node's own text or null")
+        if not isinstance(rec.get("writtenSha256"), str):
+            raise wrong(f"files[{path!r}].writtenSha256", rec.get("writtenSha256"), "a SHA-256 digest")
+        pending = rec.get("pendingSha256", [])
+        if not isinstance(pending, list) or not all(isinstance(d, str) for d in pending):
+            raise wrong(f"files[{path!r}].pendingSha256", pending, "a list of SHA-256 digests")
+
+
 def parse_state(text: str | None, where: str) -> State:
     if text is None:
         return State()
@@ -49,6 +79,7 @@ def parse_state(text: str | None, where: str) -> State:
         raw = json.loads(text)
         if raw.get("version") != STATE_VERSION:
             raise CorruptState(f"{where}: state version {raw.get('version')!r}, this regmirror reads {STATE_VERSION}")
+        check_state_types(raw, where)
         files = {path: FileRecord(rec["original"], rec["writtenSha256"]) for path, rec in raw["files"].items()}
         return State(runtime=raw.get("runtime", ""), files=files, dirs=tuple(raw.get("dirs", [])))
     except CorruptState:

@@ -44,6 +44,10 @@ def parse_daemon_json(text: str, path: str) -> dict[str, Any]:
             from exc
     if not isinstance(doc, dict):
         raise DockerRefused(f"{path} must hold a JSON object")
+    mirrors = doc.get(KEY, [])
+    if not isinstance(mirrors, list) or not all(isinstance(m, str) for m in mirrors):
+        raise DockerRefused(f"{path}: \"{KEY}\" = {json.dumps(mirrors)[:200]} should be a list of URL strings; dockerd "
+                            f"would not start with it either. Fix it by hand first, regmirror changed nothing")
     return doc
 
 
