@@ -31,22 +31,16 @@ def installed(controlplane: cp.ControlPlane) -> str:
 
 def wait_for_agent_policy(controlplane: cp.ControlPlane, timeout: float = 30.0) -> None:
     """Admission policies take effect when the apiserver's informer sees them: wait until one is enforced."""
-    probe = "e2e-policy-probe"
-    controlplane.kubectl("apply", "--server-side", "-f", "-", input=json.dumps({
-        "apiVersion": "regmirror.io/v1alpha1", "kind": "RegistryMirror", "metadata": {"name": probe},
-        "spec": {"registry": "probe.example.com", "mirrors": [{"url": "https://m.example.com"}]}}))
+    probe = json.dumps({"apiVersion": "regmirror.io/v1alpha1", "kind": "RegistryMirrorNode",
+                        "metadata": {"name": "e2e-policy-probe-other"}})
     deadline = time.monotonic() + timeout
-    try:
-        while True:
-            done = controlplane.kubectl(
-                "patch", "registrymirror", probe, "--subresource=status", "--type=merge", "--dry-run=server",
-                "-p", '{"status": {"ready": "1/1"}}', f"--as={AGENT}",
-                "--as-user-extra=authentication.kubernetes.io/node-name=probe", check=False)
-            if "ValidatingAdmissionPolicy" in done.stderr:
-                return
-            if time.monotonic() > deadline:
-                raise AssertionError(f"the agent's admission policy was not enforced within {timeout:.0f} s: "
-                                     f"{done.stdout}{done.stderr}")
-            time.sleep(0.2)
-    finally:
-        controlplane.kubectl("delete", "registrymirror", probe, "--wait", "--timeout=10s")
+    while True:
+        done = controlplane.kubectl("create", "--dry-run=server", "-f", "-", f"--as={AGENT}",
+                                    "--as-user-extra=authentication.kubernetes.io/node-name=probe", input=probe,
+                                    check=False)
+        if "ValidatingAdmissionPolicy" in done.stderr:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"the agent's admission policy was not enforced within {timeout:.0f} s: "
+                                 f"{done.stdout}{done.stderr}")
+        time.sleep(0.2)

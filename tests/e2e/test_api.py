@@ -27,6 +27,7 @@ NS = "regmirror-system"
 AGENT = f"system:serviceaccount:{NS}:regmirror-agent"
 OPERATOR = f"system:serviceaccount:{NS}:regmirror-operator"
 CRD_FILE = REPO / "crds" / "regmirror.io_registrymirrors.yaml"
+NODE_CRD_FILE = REPO / "crds" / "regmirror.io_registrymirrornodes.yaml"
 EXAMPLES = sorted((REPO / "examples").glob("*.yaml"))
 PEM = "-----BEGIN CERTIFICATE-----\nMIIBszCCAVmgAwIBAgIUJ\n-----END CERTIFICATE-----\n"
 
@@ -369,8 +370,13 @@ def test_crd_limits_are_the_models_constants() -> None:
                                                                                 "desired.json")
     planning = importlib.import_module("regmirror_operator.planning")
     status = version["schema"]["openAPIV3Schema"]["properties"]["status"]["properties"]
-    report = status["nodeReports"]["additionalProperties"]["properties"]
-    assert report["message"]["maxLength"] == contract.MAX_REPORT_MESSAGE
+    assert "nodeReports" not in status  # one object per node (RegistryMirrorNode), never keys in a shared one
+    node_crd = yaml.safe_load(NODE_CRD_FILE.read_text())
+    assert (node_crd["spec"]["names"]["kind"], node_crd["spec"]["names"]["plural"]) == (contract.NODE_KIND,
+                                                                                         contract.NODE_PLURAL)
+    node_status = node_crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["status"]["properties"]
+    report = node_status["mirrors"]["items"]["properties"]
+    assert report["message"]["maxLength"] == node_status["message"]["maxLength"] == contract.MAX_REPORT_MESSAGE
     assert report["state"]["enum"] == [contract.STATE_APPLIED, contract.STATE_FAILED]
     assert status["message"]["maxLength"] == planning.MAX_MESSAGE
     assert status["conditions"]["items"]["properties"]["message"]["maxLength"] >= planning.MAX_MESSAGE
@@ -392,8 +398,9 @@ def walk_schema(schema: dict[str, Any], path: str = "") -> Iterator[tuple[str, d
         yield from walk_schema(schema["items"], f"{path}[]")
 
 
-def test_every_field_has_a_description() -> None:
-    crd = yaml.safe_load(CRD_FILE.read_text())
+@pytest.mark.parametrize("path", [CRD_FILE, NODE_CRD_FILE], ids=lambda p: p.name)
+def test_every_field_has_a_description(path: Path) -> None:
+    crd = yaml.safe_load(path.read_text())
     root = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
     # Every named field, and every object inside a list or map, explains itself (`kubectl explain` shows it).
     undocumented = [path for path, schema in walk_schema(root)
@@ -402,85 +409,84 @@ def test_every_field_has_a_description() -> None:
     assert undocumented == []
 
 
-# --- status: one writer per key ------------------------------------------------------------------------------
+# --- node reports: one object per node, written only by that node's agent ----------------------------------
 
 
-def report(node: str, state: str = "Applied", **extra: Any) -> str:
-    return json.dumps({"status": {"nodeReports": {node: {
-        "generation": 1, "state": state, "time": "2025-01-01T00:00:00Z", **extra}}}})
+def node_report(node: str, state: str = "Applied", *, owner: str | None = None, **extra: Any) -> str:
+    body = contract.render_node_report(node, "", [contract.Report("quay-io", 1, contract.STATE_APPLIED, uid="u")],
+                                       time="2025-01-01T00:00:00Z")
+    body["status"]["mirrors"][0].update(state=state, **extra)
+    if owner is not None:
+        body["metadata"]["ownerReferences"] = [{"apiVersion": "v1", "kind": "Node", "name": owner,
+                                                "uid": "00000000-0000-0000-0000-000000000001"}]
+    return json.dumps(body)
 
 
-def patch_status_as_agent(controlplane: cp.ControlPlane, name: str, body: str,
-                          node: str | None) -> subprocess.CompletedProcess[str]:
-    """A status merge patch as the agent's service account, as if from the pod-bound token of ``node``."""
-    args = ["patch", "registrymirror", name, "--subresource=status", "--type=merge", "-p", body, "--as", AGENT]
-    if node is not None:
-        args.append(f"--as-user-extra=authentication.kubernetes.io/node-name={node}")
-    return controlplane.kubectl(*args, check=False)
+def as_agent(controlplane: cp.ControlPlane, node: str | None, *args: str,
+             input: str | None = None) -> subprocess.CompletedProcess[str]:
+    """kubectl as the agent's service account, as if with the pod-bound token of an agent on ``node``."""
+    extra = [f"--as-user-extra=authentication.kubernetes.io/node-name={node}"] if node is not None else []
+    return controlplane.kubectl(*args, "--as", AGENT, *extra, input=input, check=False)
 
 
-def test_agents_merge_their_own_reports_without_conflict(controlplane: cp.ControlPlane,
-                                                         examples_applied: list[str]) -> None:
-    # Each agent merge-patches only its own key, with no resourceVersion: 1,000 agents never conflict.
-    for node in ("node-a", "node-b"):
-        done = patch_status_as_agent(controlplane, "quay-io", report(node, restarted=True), node)
-        assert done.returncode == 0, done.stderr
-    done = patch_status_as_agent(controlplane, "quay-io",
-                                 report("node-a", "Failed", message="containerd did not restart"), "node-a")
-    assert done.returncode == 0, done.stderr
-    status = json.loads(controlplane.kubectl("get", "registrymirror", "quay-io", "-o", "json").stdout)["status"]
-    assert status["nodeReports"]["node-a"]["state"] == "Failed"
-    assert status["nodeReports"]["node-b"] == {"generation": 1, "state": "Applied", "restarted": True,
-                                               "time": "2025-01-01T00:00:00Z"}
-
-    refused = patch_status_as_agent(controlplane, "quay-io", report("node-c", "Done"), "node-c")
-    assert refused.returncode != 0 and "status.nodeReports.node-c.state" in refused.stderr, refused.stderr
-    spec_change = controlplane.kubectl("patch", "registrymirror", "quay-io", "--as", AGENT, "--type=merge",
-                                       "-p", '{"spec": {"registry": "ghcr.io"}}', check=False)
-    assert spec_change.returncode != 0 and "forbidden" in spec_change.stderr, spec_change.stderr
+@pytest.fixture
+def no_reports(controlplane: cp.ControlPlane, installed: str) -> Iterator[None]:
+    yield
+    controlplane.kubectl("delete", "registrymirrornodes", "--all", "--wait", "--timeout=20s")
 
 
-@pytest.mark.parametrize(("body", "node", "words"), [
-    (report("node-b", "Failed"), "node-a", 'agent on node node-a may only write status.nodeReports["node-a"]'),
-    (json.dumps({"status": {"nodeReports": {"node-b": None}}}), "node-a",
-     'may only write status.nodeReports["node-a"]'),
-    (json.dumps({"status": {"ready": "9/9"}}), "node-a", "the operator owns the rest of status"),
-    (json.dumps({"status": {"conditions": []}}), "node-a", "the operator owns the rest of status"),
-    (report("node-a"), None, "pod's service-account token"),
-], ids=["another-nodes-report", "erasing-another-nodes-report", "ready", "conditions", "token-without-node"])
-def test_an_agent_cannot_touch_other_nodes_reports_or_the_operators_status(
-        controlplane: cp.ControlPlane, examples_applied: list[str], body: str, node: str | None,
-        words: str) -> None:
-    for name in ("node-a", "node-b"):
-        assert patch_status_as_agent(controlplane, "quay-io", report(name), name).returncode == 0
-    refused = patch_status_as_agent(controlplane, "quay-io", body, node)
+def test_an_agent_creates_and_updates_its_own_report(controlplane: cp.ControlPlane, no_reports: None) -> None:
+    created = as_agent(controlplane, "node-a", "create", "-f", "-", input=node_report("node-a"))
+    assert created.returncode == 0, created.stderr
+    changed = as_agent(controlplane, "node-a", "patch", "registrymirrornode", "node-a", "--type=merge",
+                       "-p", node_report("node-a", "Failed", message="containerd did not restart"))
+    assert changed.returncode == 0, changed.stderr
+    # What an admin sees: which node has which generation, and why one failed (the short name works too).
+    table = controlplane.kubectl("get", "rmn").stdout.splitlines()
+    assert table[0].split() == ["NAME", "READY", "GENERATIONS", "UPDATED", "MESSAGE"], table
+    assert table[1].split()[:3] == ["node-a", "1/1", "quay-io=1"], table
+    obj = json.loads(controlplane.kubectl("get", "registrymirrornode", "node-a", "-o", "json").stdout)
+    assert obj["status"]["mirrors"][0]["state"] == "Failed"
+    invalid = as_agent(controlplane, "node-a", "patch", "registrymirrornode", "node-a", "--type=merge",
+                       "-p", node_report("node-a", "Done"))
+    assert invalid.returncode != 0 and "status.mirrors[0].state" in invalid.stderr, invalid.stderr
+
+
+@pytest.mark.parametrize(("verb", "body", "node", "words"), [
+    ("create", node_report("node-b"), "node-a",
+     'the regmirror agent on node node-a may only write the RegistryMirrorNode "node-a", not "node-b"'),
+    ("patch", node_report("node-b", "Failed"), "node-a",
+     'the regmirror agent on node node-a may only write the RegistryMirrorNode "node-a", not "node-b"'),
+    ("create", node_report("node-a", owner="node-b"), "node-a",
+     "the report of node node-a may only be owned by the Node node-a"),
+    ("create", node_report("node-a"), None, "pod's service-account token"),
+], ids=["create-another-nodes", "patch-another-nodes", "owned-by-another-node", "token-without-node"])
+def test_an_agent_cannot_write_another_nodes_report(controlplane: cp.ControlPlane, no_reports: None, verb: str,
+                                                    body: str, node: str | None, words: str) -> None:
+    assert as_agent(controlplane, "node-b", "create", "-f", "-", input=node_report("node-b")).returncode == 0
+    args = (["create", "-f", "-"] if verb == "create"
+            else ["patch", "registrymirrornode", "node-b", "--type=merge", "-p", body])
+    refused = as_agent(controlplane, node, *args, input=body if verb == "create" else None)
     assert refused.returncode != 0 and words in refused.stderr, refused.stderr
 
 
-def test_an_agent_cannot_write_another_nodes_report_on_an_object_without_status(
-        controlplane: cp.ControlPlane, installed: str) -> None:
-    controlplane.kubectl("apply", "--server-side", "-f", "-",
-                         input=json.dumps(mirror_object("e2e-fresh", spec_of("ghcr.io"))))
-    try:
-        refused = patch_status_as_agent(controlplane, "e2e-fresh", report("node-b"), "node-a")
-        assert refused.returncode != 0 and 'may only write status.nodeReports["node-a"]' in refused.stderr
-        refused = patch_status_as_agent(controlplane, "e2e-fresh", json.dumps({"status": {"ready": "1/1"}}),
-                                        "node-a")
-        assert refused.returncode != 0 and "the operator owns the rest of status" in refused.stderr
-        done = patch_status_as_agent(controlplane, "e2e-fresh", report("node-a"), "node-a")
-        assert done.returncode == 0, done.stderr
-    finally:
-        controlplane.kubectl("delete", "registrymirror", "e2e-fresh", "--wait", "--timeout=10s")
+def test_an_agent_cannot_touch_registrymirrors_at_all(controlplane: cp.ControlPlane,
+                                                      examples_applied: list[str]) -> None:
+    for args in (["patch", "registrymirror", "quay-io", "--subresource=status", "--type=merge",
+                  "-p", '{"status": {"ready": "9/9"}}'],
+                 ["patch", "registrymirror", "quay-io", "--type=merge", "-p", '{"spec": {"registry": "ghcr.io"}}']):
+        refused = as_agent(controlplane, "node-a", *args)
+        assert refused.returncode != 0 and "forbidden" in refused.stderr, refused.stderr
 
 
-def test_the_operator_may_prune_reports_of_departed_nodes(controlplane: cp.ControlPlane,
-                                                         examples_applied: list[str]) -> None:
-    assert patch_status_as_agent(controlplane, "quay-io", report("node-gone"), "node-gone").returncode == 0
-    controlplane.kubectl("patch", "registrymirror", "quay-io", "--subresource=status", "--type=merge",
-                         "--as", OPERATOR, "-p", json.dumps({"status": {"nodeReports": {"node-gone": None},
-                                                                        "ready": "0/0"}}))
-    status = json.loads(controlplane.kubectl("get", "registrymirror", "quay-io", "-o", "json").stdout)["status"]
-    assert "node-gone" not in status.get("nodeReports", {}) and status["ready"] == "0/0"
+def test_the_operator_may_delete_a_departed_nodes_report_but_never_write_one(
+        controlplane: cp.ControlPlane, no_reports: None) -> None:
+    assert as_agent(controlplane, "node-gone", "create", "-f", "-", input=node_report("node-gone")).returncode == 0
+    written = controlplane.kubectl("patch", "registrymirrornode", "node-gone", "--type=merge", "--as", OPERATOR,
+                                   "-p", node_report("node-gone", "Failed"), check=False)
+    assert written.returncode != 0 and "forbidden" in written.stderr, written.stderr
+    controlplane.kubectl("delete", "registrymirrornode", "node-gone", "--as", OPERATOR)
+    assert controlplane.kubectl("get", "rmn", "node-gone", check=False).returncode != 0
 
 
 def test_agent_reads_the_contract_only_by_name(controlplane: cp.ControlPlane, installed: str) -> None:
@@ -495,20 +501,25 @@ def test_agent_reads_the_contract_only_by_name(controlplane: cp.ControlPlane, in
 
 CAN_I = [
     # (who, expected, kubectl auth can-i arguments)
-    (AGENT, True, ["patch", "registrymirrors", "--subresource=status"]),
-    (AGENT, True, ["get", "registrymirrors", "--subresource=status"]),
+    (AGENT, True, ["create", "registrymirrornodes"]),
+    (AGENT, True, ["patch", "registrymirrornodes"]),
+    (AGENT, True, ["get", "registrymirrornodes"]),
     (AGENT, True, ["get", "configmap/regmirror-desired", "-n", NS]),
     (AGENT, True, ["watch", "configmap/regmirror-desired", "-n", NS]),
-    (AGENT, True, ["get", "nodes"]),
+    (AGENT, True, ["list", "nodes"]),
+    (AGENT, True, ["watch", "nodes"]),
+    (AGENT, False, ["update", "registrymirrornodes"]),
+    (AGENT, False, ["delete", "registrymirrornodes"]),
     (AGENT, False, ["list", "configmaps", "-n", NS]),
     (AGENT, False, ["get", "configmap/other", "-n", NS]),
     (AGENT, False, ["update", "configmap/regmirror-desired", "-n", NS]),
-    (AGENT, False, ["list", "nodes"]),
     (AGENT, False, ["patch", "nodes"]),
     (AGENT, False, ["list", "secrets", "-A"]),
     (AGENT, False, ["get", "secrets", "-n", NS]),
+    (AGENT, False, ["get", "registrymirrors"]),
     (AGENT, False, ["update", "registrymirrors"]),
     (AGENT, False, ["patch", "registrymirrors"]),
+    (AGENT, False, ["patch", "registrymirrors", "--subresource=status"]),
     (AGENT, False, ["update", "registrymirrors", "--subresource=status"]),
     (AGENT, False, ["create", "registrymirrors"]),
     (AGENT, False, ["delete", "nodes"]),
@@ -519,9 +530,10 @@ CAN_I = [
     (AGENT, False, ["create", "pods", "-n", NS]),
     (OPERATOR, True, ["list", "registrymirrors"]),
     (OPERATOR, True, ["watch", "registrymirrors"]),
-    (OPERATOR, True, ["patch", "registrymirrors"]),
     (OPERATOR, True, ["patch", "registrymirrors", "--subresource=status"]),
-    (OPERATOR, True, ["update", "registrymirrors", "--subresource=status"]),
+    (OPERATOR, True, ["list", "registrymirrornodes"]),
+    (OPERATOR, True, ["watch", "registrymirrornodes"]),
+    (OPERATOR, True, ["delete", "registrymirrornodes"]),
     (OPERATOR, True, ["watch", "nodes"]),
     (OPERATOR, True, ["update", "configmap/regmirror-desired", "-n", NS]),
     (OPERATOR, True, ["patch", "configmap/regmirror-desired", "-n", NS]),
@@ -529,6 +541,10 @@ CAN_I = [
     (OPERATOR, True, ["create", "events.events.k8s.io", "-n", "default"]),
     (OPERATOR, True, ["patch", "events", "-n", "default"]),
     (OPERATOR, True, ["watch", "customresourcedefinitions"]),
+    (OPERATOR, False, ["patch", "registrymirrors"]),
+    (OPERATOR, False, ["update", "registrymirrors", "--subresource=status"]),
+    (OPERATOR, False, ["create", "registrymirrornodes"]),
+    (OPERATOR, False, ["patch", "registrymirrornodes"]),
     (OPERATOR, False, ["create", "events", "-n", "kube-system"]),
     (OPERATOR, False, ["create", "events", "-n", NS]),
     (OPERATOR, False, ["list", "namespaces"]),
