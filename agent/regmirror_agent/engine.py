@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import functools
 import os
 import posixpath
@@ -97,11 +98,66 @@ def plan(desired: Sequence[models.RegistryMirror], settings: Settings, request: 
         if state.runtime and state.runtime != runtime and not state.empty:
             raise EngineError(f"this node's regmirror state belongs to {state.runtime}, not {runtime}; "
                               f"run `regmirror reset --runtime {state.runtime}` first")
-        planned = _plan(desired, settings, node, host, state, runtime)  # type: ignore[arg-type]
+        usable, aside, aside_notes = _set_aside_unusable(state, node.inner)
+        planned = _plan(desired, settings, node, host, usable, runtime)  # type: ignore[arg-type]
+        if usable != state:
+            planned = _with_set_aside(planned, node.read(settings.state_path), aside, aside_notes)
         return dataclasses.replace(planned, request=request or request_key(desired, settings),
                                    observed=node.observations()), runtime
     except (containerd.NodeRefused, docker.DockerRefused, UnsafePath, ownership.CorruptState) as exc:
         raise EngineError(str(exc)) from exc
+
+
+def _unusable(node: NodeRoot, path: str) -> str:
+    """Why regmirror cannot act on a node path ('' when it can); ``errno.ENAMETOOLONG`` when it cannot exist."""
+    try:
+        os.lstat(node.fs_path(path))
+    except (FileNotFoundError, NotADirectoryError):
+        return ""
+    except UnsafePath as exc:
+        return str(exc)
+    except OSError as exc:
+        return errno.errorcode[errno.ENAMETOOLONG] if exc.errno == errno.ENAMETOOLONG else str(exc.strerror)
+    return ""
+
+
+def _set_aside_unusable(state: ownership.State, node: NodeRoot) -> tuple[ownership.State, ownership.State,
+                                                                         tuple[str, ...]]:
+    """``(records to plan with, records kept as they are, notes)``: one record regmirror cannot act on (left
+    by an older regmirror that admitted a registry name too long for a directory, or edited by hand) must never
+    block apply and reset of everything else (issue 9).
+
+    A path the filesystem cannot hold (a name longer than it allows) cannot exist, so there is nothing to give
+    back: its record is dropped. Any other (a symlink on the way, an unreadable folder) is kept untouched for
+    a person to look at, and named each run."""
+    notes: list[str] = []
+    files: dict[str, ownership.FileRecord] = {}
+    kept: dict[str, ownership.FileRecord] = {}
+    for path, record in state.files.items():
+        why = _unusable(node, path)
+        if not why:
+            files[path] = record
+        elif why == errno.errorcode[errno.ENAMETOOLONG]:
+            notes.append(f"dropped regmirror's record of {path!r}: no file of that name can exist on this node "
+                         f"(a name longer than the filesystem allows), so there is nothing to give back")
+        else:
+            kept[path] = record
+            notes.append(f"cannot act on regmirror's record of {path!r} ({why}); it is left as it is, everything "
+                         f"else was done")
+    dirs = tuple(d for d in state.dirs if not _unusable(node, d))
+    kept_dirs = tuple(d for d in state.dirs if _unusable(node, d) not in ("", errno.errorcode[errno.ENAMETOOLONG]))
+    return (dataclasses.replace(state, files=files, dirs=dirs),
+            ownership.State(runtime=state.runtime, files=kept, dirs=kept_dirs), tuple(notes))
+
+
+def _with_set_aside(planned: Plan, before: str | None, kept: ownership.State, notes: tuple[str, ...]) -> Plan:
+    """The plan made without the set-aside records, with the state file as it is (every record) before and
+    the plan's records plus those kept after, so dropped records go and kept ones stay as they were."""
+    after = ownership.parse_state(planned.state_after, planned.state_path)
+    merged = ownership.State(runtime=after.runtime or (kept.runtime if not kept.empty else ""),
+                             files={**kept.files, **after.files}, dirs=tuple(sorted({*kept.dirs, *after.dirs})))
+    return dataclasses.replace(planned, state_before=before,
+                               state_after=ownership.render_state(merged), notes=planned.notes + notes)
 
 
 def describe(settings: Settings) -> tuple[str, str, list[Effective], ownership.State]:
