@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import posixpath
+import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from regmirror_agent import observing
 from regmirror_agent.defaults import CONFIG_FILE, DAEMON_JSON, DEFAULT_STATE_DIR, MODES, RUNTIMES
@@ -31,27 +33,85 @@ def _env(name: str, default: str) -> str:
     return os.environ.get(f"REGMIRROR_{name.upper().replace('-', '_')}", default)
 
 
+def _twin(flag: str) -> str:
+    return f"--{flag} (or REGMIRROR_{flag.upper().replace('-', '_')})"
+
+
 def parse_restart(value: str) -> str:
     if value in ("never", "auto", "systemd") or (value.startswith("command:") and value[len("command:"):].strip()):
         return value
-    raise argparse.ArgumentTypeError(f"{value!r}: expected never, auto, systemd or command:CMD")
+    raise argparse.ArgumentTypeError(f"{value!r}: expected never, auto, systemd or command:CMD "
+                                     f"(from {_twin('restart')})")
+
+
+def _choice(flag: str, choices: Sequence[str]) -> Callable[[str], str]:
+    """argparse checks ``choices`` on the command line only; an environment twin's value needs this."""
+    def parse(value: str) -> str:
+        if value not in choices:
+            raise argparse.ArgumentTypeError(f"{value!r}: expected one of {', '.join(choices)} (from {_twin(flag)})")
+        return value
+    return parse
+
+
+def parse_seconds(value: str) -> float:
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not 0 < seconds < 86400:  # also refuses nan and inf
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number of seconds between 0 and 86400 "
+                                         f"(from {_twin('health-timeout')})")
+    return seconds
+
+
+def parse_node_path(flag: str) -> Callable[[str], str]:
+    """A path on the node (``--config``, ``--state-dir``): absolute and normalized, as the engine reads it."""
+    def parse(value: str) -> str:
+        if not value.startswith("/") or posixpath.normpath(value) != value or "\x00" in value:
+            raise argparse.ArgumentTypeError(f"{value!r}: expected an absolute, normalized path on the node "
+                                             f"(from {_twin(flag)})")
+        return value
+    return parse
+
+
+#: A Kubernetes label key ([prefix/]name) and value, as the CRD's nodeSelector checks them.
+_LABEL_KEY = re.compile(r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"
+                        r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")
+_LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]{0,61})?[A-Za-z0-9])?$")
+
+
+def parse_node_labels(value: str) -> dict[str, str] | None:
+    """``k=v,k2=v2``: this node's labels, for the nodeSelector of ``-f`` documents. Empty: not given."""
+    if not value.strip():
+        return None
+    labels: dict[str, str] = {}
+    for item in value.split(","):
+        key, sep, label = item.strip().partition("=")
+        if not sep or not _LABEL_KEY.match(key) or len(key) > 317 or not _LABEL_VALUE.match(label):
+            raise argparse.ArgumentTypeError(f"{item!r}: expected KEY=VALUE with a Kubernetes label key and value, "
+                                             f"for example pool=gpu,kubernetes.io/os=linux (from "
+                                             f"{_twin('node-labels')})")
+        if key in labels:
+            raise argparse.ArgumentTypeError(f"{key!r} is given twice (from {_twin('node-labels')})")
+        labels[key] = label
+    return labels
 
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--root", default=_env("root", "/"),
                    help="the node's filesystem root (default /; the agent passes the host mount)")
-    p.add_argument("--runtime", choices=RUNTIMES, default=_env("runtime", "auto"))
+    p.add_argument("--runtime", choices=RUNTIMES, type=_choice("runtime", RUNTIMES), default=_env("runtime", "auto"))
     p.add_argument("--restart", type=parse_restart, default=_env("restart", "auto"),
                    help="never | auto | systemd | command:CMD (default auto: only when config.toml changed)")
-    p.add_argument("--state-dir", default=_env("state-dir", DEFAULT_STATE_DIR),
+    p.add_argument("--state-dir", type=parse_node_path("state-dir"), default=_env("state-dir", DEFAULT_STATE_DIR),
                    help="where, under --root, regmirror keeps what the node had before it (default %(default)s)")
-    p.add_argument("--config", dest="config_file", default=_env("config", CONFIG_FILE),
+    p.add_argument("--config", dest="config_file", type=parse_node_path("config"), default=_env("config", CONFIG_FILE),
                    help="containerd's config.toml on the node (default %(default)s)")
     p.add_argument("--containerd-address", default=_env("containerd-address", "") or None,
                    help="containerd socket for the health check (default: config.toml's [grpc] address)")
     p.add_argument("--docker-host", default=_env("docker-host", os.environ.get("DOCKER_HOST", "")) or None,
                    help="dockerd's address for confirming a reload (default: $DOCKER_HOST)")
-    p.add_argument("--health-timeout", type=float, default=float(_env("health-timeout", "60")),
+    p.add_argument("--health-timeout", type=parse_seconds, default=_env("health-timeout", "60"),
                    help="seconds to wait for the CRI plugin after a restart before rolling back")
 
 
@@ -64,7 +124,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="mirror REGISTRY through URLs tried in order; repeat for more registries")
     apply.add_argument("-f", "--filename", action="append", default=[],
                        help="YAML file of RegistryMirror documents (- for stdin); repeatable")
-    apply.add_argument("--mode", choices=MODES, default=_env("mode", "auto"),
+    apply.add_argument("--node-labels", type=parse_node_labels, default=_env("node-labels", ""), metavar="K=V,...",
+                       help="this node's labels: -f documents whose spec.nodeSelector does not select them are "
+                            "skipped; without it, a document with a nodeSelector is refused")
+    apply.add_argument("--mode", choices=MODES, type=_choice("mode", MODES), default=_env("mode", "auto"),
                        help="containerd: hosts (hosts.toml, the default whenever possible) or inline")
     apply.add_argument("--dry-run", action="store_true", help="print the diff of every file it would change")
     reset = sub.add_parser("reset", help="give the node back exactly its own configuration")
@@ -82,13 +145,63 @@ def read_sources(filenames: list[str]) -> list[tuple[str, str]]:
     sources = []
     for filename in filenames:
         try:
-            text = sys.stdin.read() if filename == "-" else open(filename, encoding="utf-8").read()
+            if filename == "-":
+                data = sys.stdin.buffer.read()
+            else:
+                with open(filename, "rb") as f:
+                    data = f.read()
+            text = data.decode("utf-8")
         except OSError as exc:
             from regmirror_api import models
 
-            raise models.InvalidSpec([f"{filename}: {exc.strerror}"]) from exc
+            raise models.InvalidSpec([f"{filename}: {exc.strerror or exc}"]) from exc
+        except UnicodeDecodeError as exc:
+            from regmirror_api import models
+
+            raise models.InvalidSpec([f"{filename}: not UTF-8 text ({exc.reason} at byte {exc.start}); save it "
+                                      f"as UTF-8"]) from exc
         sources.append((filename, text))
     return sources
+
+
+def _strict_loader() -> type:
+    """PyYAML's safe loader, refusing a key given twice in one mapping: YAML says keys are unique, and PyYAML
+    would otherwise keep the last one without a word (kubectl refuses them too)."""
+    import yaml
+
+    class StrictLoader(yaml.SafeLoader):
+        def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[object, object]:
+            seen: set[object] = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=True)  # type: ignore[no-untyped-call]
+                try:
+                    duplicate = key in seen
+                except TypeError:  # an unhashable key: construct_mapping below says so in YAML's words
+                    continue
+                if duplicate:
+                    raise yaml.constructor.ConstructorError(
+                        "while constructing a mapping", node.start_mark, f"found duplicate key {key!r}",
+                        key_node.start_mark)
+                seen.add(key)
+            return super().construct_mapping(node, deep)  # type: ignore[no-untyped-call,no-any-return]
+
+    return StrictLoader
+
+
+def _selected(filename: str, doc: object, mirror: models.RegistryMirror, labels: dict[str, str] | None) -> bool:
+    """Does this document's ``spec.nodeSelector`` pick this node? Without the node's labels a selector cannot be
+    answered, and applying a mirror meant for other nodes is worse than refusing."""
+    from regmirror_api import contract, models
+
+    spec = doc.get("spec") if isinstance(doc, dict) else None
+    selector = spec.get("nodeSelector") if isinstance(spec, dict) else None
+    if not selector:
+        return True
+    if labels is None:
+        raise models.InvalidSpec([f"{filename}: RegistryMirror {mirror.name!r} has a spec.nodeSelector, and this "
+                                  f"node's labels were not given: pass --node-labels KEY=VALUE,... (or "
+                                  f"REGMIRROR_NODE_LABELS) so regmirror can tell whether it selects this node"])
+    return contract.selects(selector, labels)
 
 
 def load_desired(args: argparse.Namespace, sources: list[tuple[str, str]]) -> list[models.RegistryMirror]:
@@ -97,23 +210,35 @@ def load_desired(args: argparse.Namespace, sources: list[tuple[str, str]]) -> li
     from regmirror_api import models
 
     desired = models.parse_cli_mirrors(args.mirror)
+    labels = getattr(args, "node_labels", None)
+    loader = _strict_loader()
+    skipped: list[str] = []
     for filename, text in sources:
         try:
-            docs = [d for d in yaml.safe_load_all(text) if d is not None]
+            docs = [d for d in yaml.load_all(text, Loader=loader) if d is not None]  # noqa: S506 - a SafeLoader
         except yaml.YAMLError as exc:
             raise models.InvalidSpec([f"{filename}: not valid YAML: {exc}"]) from exc
+        except RecursionError as exc:
+            raise models.InvalidSpec([f"{filename}: nested too deeply to be a RegistryMirror"]) from exc
         problems: list[str] = []
         for i, doc in enumerate(docs):
             try:
-                desired.append(models.parse_document(doc, i))
+                mirror = models.parse_document(doc, i)
+                if _selected(filename, doc, mirror, labels):
+                    desired.append(mirror)
+                else:
+                    skipped.append(mirror.name)
             except models.InvalidSpec as exc:
                 problems += [f"{filename}: {p}" for p in exc.problems]
         if problems:
             raise models.InvalidSpec(problems)
     models.check_unique_registries(desired)
+    for name in skipped:
+        _say(f"skipped: RegistryMirror {name!r}: its nodeSelector does not select this node")
     if args.command == "apply" and not desired:
-        raise models.InvalidSpec(["nothing to apply: give --mirror REGISTRY=URL or -f FILE "
-                                  "(to remove every mirror, run `regmirror reset`)"])
+        raise models.InvalidSpec([("no RegistryMirror given selects this node, so there is nothing to apply"
+                                   if skipped else "nothing to apply: give --mirror REGISTRY=URL or -f FILE")
+                                  + " (to remove every mirror, run `regmirror reset`)"])
     return desired
 
 
@@ -131,10 +256,22 @@ def _say(line: str) -> None:
     print(line, flush=True)
 
 
+def check_root(root: str) -> None:
+    """A missing ``--root`` is a typo in the command, not a node to refuse: say so before anything reads it."""
+    if not os.path.isdir(root):
+        from regmirror_api import models
+
+        raise models.InvalidSpec([f"--root {root!r} is not a directory; expected the node's filesystem root "
+                                  f"(/ on the node itself)"])
+
+
 def run_apply(args: argparse.Namespace) -> int:
+    check_root(args.root)
     sources = read_sources(args.filename) if args.command == "apply" else []
     dry_run = getattr(args, "dry_run", False)
+    labels = getattr(args, "node_labels", None)
     request = observing.request_key([args.command, sorted(getattr(args, "mirror", [])), [t for _, t in sources],
+                                     *([sorted(labels.items())] if labels else []),
                                      observing.request_settings(args.runtime, getattr(args, "mode", "auto"),
                                                                 args.config_file, DAEMON_JSON, args.state_dir)])
     if not dry_run and observing.already_applied(NodeRoot(args.root), args.state_dir, request):
@@ -174,6 +311,7 @@ def _plan_and_execute(desired: list[models.RegistryMirror], settings: Settings, 
 def run_show(args: argparse.Namespace) -> int:
     from regmirror_agent import engine
 
+    check_root(args.root)
     runtime, header, rows, state = engine.describe(settings_from(args))
     owned = set(state.files)
     if args.output == "json":
@@ -201,8 +339,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         from regmirror_agent import agent
 
         return agent.main(argv[1:])
-    args = build_parser().parse_args(argv)
-    from regmirror_api.errors import InvalidSpec
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # argparse said what was wrong (exit 2) or printed --help (exit 0)
+        return exc.code if isinstance(exc.code, int) else EXIT_INVALID
+    from regmirror_api.errors import InvalidSpec, RegmirrorError
 
     try:
         if args.command == "show":
@@ -213,15 +354,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"regmirror: invalid input: {problem}", file=sys.stderr)
         print("regmirror: nothing was changed", file=sys.stderr)
         return EXIT_INVALID
-    except Exception as exc:  # noqa: BLE001 - the engine's refusals, named below; anything else is a bug
-        from regmirror_agent import engine
-
-        if not isinstance(exc, (engine.EngineError, engine.containerd.NodeRefused, engine.docker.DockerRefused,
-                                engine.ownership.CorruptState, engine.UnsafePath)):
-            raise
+    except RegmirrorError as exc:  # refused or failed on purpose; anything else is a bug and keeps its traceback
         print(f"regmirror: error: {exc}", file=sys.stderr)
         return EXIT_FAILED
-
 
 if __name__ == "__main__":
     sys.exit(main())

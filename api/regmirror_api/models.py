@@ -25,8 +25,13 @@ KIND = "RegistryMirror"
 PLURAL = "registrymirrors"
 
 MAX_MIRRORS = 10
+#: containerd keeps a registry's settings in ``certs.d/<host:port>`` or ``certs.d/<host_port_>`` (RUNTIME-NOTES),
+#: and a file name holds at most 255 bytes: 253 (the DNS limit for a host name) leaves room for the ``_``.
+MAX_REGISTRY_LENGTH = 253
 MAX_URL_LENGTH = 2048
 MAX_CA_BUNDLE_LENGTH = 65536
+SPEC_FIELDS = ("registry", "mirrors", "nodeSelector")
+#: The node selection is the operator's and the agent's business (``regmirror_api.contract``), not the mirror's.
 CAPABILITIES = ("pull", "resolve", "push")
 DEFAULT_CAPABILITIES = ("pull", "resolve")
 
@@ -39,6 +44,18 @@ ANY_REGISTRY = "*"
 _LABEL = r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
 REGISTRY_PATTERN = rf"^(?:\*|{_LABEL}(?:\.{_LABEL})*(?::[0-9]{{1,5}})?)$"
 _REGISTRY_RE = re.compile(REGISTRY_PATTERN)
+#: What a mirror URL is: the one definition the CRD repeats (``tests/e2e/test_api.py`` checks both agree).
+#: Stricter than RFC 3986 where containerd is: Go's url.Parse, which containerd runs on every ``[host."<url>"]``,
+#: refuses a malformed ``%`` escape anywhere and any ``%`` escape in the host, and one URL it cannot parse makes
+#: containerd ignore the whole hosts.toml, the good mirrors with it. So: http(s), a host name or IPv4 address
+#: of letters, digits, ``-``, ``_`` and dots (punycode for international names), a port 1-65535 written without
+#: leading zeros, and a path of RFC 3986 path characters and ``%XX`` escapes. No credentials, query or fragment.
+_URL_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9])?"
+_URL_PORT = r"(?:[1-9][0-9]{0,3}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5])"
+_URL_PATH = r"(?:/(?:[A-Za-z0-9._~!$&()*+,;=:@/-]|%[0-9A-Fa-f]{2})*)?"
+MIRROR_URL_PATTERN = rf"^[Hh][Tt][Tt][Pp][Ss]?://{_URL_LABEL}(?:\.{_URL_LABEL})*(?::{_URL_PORT})?{_URL_PATH}$"
+_MIRROR_URL_RE = re.compile(MIRROR_URL_PATTERN)
+_BAD_ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})")
 #: Characters that would let a URL break out of a TOML string or a JSON document, or that no URL needs.
 _URL_FORBIDDEN = re.compile(r"[\s\"'\\`<>{}|^\[\]]")
 
@@ -86,7 +103,12 @@ def check_registry(registry: object, where: str = "registry") -> list[str]:
     if registry in DOCKER_HUB_ALIASES:
         return [f"{where}: {registry!r} is an alias of Docker Hub; containerd only reads configuration "
                 f"written for {DOCKER_HUB!r}, so write {DOCKER_HUB!r}"]
-    if len(registry) > 260 or not _REGISTRY_RE.match(registry):
+    if len(registry) > MAX_REGISTRY_LENGTH:
+        return [f"{where}: {registry[:60]!r}... is {len(registry)} characters long; a registry name has at "
+                f"most {MAX_REGISTRY_LENGTH} characters, because containerd keeps a registry's settings in a "
+                f"directory named after it (certs.d/host_port_ for host:port) and a directory name holds at most "
+                f"255 bytes"]
+    if not _REGISTRY_RE.match(registry):
         return [f"{where}: {registry!r} is not a registry host: expected host[:port] in lower case "
                 f"(for example \"quay.io\" or \"registry.example.com:5000\"), \"docker.io\" or \"*\""]
     if ":" in registry and not 0 < int(registry.rsplit(":", 1)[1]) < 65536:
@@ -109,15 +131,23 @@ def check_mirror_url(url: object, where: str = "url") -> list[str]:
                 f"(whitespace, quotes, backslash, brackets or control characters)"]
     try:
         parts = urlsplit(url)
-        parts.port  # noqa: B018 - raises ValueError on a bad port
+        port = parts.port
     except ValueError as exc:
         return [f"{where}: {url!r} is not a valid URL ({exc})"]
-    if parts.scheme not in ("http", "https") or not parts.hostname:
+    if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
         return [f"{where}: {url!r} is not an absolute http:// or https:// URL"]
-    if parts.username or parts.password:
+    if "@" in parts.netloc:
         return [f"{where}: {url!r} carries credentials; put them in a pull secret, never in a mirror URL"]
-    if parts.query or parts.fragment:
+    if "?" in url or "#" in url:
         return [f"{where}: {url!r} has a query or fragment; a mirror URL is scheme://host[:port][/path]"]
+    if port is not None and (not 0 < port < 65536 or parts.netloc.rsplit(":", 1)[1].startswith("0")):
+        return [f"{where}: {url!r} has a port outside 1-65535 (or written with leading zeros)"]
+    if "%" in parts.netloc or _BAD_ESCAPE.search(url):
+        return [f"{where}: {url!r} has a % that is not a %XX escape, or an escape in the host name; containerd "
+                f"cannot parse it and would ignore every mirror of this registry"]
+    if not _MIRROR_URL_RE.match(url):
+        return [f"{where}: {url!r} is not a mirror URL containerd reads: expected http(s)://host[:port][/path], a "
+                f"host of letters, digits, '-', '_' and dots, a port 1-65535, a path of URL path characters"]
     return []
 
 
@@ -128,7 +158,7 @@ def parse_mirror(raw: object, where: str) -> tuple[Mirror | None, list[str]]:
     if not isinstance(raw, Mapping):
         return None, [f"{where}: must be an object with a \"url\", got {raw!r}"]
     problems: list[str] = []
-    unknown = sorted(set(raw) - {"url", "skipVerify", "caBundle", "overridePath", "capabilities"})
+    unknown = sorted(map(str, set(raw) - {"url", "skipVerify", "caBundle", "overridePath", "capabilities"}))
     if unknown:
         problems.append(f"{where}: unknown field(s) {', '.join(map(repr, unknown))}; expected url, skipVerify, "
                         f"caBundle, overridePath, capabilities")
@@ -161,6 +191,10 @@ def parse_spec(name: str, spec: object, generation: int = 0, where: str = "spec"
     if not isinstance(spec, Mapping):
         raise InvalidSpec([f"{where}: must be an object with \"registry\" and \"mirrors\""])
     problems = check_registry(spec.get("registry"), f"{where}.registry")
+    unknown = sorted(map(str, set(spec) - set(SPEC_FIELDS)))
+    if unknown:  # a misspelt field would otherwise be dropped without a word, as the CRD would refuse it
+        problems.append(f"{where}: unknown field(s) {', '.join(map(repr, unknown))}; expected "
+                        f"{', '.join(SPEC_FIELDS)}")
     raw_mirrors = spec.get("mirrors")
     mirrors: list[Mirror] = []
     if not isinstance(raw_mirrors, list) or not raw_mirrors:
@@ -191,12 +225,17 @@ def parse_document(doc: object, index: int = 0) -> RegistryMirror:
         problems.append(f"{where}: expected apiVersion {API_GROUP}/{API_VERSION} and kind {KIND}, got "
                         f"{doc.get('apiVersion')!r} {doc.get('kind')!r}")
     meta = doc.get("metadata") or {}
-    name = meta.get("name") if isinstance(meta, Mapping) else None
+    if not isinstance(meta, Mapping):
+        raise InvalidSpec(problems + [f"{where}: metadata must be an object with a name, got {meta!r}"])
+    name = meta.get("name")
     if not isinstance(name, str) or not name:
         problems.append(f"{where}: metadata.name is missing")
+    generation = meta.get("generation") or 0
+    if isinstance(generation, bool) or not isinstance(generation, int) or generation < 0:
+        problems.append(f"{where}: metadata.generation must be a whole number 0 or more, got {generation!r}")
     if problems:
         raise InvalidSpec(problems)
-    return parse_spec(str(name), doc.get("spec"), int(meta.get("generation") or 0), where=f"{name}: spec")
+    return parse_spec(str(name), doc.get("spec"), int(generation), where=f"{name}: spec")
 
 
 def parse_cli_mirror(arg: str) -> RegistryMirror:
