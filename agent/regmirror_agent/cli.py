@@ -74,9 +74,7 @@ def parse_node_path(flag: str) -> Callable[[str], str]:
     return parse
 
 
-#: A Kubernetes label key ([prefix/]name) and value, as the CRD's nodeSelector checks them.
-_LABEL_KEY = re.compile(r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"
-                        r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")
+#: A label value as Kubernetes writes it on a Node (the key's rule is models.LABEL_KEY_PATTERN).
 _LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]{0,61})?[A-Za-z0-9])?$")
 
 
@@ -84,10 +82,12 @@ def parse_node_labels(value: str) -> dict[str, str] | None:
     """``k=v,k2=v2``: this node's labels, for the nodeSelector of ``-f`` documents. Empty: not given."""
     if not value.strip():
         return None
+    from regmirror_api import models
+
     labels: dict[str, str] = {}
     for item in value.split(","):
         key, sep, label = item.strip().partition("=")
-        if not sep or not _LABEL_KEY.match(key) or len(key) > 317 or not _LABEL_VALUE.match(label):
+        if not sep or not re.match(models.LABEL_KEY_PATTERN, key) or len(key) > 317 or not _LABEL_VALUE.match(label):
             raise argparse.ArgumentTypeError(f"{item!r}: expected KEY=VALUE with a Kubernetes label key and value, "
                                              f"for example pool=gpu,kubernetes.io/os=linux (from "
                                              f"{_twin('node-labels')})")

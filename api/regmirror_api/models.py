@@ -56,6 +56,11 @@ _URL_PATH = r"(?:/(?:[A-Za-z0-9._~!$&()*+,;=:@/-]|%[0-9A-Fa-f]{2})*)?"
 MIRROR_URL_PATTERN = rf"^[Hh][Tt][Tt][Pp][Ss]?://{_URL_LABEL}(?:\.{_URL_LABEL})*(?::{_URL_PORT})?{_URL_PATH}$"
 _MIRROR_URL_RE = re.compile(MIRROR_URL_PATTERN)
 _BAD_ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})")
+#: A Kubernetes label key, ``[prefix/]name``, as the CRD's nodeSelector checks it; a value is at most 63 characters.
+LABEL_KEY_PATTERN = (r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"
+                     r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")
+_LABEL_KEY_RE = re.compile(LABEL_KEY_PATTERN)
+SELECTOR_OPERATORS = ("In", "NotIn", "Exists", "DoesNotExist")
 #: Characters that would let a URL break out of a TOML string or a JSON document, or that no URL needs.
 _URL_FORBIDDEN = re.compile(r"[\s\"'\\`<>{}|^\[\]]")
 
@@ -151,6 +156,55 @@ def check_mirror_url(url: object, where: str = "url") -> list[str]:
     return []
 
 
+def check_node_selector(selector: object, where: str = "spec.nodeSelector") -> list[str]:
+    """Problems with a nodeSelector (a metav1.LabelSelector), by the CRD's rules; empty or absent is fine."""
+    if selector is None:
+        return []
+    if not isinstance(selector, Mapping):
+        return [f"{where}: must be a label selector object with matchLabels and/or matchExpressions, "
+                f"got {selector!r}"]
+    problems = []
+    unknown = sorted(map(str, set(selector) - {"matchLabels", "matchExpressions"}))
+    if unknown:
+        problems.append(f"{where}: unknown field(s) {', '.join(map(repr, unknown))}; expected matchLabels, "
+                        f"matchExpressions")
+    labels = selector.get("matchLabels") or {}
+    if not isinstance(labels, Mapping) or len(labels) > 64:
+        problems.append(f"{where}.matchLabels: must map at most 64 label keys to values, got {labels!r}")
+        labels = {}
+    for key, value in labels.items():
+        if not isinstance(key, str) or not _LABEL_KEY_RE.match(key):
+            problems.append(f"{where}.matchLabels: {key!r} is not a label key ([prefix/]name, name at most 63 "
+                            f"characters of letters, digits, '-', '_' and '.')")
+        if not isinstance(value, str) or len(value) > 63:
+            problems.append(f"{where}.matchLabels[{key!r}]: must be a label value of at most 63 characters, "
+                            f"got {value!r}")
+    expressions = selector.get("matchExpressions") or []
+    if not isinstance(expressions, list) or len(expressions) > 32:
+        problems.append(f"{where}.matchExpressions: must be a list of at most 32 requirements, got {expressions!r}")
+        expressions = []
+    for i, expr in enumerate(expressions):
+        at = f"{where}.matchExpressions[{i}]"
+        if not isinstance(expr, Mapping):
+            problems.append(f"{at}: must be an object with key, operator and values, got {expr!r}")
+            continue
+        key, op, values = expr.get("key"), expr.get("operator"), expr.get("values")
+        unknown = sorted(map(str, set(expr) - {"key", "operator", "values"}))
+        if unknown:
+            problems.append(f"{at}: unknown field(s) {', '.join(map(repr, unknown))}; expected key, operator, values")
+        if not isinstance(key, str) or not key or len(key) > 317:
+            problems.append(f"{at}.key: must be a label key, got {key!r}")
+        if op not in SELECTOR_OPERATORS:
+            problems.append(f"{at}.operator: {op!r} is not one of {', '.join(SELECTOR_OPERATORS)}")
+        if values is not None and (not isinstance(values, list) or len(values) > 64
+                                   or not all(isinstance(v, str) and len(v) <= 63 for v in values)):
+            problems.append(f"{at}.values: must be a list of at most 64 label values, got {values!r}")
+        elif op in SELECTOR_OPERATORS and (op in ("In", "NotIn")) != bool(values):
+            problems.append(f"{at}: operator {op} " + ("needs at least one value" if op in ("In", "NotIn")
+                                                       else "takes no values"))
+    return problems
+
+
 def parse_mirror(raw: object, where: str) -> tuple[Mirror | None, list[str]]:
     """Build a Mirror from its camelCase spec (a plain URL string is accepted as shorthand)."""
     if isinstance(raw, str):
@@ -195,6 +249,7 @@ def parse_spec(name: str, spec: object, generation: int = 0, where: str = "spec"
     if unknown:  # a misspelt field would otherwise be dropped without a word, as the CRD would refuse it
         problems.append(f"{where}: unknown field(s) {', '.join(map(repr, unknown))}; expected "
                         f"{', '.join(SPEC_FIELDS)}")
+    problems += check_node_selector(spec.get("nodeSelector"), f"{where}.nodeSelector")
     raw_mirrors = spec.get("mirrors")
     mirrors: list[Mirror] = []
     if not isinstance(raw_mirrors, list) or not raw_mirrors:

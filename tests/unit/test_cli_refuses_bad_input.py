@@ -298,3 +298,21 @@ def test_every_refusal_is_a_regmirror_error() -> None:
     for cls in (engine.EngineError, containerd.NodeRefused, docker.DockerRefused, ownership.CorruptState,
                 nodefiles.UnsafePath):
         assert issubclass(cls, errors.Refused), cls
+
+
+@pytest.mark.parametrize("selector, words", [
+    ("5", "must be a label selector object"),
+    ("{matchLabel: {pool: gpu}}", "unknown field(s) 'matchLabel'"),
+    ("{matchLabels: [pool]}", "matchLabels: must map"),
+    ("{matchExpressions: [{key: pool, operator: In}]}", "operator In needs at least one value"),
+    ("{matchExpressions: [{key: pool, operator: Gt, values: ['1']}]}", "'Gt' is not one of"),
+    ("{matchExpressions: 5}", "matchExpressions: must be a list"),
+])
+def test_a_malformed_node_selector_is_invalid_input(tmp_path: Path, selector: str, words: str,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    root = node(tmp_path)
+    doc = tmp_path / "m.yaml"
+    doc.write_text(DOC % ("", f"  nodeSelector: {selector}\n"))
+    err = refused(root, capsys, "apply", "--root", str(root), "--restart", "never", "-f", str(doc),
+                  "--node-labels", "pool=gpu")
+    assert "spec.nodeSelector" in err and words in err
