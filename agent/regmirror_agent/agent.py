@@ -26,7 +26,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from regmirror_agent import engine
-from regmirror_agent.kubeapi import METADATA_ONLY, ApiError, Client, load_config
+from regmirror_agent.kubeapi import METADATA_ONLY, METADATA_ONLY_LIST, ApiError, Client, load_config
 from regmirror_agent.reporting import Reporter
 from regmirror_agent.watching import ObjectWatch, jittered
 from regmirror_api import contract, models
@@ -72,7 +72,8 @@ class Agent:
             ObjectWatch(client, CONFIGMAPS, contract.CONFIGMAP, self._on_configmap, stop=self.stop,
                         watch_seconds=settings.watch_seconds, read_timeout=settings.read_timeout,
                         max_backoff=settings.max_backoff),
-            ObjectWatch(client, NODES, settings.node, self._on_node, stop=self.stop, accept=METADATA_ONLY,
+            ObjectWatch(client, NODES, settings.node, self._on_node, stop=self.stop,
+                        list_accept=METADATA_ONLY_LIST, watch_accept=METADATA_ONLY,
                         watch_seconds=settings.watch_seconds, read_timeout=settings.read_timeout,
                         max_backoff=settings.max_backoff),
         ]

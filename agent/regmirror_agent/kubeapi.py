@@ -87,7 +87,8 @@ def load_config(kubeconfig: str | None = None) -> Config:
         insecure=bool(cluster.get("insecure-skip-tls-verify")))
 
 
-#: Accept header for metadata-only answers (``PartialObjectMetadata``): a Node's labels without its status.
+#: Accept headers for metadata-only answers: a Node's labels without its status, for a list and for a watch.
+METADATA_ONLY_LIST = "application/json;as=PartialObjectMetadataList;g=meta.k8s.io;v=v1,application/json"
 METADATA_ONLY = "application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1,application/json"
 
 

@@ -33,7 +33,8 @@ class ObjectWatch:
     every watch event that is not a bookmark; runs in a thread of its own until ``stop`` is set."""
 
     def __init__(self, client: Client, collection: str, name: str, on_change: Handler, *,
-                 stop: threading.Event, accept: str = "application/json", watch_seconds: int = 3600,
+                 stop: threading.Event, list_accept: str = "application/json",
+                 watch_accept: str = "application/json", watch_seconds: int = 3600,
                  read_timeout: float = 180.0, max_backoff: float = 30.0,
                  rand: Callable[[], float] = random.random) -> None:
         self.client = client
@@ -41,7 +42,8 @@ class ObjectWatch:
         self.name = name
         self.on_change = on_change
         self.stop = stop
-        self.accept = accept
+        self.list_accept = list_accept
+        self.watch_accept = watch_accept
         self.watch_seconds = watch_seconds
         self.read_timeout = read_timeout
         self.max_backoff = max_backoff
@@ -55,7 +57,7 @@ class ObjectWatch:
 
     def _list(self) -> str:
         self.lists += 1
-        result = self.client.get(self.collection, accept=self.accept, **self._selector)
+        result = self.client.get(self.collection, accept=self.list_accept, **self._selector)
         items = result.get("items") or []
         self.on_change(items[0] if items else None)
         return str(result["metadata"]["resourceVersion"])
@@ -67,7 +69,7 @@ class ObjectWatch:
         timeout = int(self.watch_seconds * (0.5 + self.rand() / 2))
         params = {**self._selector, "resourceVersion": version}
         for event in self.client.watch(self.collection, params, timeout, read_timeout=self.read_timeout,
-                                       accept=self.accept):
+                                       accept=self.watch_accept):
             if self.stop.is_set():
                 return version
             kind, obj = event.get("type"), event.get("object") or {}

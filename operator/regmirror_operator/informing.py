@@ -33,13 +33,14 @@ class Sink(Protocol):
 
 class Informer:
     def __init__(self, publisher: publishing.Publisher, kind: str, path: str, sink: Sink, *,
-                 accept: str = "application/json", watch_seconds: int = 1800, read_timeout: float = 180.0,
+                 list_accept: str = "application/json", watch_accept: str = "application/json", watch_seconds: int = 1800, read_timeout: float = 180.0,
                  max_backoff: float = 30.0, rand: Callable[[], float] = random.random) -> None:
         self.publisher = publisher
         self.kind = kind
         self.path = path
         self.sink = sink
-        self.accept = accept
+        self.list_accept = list_accept
+        self.watch_accept = watch_accept
         self.watch_seconds = watch_seconds
         self.read_timeout = read_timeout
         self.max_backoff = max_backoff
@@ -49,14 +50,14 @@ class Informer:
 
     def _list(self) -> str:
         self.lists += 1
-        objects, version = self.publisher.list_all(self.path, accept=self.accept)
+        objects, version = self.publisher.list_all(self.path, accept=self.list_accept)
         self.sink.listed(self.kind, {str(o["metadata"]["name"]): o for o in objects})
         return version
 
     def _watch(self, version: str) -> str | None:
         timeout = int(self.watch_seconds * (0.5 + self.rand() / 2))
         for event in self.publisher.watch(self.path, version, timeout_seconds=timeout,
-                                          read_timeout=self.read_timeout, accept=self.accept):
+                                          read_timeout=self.read_timeout, accept=self.watch_accept):
             if self.stop.is_set():
                 return version
             kind, obj = event.get("type"), event.get("object") or {}

@@ -131,7 +131,7 @@ class Reconciler:
         event loop the reconciler runs in: their threads hand what they hear to it."""
         self._loop = asyncio.get_running_loop()
         return [informing.Informer(self.publisher, caches.NODES, "/api/v1/nodes", self,
-                                   accept=publishing.METADATA_ONLY_WATCH),
+                                   list_accept=publishing.METADATA_ONLY, watch_accept=publishing.METADATA_ONLY_WATCH),
                 informing.Informer(self.publisher, caches.REPORTS, contract.NODE_REPORTS_PATH, self)]
 
     # --- the loop --------------------------------------------------------------------------------------------
