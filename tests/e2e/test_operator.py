@@ -354,7 +354,12 @@ def test_the_report_of_a_node_that_is_gone_is_deleted(controlplane: cp.ControlPl
     # node the operator has not seen yet is kept for a while; this one was written long ago.
     cleanup.append("quay-io")
     controlplane.kubectl("apply", "-f", str(EXAMPLES / "quay-io.yaml"))
-    report_as_agent(controlplane, "quay-io", "node-gone", 1, time="2025-01-01T00:00:00Z")
+    controlplane.kubectl("create", "-f", "-", input=json.dumps({
+        "apiVersion": "v1", "kind": "Node", "metadata": {"name": "node-gone"}}))
+    try:
+        report_as_agent(controlplane, "quay-io", "node-gone", 1, time="2025-01-01T00:00:00Z")
+    finally:
+        controlplane.kubectl("delete", "node", "node-gone")
     report_as_agent(controlplane, "quay-io", "node-a", 1)
     eventually(lambda: controlplane.kubectl("get", "rmn", "node-gone", check=False).returncode != 0,
                what="the departed node's report deleted")
