@@ -1,7 +1,9 @@
 """The node engine: read the node, plan, check, write, restart if needed, prove health, roll back if not.
 
 The CLI and the DaemonSet agent both call ``apply``/``reset``; everything they need to report is in the
-returned ``Outcome`` or the raised ``EngineError``. Unless ``apply`` returns, every file is as it was.
+returned ``Outcome`` or the raised ``EngineError``. Unless ``apply`` returns, every file is as it was: a refusal
+writes nothing, and a write the filesystem refuses (an immutable file, a read-only mount: any ``OSError``)
+puts back what was written before it is reported.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import contextlib
 import dataclasses
 import errno
 import functools
+import glob
 import os
 import posixpath
 import tempfile
@@ -39,6 +42,9 @@ class Outcome:
     plan: Plan
     restarted: bool = False
     notes: tuple[str, ...] = ()
+    """For people: what happened that they may want to know."""
+    drift: tuple[str, ...] = ()
+    """Node paths of managed files someone edited since regmirror wrote them, and that this apply put back."""
 
     @property
     def changed(self) -> bool:
@@ -52,21 +58,30 @@ def _quiet(_: str) -> None:
     pass
 
 
+def _holds_files(node: NodeRoot, folder: str) -> bool:
+    """A folder with something in it. Only that says a runtime was set up here: the agent's DaemonSet mounts
+    /etc/containerd and /etc/docker with ``DirectoryOrCreate``, so both exist, empty, on every node."""
+    return bool(node.glob(posixpath.join(glob.escape(folder), "*")))
+
+
 def detect_runtime(node: NodeRoot, settings: Settings, state: ownership.State) -> str:
+    """containerd unless the node says Docker: its daemon.json or a non-empty /etc/docker, and no containerd
+    config.toml with the CRI plugin on (nor anything in /etc/containerd when config.toml is absent)."""
     if settings.runtime != "auto":
         return settings.runtime
     if state.runtime:
         return state.runtime
+    docker_dir = posixpath.dirname(settings.daemon_json)
+    docker_signs = node.read(settings.daemon_json) is not None or _holds_files(node, docker_dir)
     text = node.read(settings.config_file)
     if text is not None:
         try:
             containerd.check_cri_enabled(tomllib.loads(text), settings.config_file)
         except (tomllib.TOMLDecodeError, containerd.NodeRefused):
-            if node.read(settings.daemon_json) is not None or node.is_dir(posixpath.dirname(settings.daemon_json)):
+            if docker_signs:
                 return docker.RUNTIME
         return containerd.RUNTIME
-    if node.is_dir(posixpath.dirname(settings.daemon_json)) and not node.is_dir(
-            posixpath.dirname(settings.config_file)):
+    if docker_signs and not _holds_files(node, posixpath.dirname(settings.config_file)):
         return docker.RUNTIME
     return containerd.RUNTIME
 
@@ -93,7 +108,8 @@ def plan(desired: Sequence[models.RegistryMirror], settings: Settings, request: 
     node = observing.RecordingView(NodeRoot(settings.root))
     host = settings.host or Host.detect()
     try:
-        state = ownership.parse_state(node.read(settings.state_path), settings.state_path)
+        state = _without_mounted_state_dir(
+            ownership.parse_state(node.read(settings.state_path), settings.state_path), node.inner, settings)
         runtime = detect_runtime(node, settings, state)  # type: ignore[arg-type]
         if state.runtime and state.runtime != runtime and not state.empty:
             raise EngineError(f"this node's regmirror state belongs to {state.runtime}, not {runtime}; "
@@ -106,6 +122,26 @@ def plan(desired: Sequence[models.RegistryMirror], settings: Settings, request: 
                                    observed=node.observations()), runtime
     except (containerd.NodeRefused, docker.DockerRefused, UnsafePath, ownership.CorruptState) as exc:
         raise EngineError(str(exc)) from exc
+    except OSError as exc:
+        raise EngineError(f"reading the node failed: {_os_error(exc, settings)}; nothing was changed") from exc
+
+
+def _os_error(exc: OSError, settings: Settings) -> str:
+    """An OSError in the node's words: its node path, not the agent's ``/host/...``."""
+    where = exc.filename
+    if isinstance(where, str) and where.startswith(os.path.abspath(settings.root)):
+        where = NodeRoot(settings.root).node_path(where)
+    return f"{where}: {exc.strerror}" if where and exc.strerror else str(exc)
+
+
+def _without_mounted_state_dir(state: ownership.State, node: NodeRoot, settings: Settings) -> ownership.State:
+    """A state directory that is a mount point (the agent's hostPath) is the DaemonSet's, not regmirror's to
+    remove: removing it on the host would leave the running agent writing into a deleted folder."""
+    state_dir = settings.state_dir
+    if not state.dirs or not os.path.ismount(node.fs_path(state_dir)):
+        return state
+    return dataclasses.replace(state, dirs=tuple(d for d in state.dirs
+                                                 if not (d == state_dir or state_dir.startswith(d + "/"))))
 
 
 def _unusable(node: NodeRoot, path: str) -> str:
@@ -229,11 +265,21 @@ def _restart_and_check(settings: Settings, host: Host, node: NodeRoot, runtime: 
 
 def execute(plan_: Plan, runtime: str, settings: Settings, log: Log = _quiet) -> Outcome:
     """Write the plan; restart and health-check when it needs; roll back when the runtime does not recover."""
+    try:
+        return _execute(plan_, runtime, settings, log)
+    except OSError as exc:  # outside apply_plan's own rollback: before the first write or after the last
+        raise EngineError(f"{_os_error(exc, settings)}; every file is as it was") from exc
+
+
+def _execute(plan_: Plan, runtime: str, settings: Settings, log: Log) -> Outcome:
     node = NodeRoot(settings.root)
     host = settings.host or Host.detect()
     notes = list(plan_.notes)
     if not plan_.changed or settings.dry_run:
-        return Outcome(runtime, plan_, notes=tuple(notes))
+        if not settings.dry_run:  # a run stopped at its very end may have left these two undone
+            applying.clear_leftovers(node, plan_)
+            _record_applied(plan_, node, settings)
+        return Outcome(runtime, plan_, notes=tuple(notes), drift=plan_.drift)
     config_change = next((c for c in plan_.changes if c.path == settings.config_file and c.after), None)
     applied_record = node.fs_path(observing.applied_path(settings.state_dir))
     if runtime == containerd.RUNTIME and config_change and config_change.after:
@@ -242,13 +288,20 @@ def execute(plan_: Plan, runtime: str, settings: Settings, log: Log = _quiet) ->
     if runtime == docker.RUNTIME and settings.restart != "never":
         steps = list(docker.removal_bridge(plan_, settings.daemon_json) or steps)
     # A record of the last apply must never vouch for one that is half done or rolled back.
+    last_applied = node.read(observing.applied_path(settings.state_dir))
     applying.remove_durably(applied_record)
     restarted = False
+    done: list[Plan] = []
     for step in steps:
         try:
             applying.apply_plan(step, node)
-        except (applying.Conflict, UnsafePath) as exc:
-            raise EngineError(str(exc)) from exc
+        except (applying.Conflict, applying.WriteFailed, UnsafePath) as exc:
+            undone = _undo_earlier(done, node, runtime, settings)
+            if last_applied is not None and not undone:  # the node is as that record saw it again
+                with contextlib.suppress(OSError):
+                    applying.write_atomic(applied_record, last_applied)
+            raise EngineError(str(exc) + undone) from exc
+        done.append(step)
         for change in step.changes:
             log(f"{'removed' if change.after is None else 'wrote'} {change.path}")
         if step.restart and settings.restart == "never":
@@ -260,15 +313,43 @@ def execute(plan_: Plan, runtime: str, settings: Settings, log: Log = _quiet) ->
             if reason:
                 _roll_back(step, runtime, settings, host, node, reason, log)
             restarted = True
-    if plan_.state_after is not None and plan_.observed is not None:
-        applying.write_atomic(applied_record, observing.render_applied(plan_.request, node, plan_.observed))
-    return Outcome(runtime, plan_, restarted=restarted, notes=tuple(notes))
+    _record_applied(plan_, node, settings)
+    return Outcome(runtime, plan_, restarted=restarted, notes=tuple(notes), drift=plan_.drift)
+
+
+def _record_applied(plan_: Plan, node: NodeRoot, settings: Settings) -> None:
+    """Vouch for this apply (see ``observing``), unless the record already says exactly that. Only a shortcut
+    for the next run: when it cannot be written, that run plans again."""
+    if plan_.state_after is None or plan_.observed is None or not plan_.request:
+        return
+    path = observing.applied_path(settings.state_dir)
+    with contextlib.suppress(OSError):
+        text = observing.render_applied(plan_.request, node, plan_.observed)
+        if node.read(path) != text:
+            applying.write_atomic(node.fs_path(path), text)
+
+
+def _undo_earlier(done: list[Plan], node: NodeRoot, runtime: str, settings: Settings) -> str:
+    """Put back the steps already applied (Docker's bridge write) when a later one fails; say what is left."""
+    try:
+        for step in reversed(done):
+            applying.apply_plan(step.inverse(), node)
+    except (applying.Conflict, applying.WriteFailed, UnsafePath) as exc:
+        return f"; putting back the earlier step failed too: {exc}"
+    if done and any(step.restart for step in done) and settings.restart != "never":
+        return (f" (its earlier step was put back as well; {runtime} was reloaded in between and keeps that "
+                f"until its next reload)")
+    return ""
 
 
 def _roll_back(plan_: Plan, runtime: str, settings: Settings, host: Host, node: NodeRoot, reason: str,
                log: Log) -> None:
     log(f"{runtime} is not healthy after the change ({reason}); putting the previous files back")
-    applying.apply_plan(plan_.inverse(), node)
+    try:
+        applying.apply_plan(plan_.inverse(), node)
+    except (applying.Conflict, applying.WriteFailed, UnsafePath) as exc:
+        raise EngineError(f"{runtime} did not come back healthy after the change: {reason}; and putting the "
+                          f"previous files back failed: {exc}") from exc
     again = _restart_and_check(settings, host, node, runtime)
     after = "it is healthy again on the previous files" if not again else f"it is still unhealthy: {again}"
     verb = "reloaded" if runtime == docker.RUNTIME else "restarted"
@@ -292,15 +373,20 @@ def apply(desired: Sequence[models.RegistryMirror], settings: Settings, log: Log
 
 @contextlib.contextmanager
 def locked(settings: Settings) -> Iterator[None]:
-    """Hold the node's writer lock from planning to the health check (dry runs need none)."""
+    """Hold the node's writer lock from planning to the health check (dry runs need none). The CLI and the
+    agent both plan and execute inside it, so no other writer's records can change in between."""
     if settings.dry_run:
         yield
         return
-    try:
-        with applying.node_lock(settings.root):
-            yield
-    except applying.Conflict as exc:
-        raise EngineError(str(exc)) from exc
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(applying.node_lock(settings.root, state_dir=settings.state_dir))
+        except (applying.Conflict, UnsafePath) as exc:
+            raise EngineError(str(exc)) from exc
+        except OSError as exc:
+            raise EngineError(f"cannot take the node's writer lock: {_os_error(exc, settings)}; nothing was "
+                              f"changed") from exc
+        yield
 
 
 def reset(settings: Settings, log: Log = _quiet) -> Outcome:

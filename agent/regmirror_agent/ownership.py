@@ -28,6 +28,16 @@ class CorruptState(Refused, ValueError):
 class FileRecord:
     original: str | None
     written_sha256: str
+    written: str | None = None
+    """What regmirror wrote, kept for files the node had before (the ones it edits in part), so a hand edit
+    made since can be carried onto the node's own bytes line for line (``merge3``)."""
+    pending: tuple[str, ...] = ()
+    """While an apply is under way: what the file held from the previous apply, written from the same
+    ``original``. A run stopped before the file was rewritten leaves it holding that, which is no hand edit."""
+
+    def wrote(self, text: str | None) -> bool:
+        digest = sha256(text)
+        return digest == self.written_sha256 or any(digest == sha256(p) for p in self.pending)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,7 +90,9 @@ def parse_state(text: str | None, where: str) -> State:
         if raw.get("version") != STATE_VERSION:
             raise CorruptState(f"{where}: state version {raw.get('version')!r}, this regmirror reads {STATE_VERSION}")
         check_state_types(raw, where)
-        files = {path: FileRecord(rec["original"], rec["writtenSha256"]) for path, rec in raw["files"].items()}
+        files = {path: FileRecord(rec["original"], rec["writtenSha256"], rec.get("written"),
+                                  tuple(rec.get("pending", ())))
+                 for path, rec in raw["files"].items()}
         return State(runtime=raw.get("runtime", ""), files=files, dirs=tuple(raw.get("dirs", [])))
     except CorruptState:
         raise
@@ -96,7 +108,9 @@ def render_state(state: State) -> str | None:
     return json.dumps({
         "version": STATE_VERSION,
         "runtime": state.runtime,
-        "files": {p: {"original": r.original, "writtenSha256": r.written_sha256}
+        "files": {p: {"original": r.original, "writtenSha256": r.written_sha256,
+                      **({"written": r.written} if r.written is not None else {}),
+                      **({"pending": list(r.pending)} if r.pending else {})}
                   for p, r in sorted(state.files.items())},
         "dirs": sorted(state.dirs),
     }, indent=2, sort_keys=True) + "\n"
@@ -108,29 +122,87 @@ def intent_state(before: str | None, after: str | None) -> str | None:
     if before is None or after is None:
         return after if before is None else before
     old, new = parse_state(before, "state"), parse_state(after, "state")
-    return render_state(State(runtime=new.runtime or old.runtime, files={**old.files, **new.files},
+    files = {**old.files, **new.files}
+    for path, rec in new.files.items():
+        was = old.files.get(path)
+        if was is not None and was.original == rec.original and was.written_sha256 != rec.written_sha256 \
+                and was.written is not None:
+            files[path] = dataclasses.replace(rec, pending=(was.written,))
+    return render_state(State(runtime=new.runtime or old.runtime, files=files,
                               dirs=tuple(set(old.dirs) | set(new.dirs))))
 
 
+Same = Callable[[str, str, str], bool]
+
+
+def same_text(_: str, a: str, b: str) -> bool:
+    return a == b
+
+
 def pristine(path: str, current: str | None, state: State,
-             undo: Callable[[str, str | None, str | None], str | None]) -> str | None:
+             undo: Callable[[str, str | None, str | None], str | None], same: Same = same_text) -> str | None:
     """The node's own content of ``path``: what it would hold had regmirror never touched it.
 
     ``undo(path, current, original)`` strips regmirror's keys from a file someone edited since regmirror
-    wrote it; for files regmirror owns whole it can simply return ``original``.
+    wrote it; for files regmirror owns whole it can simply return ``original``. A parser rewrites what it
+    keeps (tomlkit re-indents some tables), so when what regmirror wrote is known, the hand edit is carried
+    onto the node's own bytes line for line instead, and that is used when ``same(path, a, b)`` says it
+    means what ``undo`` meant.
     """
     record = state.files.get(path)
     if record is None:
         return current
-    if sha256(current) == record.written_sha256:
+    if record.wrote(current):
         return record.original
-    return undo(path, current, record.original)
+    undone = undo(path, current, record.original)
+    if undone is None or current is None or record.original is None or undone == record.original:
+        return undone
+    for base in (record.written, *record.pending):
+        if base is None:
+            continue
+        merged = merge3(base, current, record.original)
+        if merged is not None and same(path, merged, undone):
+            return merged
+    return undone
+
+
+def merge3(base: str, ours: str, theirs: str) -> str | None:
+    """Line-based three-way merge: the changes from ``base`` to ``ours`` made on ``theirs``; None when both
+    changed the same lines."""
+    import difflib
+
+    b, o, t = (x.splitlines(keepends=True) for x in (base, ours, theirs))
+
+    def matches(other: list[str]) -> dict[int, int]:
+        pairs: dict[int, int] = {}
+        for block in difflib.SequenceMatcher(None, b, other, autojunk=False).get_matching_blocks():
+            pairs.update({block.a + k: block.b + k for k in range(block.size)})
+        return pairs
+
+    in_o, in_t = matches(o), matches(t)
+    out: list[str] = []
+    bi = oi = ti = 0
+    for i in [i for i in range(len(b)) if i in in_o and i in in_t] + [len(b)]:
+        oj, tj = (in_o[i], in_t[i]) if i < len(b) else (len(o), len(t))
+        if oj < oi or tj < ti:
+            continue
+        chunk_b, chunk_o, chunk_t = b[bi:i], o[oi:oj], t[ti:tj]
+        if chunk_o == chunk_b:
+            out += chunk_t
+        elif chunk_t == chunk_b or chunk_t == chunk_o:
+            out += chunk_o
+        else:
+            return None
+        if i < len(b):
+            out.append(b[i])
+        bi, oi, ti = i + 1, oj + 1, tj + 1
+    return "".join(out)
 
 
 def plan_owned_files(*, runtime: str, view: NodeView, state: State, state_path: str,
                      desired: Mapping[str, str], restart_paths: frozenset[str] = frozenset(),
                      undo: Callable[[str, str | None, str | None], str | None],
-                     notes: tuple[str, ...] = ()) -> Plan:
+                     notes: tuple[str, ...] = (), same: Same = same_text) -> Plan:
     """Turn the desired content of every file regmirror wants to own into a Plan.
 
     Files regmirror owned before and no longer wants get their node's own content back; a record is kept
@@ -142,15 +214,16 @@ def plan_owned_files(*, runtime: str, view: NodeView, state: State, state_path: 
     drift: list[str] = []
     for path in sorted(set(state.files) | set(desired)):
         current = view.read(path)
-        own = pristine(path, current, state, undo)
+        own = pristine(path, current, state, undo, same)
         record = state.files.get(path)
-        if record is not None and sha256(current) != record.written_sha256:
+        if record is not None and not record.wrote(current):
             drift.append(path)
         target = desired.get(path, own)
         if target != current:
             changes.append(FileChange(path, current, target))
         if target != own:
-            records[path] = FileRecord(original=own, written_sha256=sha256(target) or "")
+            records[path] = FileRecord(original=own, written_sha256=sha256(target) or "",
+                                       written=target if own is not None else None)
 
     # Directories: create what the new files need, remove what regmirror created and no longer needs.
     needed: set[str] = set()
@@ -166,10 +239,11 @@ def plan_owned_files(*, runtime: str, view: NodeView, state: State, state_path: 
     rmdirs = sorted((d for d in state.dirs if d not in needed), key=lambda d: -d.count("/"))
     dirs = tuple(sorted(needed))
     new_state = State(runtime=runtime if records or dirs else "", files=records, dirs=dirs)
+    repaired = tuple(p for p in drift if p in desired)
     drift_notes = tuple(f"{p} was edited since regmirror wrote it; regmirror's settings are put back"
-                        for p in drift if p in desired)
+                        for p in repaired)
     return Plan(runtime=runtime, changes=tuple(changes),
                 restart=any(c.path in restart_paths for c in changes),
                 mkdirs=tuple(sorted(mkdirs, key=lambda d: d.count("/"))), rmdirs=tuple(rmdirs),
-                notes=notes + drift_notes, state_path=state_path,
+                notes=notes + drift_notes, drift=repaired, state_path=state_path,
                 state_before=render_state(state), state_after=render_state(new_state))

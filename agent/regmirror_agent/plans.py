@@ -45,6 +45,8 @@ class Plan:
     mkdirs: tuple[str, ...] = ()
     rmdirs: tuple[str, ...] = ()
     notes: tuple[str, ...] = ()
+    drift: tuple[str, ...] = ()
+    """Managed files someone edited since regmirror wrote them, which this plan puts back (see ``notes``)."""
     state_path: str = ""
     state_before: str | None = None
     state_after: str | None = None
@@ -64,5 +66,5 @@ class Plan:
         """The plan that puts every file back as it was before this one (used to roll back)."""
         return dataclasses.replace(self, changes=tuple(c.inverse() for c in self.changes),
                                    mkdirs=tuple(reversed(self.rmdirs)), rmdirs=tuple(reversed(self.mkdirs)),
-                                   state_before=self.state_after, state_after=self.state_before, notes=(),
+                                   state_before=self.state_after, state_after=self.state_before, notes=(), drift=(),
                                    observed=None)

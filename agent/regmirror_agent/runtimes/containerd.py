@@ -317,6 +317,14 @@ def _set_or_delete(table: Any, key: str, value: Any) -> None:
         _set_key(table, key, value)
 
 
+def same_data(_: str, a: str, b: str) -> bool:
+    """Two TOML texts that mean the same to containerd (comments and layout aside)."""
+    try:
+        return tomllib.loads(a) == tomllib.loads(b)
+    except tomllib.TOMLDecodeError:
+        return False
+
+
 def undo_config(current: str | None, original: str | None, path: str) -> str | None:
     """Give a hand-edited config.toml its node's own values for the keys regmirror owns; keep the rest."""
     if current is None:
@@ -338,6 +346,8 @@ def undo_config(current: str | None, original: str | None, path: str) -> str | N
     _remove_if_empty(doc, (*keys, "configs"), own)
     _remove_if_empty(doc, keys, own)
     undone = tomlkit.dumps(doc)
+    if same_data(path, undone, current):
+        return current  # nothing of regmirror's left to undo: keep every byte (tomlkit re-indents some tables)
     # Removing a table can leave a blank line behind; when only blank space differs from the node's own
     # file, give back its own bytes.
     if original is not None and _lines(undone) == _lines(original):
@@ -410,7 +420,9 @@ class _Desired:
 
 
 def _plan_hosts_mode(doc: tomlkit.TOMLDocument, keys: Sequence[str], desired: Sequence[models.RegistryMirror],
-                     config_path: str, out: _Desired, options: Options) -> None:
+                     config_path: str, out: _Desired, options: Options,
+                     own: Callable[[str], str | None] = lambda _: None) -> None:
+    """``own(path)``: the node's own content of a file (before regmirror), to keep its hosts.toml TLS settings."""
     dirs = [d for d in config_path.split(":") if d]
     config_dir = dirs[0] if dirs else DEFAULT_CONFIG_PATH
     if not config_dir.startswith("/"):
@@ -438,7 +450,13 @@ def _plan_hosts_mode(doc: tomlkit.TOMLDocument, keys: Sequence[str], desired: Se
                 if isinstance(cfg, Mapping) and cfg.get("tls")}
     for mirror in desired:
         inherited = specs.get(mirror.registry)
-        spec, ca_files = hosts_from_desired(mirror, node_tls, inherited.server_tls if inherited else TLS())
+        # The node's own hosts.toml for this registry, which regmirror's replaces: its private CA and client
+        # certificates still matter for the upstream fallback and for mirror hosts it names.
+        own_server, own_hosts = hoststoml.parse_own_tls(
+            own(posixpath.join(config_dir, hoststoml.registry_dir(mirror.registry), "hosts.toml")))
+        server_tls = own_server.merged_under(inherited.server_tls) if inherited else own_server
+        host_tls = {**node_tls, **{h: t.merged_under(node_tls.get(h, TLS())) for h, t in own_hosts.items()}}
+        spec, ca_files = hosts_from_desired(mirror, host_tls, server_tls)
         specs[mirror.registry] = spec
         for name, pem in ca_files.items():
             out.files[posixpath.join(config_dir, hoststoml.registry_dir(mirror.registry), name)] = pem
@@ -498,7 +516,7 @@ def plan_containerd(desired: Sequence[models.RegistryMirror], view: NodeView, st
         return undo_config(current, original, p) if p == path else original
 
     current = view.read(path)
-    own_text = ownership.pristine(path, current, state, undo)
+    own_text = ownership.pristine(path, current, state, undo, same_data)
     out = _Desired()
     if desired:
         if own_text is None:
@@ -514,7 +532,8 @@ def plan_containerd(desired: Sequence[models.RegistryMirror], view: NodeView, st
         config_path = str(_get(doc, (*keys, "config_path")) or "")
         mode = choose_mode(options.mode, config_path, options, path)
         if mode == "hosts":
-            _plan_hosts_mode(doc, keys, desired, config_path, out, options)
+            _plan_hosts_mode(doc, keys, desired, config_path, out, options,
+                             lambda p: ownership.pristine(p, view.read(p), state, undo, same_data))
         else:
             _plan_inline_mode(doc, keys, desired, out, path)
         new_text = tomlkit.dumps(doc)
@@ -525,7 +544,7 @@ def plan_containerd(desired: Sequence[models.RegistryMirror], view: NodeView, st
         out.files[path] = new_text
     plan = ownership.plan_owned_files(runtime=RUNTIME, view=view, state=state, state_path=options.state_path,
                                       desired=out.files, restart_paths=frozenset({path}), undo=undo,
-                                      notes=tuple(out.notes))
+                                      notes=tuple(out.notes), same=same_data)
     if not plan.restart:  # the inline settings were moved by an earlier apply: nothing to tell now
         plan = dataclasses.replace(plan, notes=tuple(n for n in plan.notes if n != MOVED_NOTE))
     return plan

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import tomllib
+from urllib.parse import urlsplit
 
 from regmirror_api import models
 
@@ -108,6 +109,52 @@ def check_hosts_toml(text: str, spec: HostsFile) -> None:
     hosts = parsed.get("host", {})
     if list(hosts) != [h.url for h in spec.hosts] or parsed.get("server") != upstream_server(spec.registry):
         raise AssertionError(f"hosts.toml for {spec.registry!r} does not read back as rendered:\n{text}")
+
+
+def _tls_from_table(table: object) -> TLS:
+    """The TLS keys of a hosts.toml table (top level or one ``[host."<url>"]``), in every form containerd
+    reads (containerd's remotes/docker/config/hosts.go): ``ca`` a path or a list; ``client`` a path, or a list
+    whose items are a path (cert and key in one file) or a [cert, key] pair."""
+    if not isinstance(table, dict):
+        return TLS()
+    ca_value = table.get("ca")
+    ca = (ca_value,) if isinstance(ca_value, str) else tuple(c for c in ca_value or () if isinstance(c, str)) \
+        if isinstance(ca_value, list) else ()
+    client_value = table.get("client")
+    items = [client_value] if isinstance(client_value, str) else client_value if isinstance(client_value, list) else []
+    client: list[tuple[str, str | None]] = []
+    for item in items:
+        if isinstance(item, str):
+            client.append((item, None))
+        elif isinstance(item, list) and item and all(isinstance(x, str) for x in item):
+            client.append((item[0], item[1] if len(item) > 1 and item[1] else None))
+    return TLS(skip_verify=table.get("skip_verify") is True, ca=ca, client=tuple(client))
+
+
+def parse_own_tls(text: str | None) -> tuple[TLS, dict[str, TLS]]:
+    """A node's own hosts.toml's TLS settings: ``(for the upstream server, {mirror host:port: settings})``, so
+    a file regmirror writes in its place keeps the private CA and client certificate they name. A file that
+    does not parse has none that containerd would use either."""
+    if not text:
+        return TLS(), {}
+    try:
+        parsed = tomllib.loads(text)
+    except tomllib.TOMLDecodeError:
+        return TLS(), {}
+    server = parsed.get("server")
+    server_host = urlsplit(server).netloc if isinstance(server, str) else None
+    server_tls = _tls_from_table(parsed)
+    hosts: dict[str, TLS] = {}
+    for url, table in (parsed.get("host") or {}).items() if isinstance(parsed.get("host"), dict) else ():
+        tls = _tls_from_table(table)
+        if tls == TLS():
+            continue
+        netloc = urlsplit(url).netloc
+        if netloc == server_host:
+            server_tls = server_tls.merged_under(tls) if server_tls != TLS() else tls
+        else:
+            hosts.setdefault(netloc, tls)
+    return server_tls, hosts
 
 
 def parse_hosts_toml(text: str) -> tuple[str | None, list[str]]:
