@@ -174,17 +174,16 @@ class Reconciler:
     async def resync(self) -> None:
         started = self.clock()
         mirrors = await asyncio.to_thread(self.publisher.list_mirrors)
-        first = not self.cache.complete
         self.cache.merge_mirrors(mirrors, started_at=started)
-        if first and self.cache.complete:
-            log.info("listed %d RegistryMirrors, %d Nodes and %d RegistryMirrorNodes", len(mirrors),
-                     len(self.cache.nodes.items()), len(self.cache.reports.items()))
 
     async def reconcile(self, *, reread: bool = False) -> None:
         """One pass: plan from the cache, then write the ConfigMap and the status patches that differ."""
         if not self.cache.complete:
             return
         mirrors = self.cache.mirrors.items()
+        if not self.passes:
+            log.info("listed %d RegistryMirrors, %d Nodes and %d RegistryMirrorNodes", len(mirrors),
+                     len(self.cache.nodes.items()), len(self.cache.reports.items()))
         plan = planning.plan(mirrors, self.cache.nodes.items(), self.cache.reports.items(), now=utc_now())
         self.held_back_until = None
         self.passes += 1
