@@ -2,7 +2,8 @@
 
 `kubectl auth can-i` proves single permissions; these tests prove the sum: the operator, run with a token of
 its own service account, reconciles a RegistryMirror end to end, and a token bound to an agent pod on a node
-makes exactly the agent's calls (its Node, the ConfigMap by name, a watch, its status key) and no more.
+makes exactly the agent's calls (its Node and the ConfigMap by name, listed and watched; its own
+RegistryMirrorNode) and no more.
 """
 
 from __future__ import annotations
@@ -31,6 +32,13 @@ NS = contract.NAMESPACE
 AGENT = f"system:serviceaccount:{NS}:regmirror-agent"
 STATUS = f"/apis/{models.API_GROUP}/{models.API_VERSION}/{models.PLURAL}/{{name}}/status"
 MERGE = "application/merge-patch+json"
+METADATA_LIST = "application/json;as=PartialObjectMetadataList;g=meta.k8s.io;v=v1,application/json"
+
+
+def node_report(node: str, generation: int, mirror: str = "e2e-ghcr", uid: str = "") -> dict[str, Any]:
+    return contract.render_node_report(node, "", [contract.Report(mirror, generation, contract.STATE_APPLIED,
+                                                                  uid=uid)],
+                                       time=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
 
 
 def get_json(controlplane: cp.ControlPlane, *args: str) -> Any:
@@ -86,24 +94,34 @@ def test_a_pod_bound_agent_token_does_exactly_the_agents_calls(
     assert user["username"] == AGENT
     assert user["extra"]["authentication.kubernetes.io/node-name"] == [node]
 
-    by_name = "fieldSelector=" + urllib.parse.quote(f"metadata.name={contract.CONFIGMAP}")
-    configmaps = f"/api/v1/namespaces/{NS}/configmaps"
-    assert call("GET", f"/api/v1/nodes/{node}") == 200
-    assert call("GET", f"{configmaps}?{by_name}") == 200
-    assert call("GET", f"{configmaps}?{by_name}&watch=1&timeoutSeconds=1") == 200
-    assert call("GET", f"{configmaps}/{contract.CONFIGMAP}") == 200
-    assert call("GET", STATUS.format(name=mirror)) == 200
-    own = contract.report_patch(node, contract.Report(generation=1, state=contract.STATE_APPLIED),
-                                "2025-01-01T00:00:00Z")
-    assert call("PATCH", STATUS.format(name=mirror), own, MERGE) == 200
+    def by_name(name: str) -> str:
+        return "fieldSelector=" + urllib.parse.quote(f"metadata.name={name}")
 
-    other = contract.report_patch("e2e-node-2", contract.Report(generation=1, state=contract.STATE_APPLIED),
-                                  "2025-01-01T00:00:00Z")
-    assert call("PATCH", STATUS.format(name=mirror), other, MERGE) == 403
+    configmaps = f"/api/v1/namespaces/{NS}/configmaps"
+    reports = contract.NODE_REPORTS_PATH
+    status, listed = controlplane.request("GET", f"/api/v1/nodes?{by_name(node)}", token=agent_token,
+                                          accept=METADATA_LIST)
+    assert status == 200 and listed["kind"] == "PartialObjectMetadataList", listed
+    assert call("GET", f"/api/v1/nodes?{by_name(node)}&watch=1&timeoutSeconds=1") == 200
+    assert call("GET", f"{configmaps}?{by_name(contract.CONFIGMAP)}") == 200
+    assert call("GET", f"{configmaps}?{by_name(contract.CONFIGMAP)}&watch=1&timeoutSeconds=1") == 200
+    assert call("GET", f"{configmaps}/{contract.CONFIGMAP}") == 200
+    try:
+        assert call("GET", f"{reports}/{node}") == 404
+        assert call("POST", reports, node_report(node, 1)) == 201
+        assert call("PATCH", f"{reports}/{node}", node_report(node, 2), MERGE) == 200
+        assert call("GET", f"{reports}/{node}") == 200
+
+        controlplane.kubectl("create", "-f", "-", input=json.dumps(node_report("e2e-node-2", 1)))
+        assert call("POST", reports, node_report("e2e-node-3", 1)) == 403
+        assert call("PATCH", f"{reports}/e2e-node-2", node_report("e2e-node-2", 2), MERGE) == 403
+        assert call("DELETE", f"{reports}/{node}") == 403
+    finally:
+        controlplane.kubectl("delete", "registrymirrornodes", node, "e2e-node-2", "--ignore-not-found")
+    assert call("GET", STATUS.format(name=mirror)) == 403
     assert call("PATCH", STATUS.format(name=mirror), {"status": {"ready": "1/1"}}, MERGE) == 403
     assert call("GET", configmaps) == 403
     assert call("GET", f"/api/v1/namespaces/{NS}/secrets") == 403
-    assert call("GET", "/api/v1/nodes") == 403
     assert call("GET", f"/apis/{models.API_GROUP}/{models.API_VERSION}/{models.PLURAL}/{mirror}") == 403
     assert call("PATCH", f"/apis/{models.API_GROUP}/{models.API_VERSION}/{models.PLURAL}/{mirror}",
                 {"spec": {"registry": "quay.io"}}, MERGE) == 403
@@ -157,10 +175,8 @@ def test_the_operator_reconciles_with_nothing_but_its_own_rbac(
         assert {c["type"] for c in obj["status"]["conditions"]} == {"Ready", "Reconciling", "Stalled"}
 
         controlplane.kubectl(
-            "patch", "registrymirror", mirror, "--subresource=status", "--type=merge", "--as", AGENT,
-            f"--as-user-extra=authentication.kubernetes.io/node-name={node}", "-p",
-            json.dumps(contract.report_patch(node, contract.Report(generation, contract.STATE_APPLIED),
-                                             time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))))
+            "create", "-f", "-", "--as", AGENT, f"--as-user-extra=authentication.kubernetes.io/node-name={node}",
+            input=json.dumps(node_report(node, generation, mirror, obj["metadata"]["uid"])))
         obj = wait_for("READY 1/1", lambda: (
             (o := get_json(controlplane, "registrymirror", mirror)).get("status", {}).get("ready") == "1/1" and o))
         ready = {c["type"]: c["status"] for c in obj["status"]["conditions"]}
@@ -168,6 +184,7 @@ def test_the_operator_reconciles_with_nothing_but_its_own_rbac(
         assert not obj["metadata"].get("finalizers")
         assert operator.poll() is None, "the operator exited"
     finally:
+        controlplane.kubectl("delete", "registrymirrornodes", node, "--ignore-not-found")
         out = stop_process(operator)
         print(out)
     for word in ("Forbidden", "forbidden", " 403", "Traceback"):

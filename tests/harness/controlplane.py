@@ -281,12 +281,13 @@ class ControlPlane:
         return done
 
     def request(self, method: str, path: str, body: Mapping[str, Any] | None = None,
-                content_type: str = "application/json", *, token: str | None = None) -> tuple[int, Any]:
+                content_type: str = "application/json", *, token: str | None = None,
+                accept: str = "application/json") -> tuple[int, Any]:
         """One raw HTTPS request, as the admin unless ``token`` is given; returns (status, JSON or text)."""
         data = json.dumps(body).encode() if body is not None else None
         req = urllib.request.Request(self.server + path, data=data, method=method,
                                      headers={"Authorization": f"Bearer {token or self.token}",
-                                              "Content-Type": content_type, "Accept": "application/json"})
+                                              "Content-Type": content_type, "Accept": accept})
         try:
             with urllib.request.urlopen(req, context=self._ssl_context(), timeout=10) as resp:
                 status, raw = resp.status, resp.read()
