@@ -188,7 +188,7 @@ def _strict_loader() -> type:
     return StrictLoader
 
 
-def _selected(filename: str, doc: object, mirror: models.RegistryMirror, labels: dict[str, str] | None) -> bool:
+def _selected(doc: object, mirror: models.RegistryMirror, labels: dict[str, str] | None) -> bool:
     """Does this document's ``spec.nodeSelector`` pick this node? Without the node's labels a selector cannot be
     answered, and applying a mirror meant for other nodes is worse than refusing."""
     from regmirror_api import contract, models
@@ -198,7 +198,7 @@ def _selected(filename: str, doc: object, mirror: models.RegistryMirror, labels:
     if not selector:
         return True
     if labels is None:
-        raise models.InvalidSpec([f"{filename}: RegistryMirror {mirror.name!r} has a spec.nodeSelector, and this "
+        raise models.InvalidSpec([f"RegistryMirror {mirror.name!r} has a spec.nodeSelector, and this "
                                   f"node's labels were not given: pass --node-labels KEY=VALUE,... (or "
                                   f"REGMIRROR_NODE_LABELS) so regmirror can tell whether it selects this node"])
     return contract.selects(selector, labels)
@@ -224,7 +224,7 @@ def load_desired(args: argparse.Namespace, sources: list[tuple[str, str]]) -> li
         for i, doc in enumerate(docs):
             try:
                 mirror = models.parse_document(doc, i)
-                if _selected(filename, doc, mirror, labels):
+                if _selected(doc, mirror, labels):
                     desired.append(mirror)
                 else:
                     skipped.append(mirror.name)
