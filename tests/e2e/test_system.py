@@ -102,6 +102,12 @@ class Cluster:
         obj = self.get("registrymirror", name)
         return {"generation": obj["metadata"]["generation"], **(obj.get("status") or {})}
 
+    def node_reports(self, name: str) -> dict[str, dict[str, Any]]:
+        """Each node's report on RegistryMirror ``name``, from the nodes' RegistryMirrorNode objects."""
+        items = self.get("registrymirrornodes")["items"]
+        return {o["metadata"]["name"]: r for o in items for r in o.get("status", {}).get("mirrors", [])
+                if r["name"] == name}
+
     def converged(self, name: str, ready: str) -> dict[str, Any] | None:
         s = self.status(name)
         conditions = {c["type"]: c["status"] for c in s.get("conditions", [])}
@@ -206,8 +212,12 @@ def test_1_apply_the_seed_example_every_node_is_ready_and_pulls_through_the_mirr
             pulled = node.containerd.crictl_pull(image)
             assert pulled.returncode == 0, f"{node.name}: {pulled.stderr}{node.containerd.log_tail()}"
     assert cluster.registry.requests_for("/v2/k8scsi/csi-resizer/manifests/", since=since, agent="containerd") >= 3
-    reports = cluster.status("quay-io")["nodeReports"]
+    reports = cluster.node_reports("quay-io")
     assert {n: r["state"] for n, r in reports.items()} == dict.fromkeys(NODES, "Applied")
+    # The per-node view: every node runs both RegistryMirrors, at generation 1.
+    rows = [line.split() for line in cluster.kubectl("get", "registrymirrornodes").stdout.splitlines()[1:]]
+    assert {r[0]: (r[1], r[2]) for r in rows} == dict.fromkeys(NODES, ("2/2", "docker-io=1")), rows
+    assert all(r[3] == "quay-io=1" for r in rows), rows
     assert all(r["restarted"] for r in reports.values()), f"moving to hosts mode sets config_path: {reports}"
     cluster.alive()
 
@@ -218,8 +228,9 @@ def test_2_changing_the_mirror_url_converges_with_no_containerd_restart(cluster:
     cluster.apply_mirror("quay-io", "quay.io", [new_url])
     s = wait_for("generation 2 on 3/3 nodes", lambda: cluster.converged("quay-io", "3/3"), timeout=60)
     assert s["observedGeneration"] == s["generation"] == 2
-    assert {n: r["generation"] for n, r in s["nodeReports"].items()} == dict.fromkeys(NODES, 2)
-    assert not any(r["restarted"] for r in s["nodeReports"].values())
+    reports = cluster.node_reports("quay-io")
+    assert {n: r["generation"] for n, r in reports.items()} == dict.fromkeys(NODES, 2)
+    assert not any(r["restarted"] for r in reports.values())
     assert {n: node.containerd.pid for n, node in cluster.nodes.items()} == pids
     for node in cluster.nodes.values():
         assert new_url in (node.containerd.certs_dir / "quay.io/hosts.toml").read_text()
@@ -260,11 +271,12 @@ def test_4_a_node_whose_containerd_cannot_restart_rolls_back_and_is_reported(clu
     try:
         def failed() -> dict[str, Any] | None:
             s = cluster.status("quay-io")
-            report = s.get("nodeReports", {}).get("worker-c", {})
+            report = cluster.node_reports("quay-io").get("worker-c", {})
             return s if report.get("state") == "Failed" and s.get("ready") == "2/3" else None
 
         s = wait_for("worker-c reported Failed", failed, timeout=90)
-        reason = s["nodeReports"]["worker-c"]["message"]
+        reports = cluster.node_reports("quay-io")
+        reason = reports["worker-c"]["message"]
         assert "did not come back healthy" in reason and "put the previous files back" in reason, reason
         conditions = {c["type"]: c for c in s["conditions"]}
         assert conditions["Ready"]["status"] == "False"
@@ -272,7 +284,8 @@ def test_4_a_node_whose_containerd_cannot_restart_rolls_back_and_is_reported(clu
         assert s["failingNodes"][0]["name"] == "worker-c"
         assert node.config() == edited, "the node keeps its previous files after the rollback"
         for other in ("worker-a", "worker-b"):
-            assert s["nodeReports"][other]["state"] == "Applied"
+            assert reports[other]["state"] == "Applied"
+        assert "worker-c" in cluster.kubectl("get", "registrymirrornode", "worker-c").stdout
         assert "2/3" in cluster.kubectl("get", "registrymirror", "quay-io").stdout
     finally:
         state.unlink()
