@@ -182,10 +182,8 @@ class Agent:
                 self.wake.clear()
             if self.stop.is_set():
                 return
-            now = time.monotonic()
-            if now >= resync_at:
-                resync_at = now + self.settings.resync
             if not self.ready():
+                resync_at = time.monotonic() + self.settings.resync
                 continue
             try:
                 self.reconcile()
@@ -195,6 +193,9 @@ class Agent:
                 log.warning("reporting failed (%s); node as applied, reporting again in %.1fs", exc, delay)
                 retry_at = time.monotonic() + delay
                 backoff = min(backoff * 2, self.settings.max_backoff)
+            # The next look without a change comes a full period after this one ended: an apply that fails
+            # slowly (a runtime that does not come back) is not retried back to back.
+            resync_at = time.monotonic() + self.settings.resync
 
 
 def main(argv: Sequence[str] | None = None, *, install_signals: bool = True,
