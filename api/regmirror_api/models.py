@@ -65,6 +65,12 @@ SELECTOR_OPERATORS = ("In", "NotIn", "Exists", "DoesNotExist")
 _URL_FORBIDDEN = re.compile(r"[\s\"'\\`<>{}|^\[\]]")
 
 
+def _show(value: object, limit: int = 120) -> str:
+    """A value quoted for a message, cut short: a message must name the bad value, not reproduce a 64 KB one."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 @dataclasses.dataclass(frozen=True)
 class Mirror:
     """One mirror endpoint, tried in list order before the upstream registry."""
@@ -104,7 +110,7 @@ class RegistryMirror:
 def check_registry(registry: object, where: str = "registry") -> list[str]:
     """Problems with an upstream registry name (``host[:port]``, ``docker.io`` or ``*``)."""
     if not isinstance(registry, str) or not registry:
-        return [f"{where}: must be a registry host such as \"quay.io\", \"docker.io\" or \"*\", got {registry!r}"]
+        return [f"{where}: must be a registry host such as \"quay.io\", \"docker.io\" or \"*\", got {_show(registry)}"]
     if registry in DOCKER_HUB_ALIASES:
         return [f"{where}: {registry!r} is an alias of Docker Hub; containerd only reads configuration "
                 f"written for {DOCKER_HUB!r}, so write {DOCKER_HUB!r}"]
@@ -124,7 +130,7 @@ def check_registry(registry: object, where: str = "registry") -> list[str]:
 def check_mirror_url(url: object, where: str = "url") -> list[str]:
     """Problems with a mirror URL: absolute http(s), nothing that could escape a config file."""
     if not isinstance(url, str) or not url:
-        return [f"{where}: must be an absolute http(s) URL such as \"https://mirror.example.com\", got {url!r}"]
+        return [f"{where}: must be an absolute http(s) URL such as \"https://mirror.example.com\", got {_show(url)}"]
     if len(url) > MAX_URL_LENGTH:
         return [f"{where}: longer than {MAX_URL_LENGTH} characters"]
     if not url.isascii():
@@ -162,7 +168,7 @@ def check_node_selector(selector: object, where: str = "spec.nodeSelector") -> l
         return []
     if not isinstance(selector, Mapping):
         return [f"{where}: must be a label selector object with matchLabels and/or matchExpressions, "
-                f"got {selector!r}"]
+                f"got {_show(selector)}"]
     problems = []
     unknown = sorted(map(str, set(selector) - {"matchLabels", "matchExpressions"}))
     if unknown:
@@ -170,7 +176,7 @@ def check_node_selector(selector: object, where: str = "spec.nodeSelector") -> l
                         f"matchExpressions")
     labels = selector.get("matchLabels") or {}
     if not isinstance(labels, Mapping) or len(labels) > 64:
-        problems.append(f"{where}.matchLabels: must map at most 64 label keys to values, got {labels!r}")
+        problems.append(f"{where}.matchLabels: must map at most 64 label keys to values, got {_show(labels)}")
         labels = {}
     for key, value in labels.items():
         if not isinstance(key, str) or not _LABEL_KEY_RE.match(key):
@@ -178,27 +184,27 @@ def check_node_selector(selector: object, where: str = "spec.nodeSelector") -> l
                             f"characters of letters, digits, '-', '_' and '.')")
         if not isinstance(value, str) or len(value) > 63:
             problems.append(f"{where}.matchLabels[{key!r}]: must be a label value of at most 63 characters, "
-                            f"got {value!r}")
+                            f"got {_show(value)}")
     expressions = selector.get("matchExpressions") or []
     if not isinstance(expressions, list) or len(expressions) > 32:
-        problems.append(f"{where}.matchExpressions: must be a list of at most 32 requirements, got {expressions!r}")
+        problems.append(f"{where}.matchExpressions: must be a list of at most 32 requirements, got {_show(expressions)}")
         expressions = []
     for i, expr in enumerate(expressions):
         at = f"{where}.matchExpressions[{i}]"
         if not isinstance(expr, Mapping):
-            problems.append(f"{at}: must be an object with key, operator and values, got {expr!r}")
+            problems.append(f"{at}: must be an object with key, operator and values, got {_show(expr)}")
             continue
         key, op, values = expr.get("key"), expr.get("operator"), expr.get("values")
         unknown = sorted(map(str, set(expr) - {"key", "operator", "values"}))
         if unknown:
             problems.append(f"{at}: unknown field(s) {', '.join(map(repr, unknown))}; expected key, operator, values")
         if not isinstance(key, str) or not key or len(key) > 317:
-            problems.append(f"{at}.key: must be a label key, got {key!r}")
+            problems.append(f"{at}.key: must be a label key, got {_show(key)}")
         if op not in SELECTOR_OPERATORS:
             problems.append(f"{at}.operator: {op!r} is not one of {', '.join(SELECTOR_OPERATORS)}")
         if values is not None and (not isinstance(values, list) or len(values) > 64
                                    or not all(isinstance(v, str) and len(v) <= 63 for v in values)):
-            problems.append(f"{at}.values: must be a list of at most 64 label values, got {values!r}")
+            problems.append(f"{at}.values: must be a list of at most 64 label values, got {_show(values)}")
         elif op in SELECTOR_OPERATORS and (op in ("In", "NotIn")) != bool(values):
             problems.append(f"{at}: operator {op} " + ("needs at least one value" if op in ("In", "NotIn")
                                                        else "takes no values"))
@@ -210,7 +216,7 @@ def parse_mirror(raw: object, where: str) -> tuple[Mirror | None, list[str]]:
     if isinstance(raw, str):
         raw = {"url": raw}
     if not isinstance(raw, Mapping):
-        return None, [f"{where}: must be an object with a \"url\", got {raw!r}"]
+        return None, [f"{where}: must be an object with a \"url\", got {_show(raw)}"]
     problems: list[str] = []
     unknown = sorted(map(str, set(raw) - {"url", "skipVerify", "caBundle", "overridePath", "capabilities"}))
     if unknown:
@@ -231,7 +237,7 @@ def parse_mirror(raw: object, where: str) -> tuple[Mirror | None, list[str]]:
     caps = raw.get("capabilities", list(DEFAULT_CAPABILITIES))
     if (not isinstance(caps, list) or not caps or any(c not in CAPABILITIES for c in caps)
             or len(set(caps)) != len(caps)):
-        problems.append(f"{where}.capabilities: {caps!r} must be a non-empty list of distinct values "
+        problems.append(f"{where}.capabilities: {_show(caps)} must be a non-empty list of distinct values "
                         f"from {list(CAPABILITIES)}")
     if problems:
         return None, problems
@@ -281,13 +287,13 @@ def parse_document(doc: object, index: int = 0) -> RegistryMirror:
                         f"{doc.get('apiVersion')!r} {doc.get('kind')!r}")
     meta = doc.get("metadata") or {}
     if not isinstance(meta, Mapping):
-        raise InvalidSpec(problems + [f"{where}: metadata must be an object with a name, got {meta!r}"])
+        raise InvalidSpec(problems + [f"{where}: metadata must be an object with a name, got {_show(meta)}"])
     name = meta.get("name")
     if not isinstance(name, str) or not name:
         problems.append(f"{where}: metadata.name is missing")
     generation = meta.get("generation") or 0
     if isinstance(generation, bool) or not isinstance(generation, int) or generation < 0:
-        problems.append(f"{where}: metadata.generation must be a whole number 0 or more, got {generation!r}")
+        problems.append(f"{where}: metadata.generation must be a whole number 0 or more, got {_show(generation)}")
     if problems:
         raise InvalidSpec(problems)
     return parse_spec(str(name), doc.get("spec"), int(generation), where=f"{name}: spec")
