@@ -84,5 +84,5 @@ def already_applied(node: NodeRoot, state_dir: str, key: str) -> bool:
             return False
         record = json.loads(text)
         return bool(record.get("request") == key and record["digest"] == digest(node, record["observed"]))
-    except (UnsafePath, ValueError, KeyError, TypeError):
-        return False
+    except (UnsafePath, OSError, ValueError, KeyError, TypeError, AttributeError):
+        return False  # only a shortcut: a record that is not one (or no longer readable) means "plan again"

@@ -316,3 +316,16 @@ def test_a_malformed_node_selector_is_invalid_input(tmp_path: Path, selector: st
     err = refused(root, capsys, "apply", "--root", str(root), "--restart", "never", "-f", str(doc),
                   "--node-labels", "pool=gpu")
     assert "spec.nodeSelector" in err and words in err
+
+
+@pytest.mark.parametrize("record", ["[]", "{", '{"request": 5}', "null", '"x"'])
+def test_a_fast_path_record_that_is_not_one_is_ignored(tmp_path: Path, record: str,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    """applied.json only saves planning time: whatever it holds, the apply is planned and done."""
+    root = node(tmp_path)
+    (root / "var/lib/regmirror").mkdir(parents=True)
+    (root / "var/lib/regmirror/applied.json").write_bytes(record.encode("utf-8", "surrogateescape"))
+    assert cli.main(["apply", "--root", str(root), "--restart", "never",
+                     "--mirror", "quay.io=https://m.example.com"]) == 0
+    assert "Traceback" not in capsys.readouterr().err
+    assert (root / "etc/containerd/certs.d/quay.io/hosts.toml").is_file()
