@@ -7,7 +7,7 @@ end in exit 0, 1 or 2 with something said, never an exception; on 1 and 2 the no
 mode and kind, every directory and link) must be exactly as before.
 
 The CLI runs in-process (``cli.main``), always with ``--restart never`` and a fresh temporary node root.
-``REGMIRROR_FUZZ_EXAMPLES`` sets how many runs are generated (default 150, a few seconds).
+``REGMIRROR_FUZZ_EXAMPLES`` sets how many runs (of one to three commands each) are generated (default 100).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from hypothesis import strategies as st
 
 from regmirror_agent import cli
 
-EXAMPLES = int(os.environ.get("REGMIRROR_FUZZ_EXAMPLES", "150"))
+EXAMPLES = int(os.environ.get("REGMIRROR_FUZZ_EXAMPLES", "100"))
 LONG_HOST = ".".join(["a" * 63, "b" * 63, "c" * 63, "d" * 61])
 
 # --- pieces --------------------------------------------------------------------------------------------------
@@ -88,7 +88,11 @@ TOML_KEYS = ["version", "plugins", "disabled_plugins", "imports", "grpc",
              "plugins.cri.registry.mirrors", "plugins.cri.registry.configs"]
 HOSTS_TOMLS = ['server = "https://quay.io"\n[host."https://m.example.com"]\n  capabilities = ["pull", "resolve"]\n',
                'server = "https://quay.io"\nca = "ca.crt"\n[host."https://m.example.com"]\n  client = [["c", "k"]]\n',
-               "[host\n", 'server = 5\n', '[host."https://m.example.com/%zz"]\n', ""]
+               "[host\n", 'server = 5\n', '[host."https://m.example.com/%zz"]\n', "", "ca = 5\n", 'ca = [5, "x"]\n',
+               'client = "c"\n', 'client = [5]\n', 'client = [["c"]]\n', "skip_verify = \"yes\"\n", "host = 5\n",
+               '[host."https://m.example.com"]\n  client = 5\n  ca = {a = 1}\n  capabilities = "pull"\n',
+               '[host."https://m.example.com"]\n  skip_verify = 1\n  override_path = "x"\n  header = 5\n',
+               '[host.5]\n']
 DAEMON_JSONS = ['{"log-driver": "json-file"}', '{"registry-mirrors": ["https://m.example.com"]}',
                 '{"registry-mirrors": 5}', '{"registry-mirrors": [5]}', "[]", "{", '"x"', "",
                 '{"registry-mirrors": ["https://m.example.com"], "live-restore": true}']
@@ -220,13 +224,25 @@ def nodes(draw: st.DrawFn) -> dict[str, Any]:
         node["links"]["/etc/containerd/certs.d/quay.io"] = "/tmp"
     if sometimes(draw, weird, 16):
         node["files"]["/etc/containerd/conf.d/x.toml"] = b'[plugins."io.containerd.grpc.v1.cri"]\n'
+    if sometimes(draw, weird, 8):  # a node file that is not UTF-8 text
+        path = draw(st.sampled_from(sorted(node["files"]) or ["/etc/containerd/config.toml"]))
+        node["files"][path] = b"\xff\xfe" + node["files"].get(path, b"")
+    if sometimes(draw, weird, 8):  # the fast path's record, as something else left it
+        node["files"]["/var/lib/regmirror/applied.json"] = draw(st.sampled_from(
+            [b"[]", b"{", b"null", b'{"request": 5}', b'{"request": "x", "digest": 1, "observed": []}']))
     return node
 
 
 @st.composite
 def runs(draw: st.DrawFn) -> dict[str, Any]:
-    """One command on one node. Half the runs are weird (any argument, environment or document may be
-    wrong); the other half ask for something valid, so the node's own files are what gets tested."""
+    """One to three commands on one node, each checked on its own: later ones meet what earlier ones wrote."""
+    return {"node": draw(nodes()), "steps": draw(st.lists(steps(), min_size=1, max_size=3))}
+
+
+@st.composite
+def steps(draw: st.DrawFn) -> dict[str, Any]:
+    """One command. Half are weird (any argument, environment or document may be wrong); the other half ask
+    for something valid, so the node's own files are what gets tested."""
     weird = draw(st.booleans())
     command = draw(st.sampled_from(["apply"] * 5 + ["reset", "show"]))
     args: list[str] = []
@@ -255,8 +271,7 @@ def runs(draw: st.DrawFn) -> dict[str, Any]:
                                st.sampled_from(["abc", "", "5", "-1", "inf", "docker", "hosts", "pool=gpu", "/x",
                                                 "rel", "/etc/containerd/config.toml"]), max_size=2)
                if weird else st.just({}))
-    return {"command": command, "args": args, "stdin": stdin, "doc": draw(documents(weird)), "env": env,
-            "node": draw(nodes())}
+    return {"command": command, "args": args, "stdin": stdin, "doc": draw(documents(weird)), "env": env}
 
 
 # --- running -------------------------------------------------------------------------------------------------
@@ -325,34 +340,38 @@ def test_no_input_ends_in_a_traceback_or_a_changed_node_on_refusal(run: dict[str
         root = Path(tmp) / "node"
         root.mkdir()
         build(root, run["node"])
-        doc = Path(tmp) / "m.yaml"
-        doc.write_bytes(run["doc"])
-        argv = [run["command"], "--root", str(root), "--restart", "never",
-                *[str(doc) if a == "@DOC@" else a for a in run["args"]]]
-        before = tree(root)
-        with environment(run["env"], run["stdin"]) as (out, err):
-            try:
-                code = cli.main(argv)
-            except BaseException:  # noqa: BLE001 - the very thing this test hunts
-                raise AssertionError(f"regmirror {argv} with env {run['env']} raised:\n"
-                                     f"{traceback.format_exc()}\nstderr: {err.getvalue()}") from None
-        TRIED.append(code)
-        said = out.getvalue() + err.getvalue()
-        assert code in (0, 1, 2), (argv, code, said)
-        assert "Traceback" not in said, said
-        if code == 0:
-            assert out.getvalue().strip(), (argv, "exit 0 without a word")
-        else:
-            assert err.getvalue().strip().startswith(("regmirror", "usage:")), (argv, code, said)
-            after = tree(root)
-            assert after == before, (argv, code, said, sorted(set(after.items()) ^ set(before.items()))[:4])
+        for step in run["steps"]:
+            check_one_command(step, root, Path(tmp) / "m.yaml")
+
+
+def check_one_command(step: dict[str, Any], root: Path, doc: Path) -> None:
+    doc.write_bytes(step["doc"])
+    argv = [step["command"], "--root", str(root), "--restart", "never",
+            *[str(doc) if a == "@DOC@" else a for a in step["args"]]]
+    before = tree(root)
+    with environment(step["env"], step["stdin"]) as (out, err):
+        try:
+            code = cli.main(argv)
+        except BaseException:  # noqa: BLE001 - the very thing this test hunts
+            raise AssertionError(f"regmirror {argv} with env {step['env']} raised:\n"
+                                 f"{traceback.format_exc()}\nstderr: {err.getvalue()}") from None
+    TRIED.append(code)
+    said = out.getvalue() + err.getvalue()
+    assert code in (0, 1, 2), (argv, code, said)
+    assert "Traceback" not in said, said
+    if code == 0:
+        assert out.getvalue().strip(), (argv, "exit 0 without a word")
+    else:
+        assert err.getvalue().strip().startswith(("regmirror", "usage:")), (argv, code, said)
+        after = tree(root)
+        assert after == before, (argv, code, said, sorted(set(after.items()) ^ set(before.items()))[:4])
 
 
 def test_the_generated_runs_reach_every_exit_code() -> None:
     """The test above is only as good as its inputs: they must succeed, be refused and be invalid, each often."""
     if not TRIED:  # run alone: generate a small batch first
         test_no_input_ends_in_a_traceback_or_a_changed_node_on_refusal()
-    print(f"\ngenerated runs tried: {len(TRIED)}; exit 0: {TRIED.count(0)}, 1: {TRIED.count(1)}, "
+    print(f"\ngenerated commands run: {len(TRIED)}; exit 0: {TRIED.count(0)}, 1: {TRIED.count(1)}, "
           f"2: {TRIED.count(2)}")
     assert {0, 1, 2} <= set(TRIED)
     assert min(TRIED.count(c) for c in (0, 1, 2)) >= len(TRIED) // 20
