@@ -30,6 +30,7 @@ from regmirror_agent.kubeapi import METADATA_ONLY, METADATA_ONLY_LIST, ApiError,
 from regmirror_agent.reporting import Reporter
 from regmirror_agent.watching import ObjectWatch, jittered
 from regmirror_api import contract, models
+from regmirror_api.errors import RegmirrorError
 
 log = logging.getLogger("regmirror.agent")
 CONFIGMAPS = f"/api/v1/namespaces/{contract.NAMESPACE}/configmaps"
@@ -141,7 +142,7 @@ class Agent:
         previous = self.reporter.previous()
         try:
             outcome = self.apply_mirrors([m for _, m in mirrors])
-            drift = [n for n in outcome.notes if "edited since regmirror wrote it" in n]
+            drift = [f"put back {path}, edited since regmirror wrote it" for path in outcome.drift]
             for entry, m in mirrors:
                 # "restarted" answers: did applying this generation restart the runtime? A later apply of the
                 # same generation (another RegistryMirror changed) must not turn that into a no.
@@ -156,7 +157,7 @@ class Agent:
                          ", runtime restarted" if outcome.restarted else "")
             for note in outcome.notes:
                 log.warning("%s", note)
-        except (engine.EngineError, models.InvalidSpec) as exc:
+        except RegmirrorError as exc:  # refused or failed: the engine left every file as it was
             log.error("applying failed, node unchanged: %s", exc)
             for entry, m in mirrors:
                 reports[m.name] = contract.Report(m.name, m.generation, contract.STATE_FAILED, str(exc),
