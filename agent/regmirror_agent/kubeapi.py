@@ -14,6 +14,7 @@ import json
 import os
 import ssl
 import tempfile
+import threading
 from collections.abc import Iterator, Mapping
 from typing import Any
 from urllib.parse import urlencode, urlsplit
@@ -106,6 +107,7 @@ class Client:
             ctx.load_cert_chain(config.cert_file, config.key_file)
         self._ssl = ctx
         self._conn: http.client.HTTPSConnection | None = None
+        self._lock = threading.Lock()  # the kept-alive connection serves one request at a time
 
     def _connection(self, timeout: float) -> http.client.HTTPSConnection:
         return http.client.HTTPSConnection(self.config.host, self.config.port, context=self._ssl, timeout=timeout)
@@ -126,6 +128,11 @@ class Client:
 
     def request(self, method: str, path: str, body: Any = None, *, params: Mapping[str, str] | None = None,
                 content_type: str | None = None, accept: str = "application/json") -> Any:
+        with self._lock:
+            return self._request(method, path, body, params, content_type, accept)
+
+    def _request(self, method: str, path: str, body: Any, params: Mapping[str, str] | None,
+                 content_type: str | None, accept: str) -> Any:
         url = path + ("?" + urlencode(params) if params else "")
         payload = None if body is None else json.dumps(body).encode()
         headers = self._headers(content_type, accept)
