@@ -136,7 +136,8 @@ Same = Callable[[str, str, str], bool]
 
 
 def same_text(_: str, a: str, b: str) -> bool:
-    return a == b
+    """Files regmirror owns whole: a hand edit of regmirror's content is not carried onto the node's own."""
+    return False
 
 
 def pristine(path: str, current: str | None, state: State,
@@ -147,7 +148,7 @@ def pristine(path: str, current: str | None, state: State,
     wrote it; for files regmirror owns whole it can simply return ``original``. A parser rewrites what it
     keeps (tomlkit re-indents some tables), so when what regmirror wrote is known, the hand edit is carried
     onto the node's own bytes line for line instead, and that is used when ``same(path, a, b)`` says it
-    means what ``undo`` meant.
+    means what ``undo`` meant. A file regmirror owns whole has no ``same``: its node's own bytes come back.
     """
     record = state.files.get(path)
     if record is None:
@@ -155,7 +156,7 @@ def pristine(path: str, current: str | None, state: State,
     if record.wrote(current):
         return record.original
     undone = undo(path, current, record.original)
-    if undone is None or current is None or record.original is None or undone == record.original:
+    if undone is None or current is None or record.original is None:
         return undone
     for base in (record.written, *record.pending):
         if base is None:
@@ -167,35 +168,40 @@ def pristine(path: str, current: str | None, state: State,
 
 
 def merge3(base: str, ours: str, theirs: str) -> str | None:
-    """Line-based three-way merge: the changes from ``base`` to ``ours`` made on ``theirs``; None when both
-    changed the same lines."""
+    """The line changes from ``base`` to ``ours``, made on ``theirs``; None when a changed line is not in
+    ``theirs`` (both sides changed it). No context lines are needed: a hand edit next to a table regmirror
+    rewrote still lands on the node's own line."""
     import difflib
 
     b, o, t = (x.splitlines(keepends=True) for x in (base, ours, theirs))
-
-    def matches(other: list[str]) -> dict[int, int]:
-        pairs: dict[int, int] = {}
-        for block in difflib.SequenceMatcher(None, b, other, autojunk=False).get_matching_blocks():
-            pairs.update({block.a + k: block.b + k for k in range(block.size)})
-        return pairs
-
-    in_o, in_t = matches(o), matches(t)
-    out: list[str] = []
-    bi = oi = ti = 0
-    for i in [i for i in range(len(b)) if i in in_o and i in in_t] + [len(b)]:
-        oj, tj = (in_o[i], in_t[i]) if i < len(b) else (len(o), len(t))
-        if oj < oi or tj < ti:
+    in_t: dict[int, int] = {}
+    for block in difflib.SequenceMatcher(None, b, t, autojunk=False).get_matching_blocks():
+        in_t.update({block.a + k: block.b + k for k in range(block.size)})
+    replace: dict[int, list[str]] = {}
+    insert: dict[int, list[str]] = {}
+    for tag, i1, i2, j1, j2 in difflib.SequenceMatcher(None, b, o, autojunk=False).get_opcodes():
+        if tag == "equal":
             continue
-        chunk_b, chunk_o, chunk_t = b[bi:i], o[oi:oj], t[ti:tj]
-        if chunk_o == chunk_b:
-            out += chunk_t
-        elif chunk_t == chunk_b or chunk_t == chunk_o:
-            out += chunk_o
-        else:
+        if i1 == i2:  # lines added: after the base line before them, else before the one after them
+            if i1 == 0 or i1 - 1 in in_t:
+                at = in_t[i1 - 1] + 1 if i1 else 0
+            elif i1 in in_t:
+                at = in_t[i1]
+            else:
+                return None
+            insert.setdefault(at, []).extend(o[j1:j2])
+            continue
+        targets = [in_t.get(k) for k in range(i1, i2)]
+        if None in targets or targets != list(range(targets[0], targets[0] + len(targets))):  # type: ignore[arg-type,operator]
             return None
-        if i < len(b):
-            out.append(b[i])
-        bi, oi, ti = i + 1, oj + 1, tj + 1
+        for k in targets:
+            replace[k] = []  # type: ignore[index]
+        replace[targets[0]] = o[j1:j2]  # type: ignore[index]
+    out: list[str] = []
+    for index, line in enumerate(t):
+        out += insert.get(index, [])
+        out += replace.get(index, [line])
+    out += insert.get(len(t), [])
     return "".join(out)
 
 

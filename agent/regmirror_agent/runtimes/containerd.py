@@ -516,7 +516,10 @@ def plan_containerd(desired: Sequence[models.RegistryMirror], view: NodeView, st
         return undo_config(current, original, p) if p == path else original
 
     current = view.read(path)
-    own_text = ownership.pristine(path, current, state, undo, same_data)
+    def same(p: str, a: str, b: str) -> bool:  # only config.toml is regmirror's in part; the rest is whole
+        return p == path and same_data(p, a, b)
+
+    own_text = ownership.pristine(path, current, state, undo, same)
     out = _Desired()
     if desired:
         if own_text is None:
@@ -533,7 +536,7 @@ def plan_containerd(desired: Sequence[models.RegistryMirror], view: NodeView, st
         mode = choose_mode(options.mode, config_path, options, path)
         if mode == "hosts":
             _plan_hosts_mode(doc, keys, desired, config_path, out, options,
-                             lambda p: ownership.pristine(p, view.read(p), state, undo, same_data))
+                             lambda p: ownership.pristine(p, view.read(p), state, undo, same))
         else:
             _plan_inline_mode(doc, keys, desired, out, path)
         new_text = tomlkit.dumps(doc)
@@ -544,7 +547,7 @@ def plan_containerd(desired: Sequence[models.RegistryMirror], view: NodeView, st
         out.files[path] = new_text
     plan = ownership.plan_owned_files(runtime=RUNTIME, view=view, state=state, state_path=options.state_path,
                                       desired=out.files, restart_paths=frozenset({path}), undo=undo,
-                                      notes=tuple(out.notes), same=same_data)
+                                      notes=tuple(out.notes), same=same)
     if not plan.restart:  # the inline settings were moved by an earlier apply: nothing to tell now
         plan = dataclasses.replace(plan, notes=tuple(n for n in plan.notes if n != MOVED_NOTE))
     return plan

@@ -96,8 +96,14 @@ def plan_docker(desired: Sequence[models.RegistryMirror], view: NodeView, state:
             doc.pop(KEY, None)
         return render_daemon_json(doc)
 
+    def same(p: str, a: str, b: str) -> bool:  # daemon.json is regmirror's in part: a hand edit carries over
+        try:
+            return p == path and json.loads(a) == json.loads(b)
+        except ValueError:
+            return False
+
     current = view.read(path)
-    own_text = ownership.pristine(path, current, state, undo)
+    own_text = ownership.pristine(path, current, state, undo, same)
     files: dict[str, str] = {}
     if urls:
         doc = parse_daemon_json(own_text, path) if own_text is not None else {}
@@ -105,7 +111,7 @@ def plan_docker(desired: Sequence[models.RegistryMirror], view: NodeView, state:
             doc[KEY] = urls
             files[path] = render_daemon_json(doc)
     return ownership.plan_owned_files(runtime=RUNTIME, view=view, state=state, state_path=options.state_path,
-                                      desired=files, restart_paths=frozenset({path}), undo=undo)
+                                      desired=files, restart_paths=frozenset({path}), undo=undo, same=same)
 
 
 def describe(view: NodeView, path: str = DAEMON_JSON) -> tuple[str, list[Effective]]:
