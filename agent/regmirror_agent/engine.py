@@ -219,7 +219,9 @@ def check_config(settings: Settings, host: Host, node: NodeRoot, text: str) -> N
         return
     with tempfile.TemporaryDirectory(prefix="regmirror-check-") as tmp:
         if host.nsenter:
-            check_path = posixpath.join(posixpath.dirname(settings.config_file), ".config.toml.regmirror-check")
+            # A temp name of regmirror's (see applying.clear_leftovers): a run killed mid-check leaves nothing
+            # the next one does not remove.
+            check_path = applying.temp_name(posixpath.join(posixpath.dirname(settings.config_file), "check.toml"))
             if not node.is_dir(posixpath.dirname(check_path)):
                 return  # a brand-new minimal file of regmirror's own; tomllib already checked it
             fs_path, arg = node.fs_path(check_path), check_path

@@ -176,7 +176,8 @@ def run_failing(root: Path, command: list[str], step: int) -> tuple[int, str]:
 
 
 @pytest.mark.parametrize("name", sorted(NODES))
-def test_a_write_error_at_any_step_puts_every_file_back_and_exits_1(tmp_path: Path, name: str) -> None:
+def test_a_write_error_at_any_step_puts_every_file_back_and_exits_1(tmp_path: Path, name: str,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
     """Issue 9 defect 2 as a property: any OSError during apply or reset is the engine's error (exit 1, no
     traceback) and the node is exactly as before, files, folders and state, or the command finished."""
     root = tmp_path / "node"
@@ -184,6 +185,7 @@ def test_a_write_error_at_any_step_puts_every_file_back_and_exits_1(tmp_path: Pa
     make_node(root, NODES[name])
     commands = DOCKER_COMMANDS if name == "docker" else CONTAINERD_COMMANDS
     before = tree(root)
+    failures = 0
     for command in commands:
         assert run(root, command) == 0
         after = settled(root)
@@ -195,6 +197,7 @@ def test_a_write_error_at_any_step_puts_every_file_back_and_exits_1(tmp_path: Pa
                 assert code == 0 and settled(root) == after, err
                 break
             where = f"{name} {' '.join(command)} failing at step {step}"
+            failures += 1
             if code == 0:  # only a step after the last change failed (the apply record, removing a renamed-away
                 # state folder): the node has the command's result, and the next run tidies the rest
                 assert run(root, command) == 0 and settled(root) == after, where
@@ -205,3 +208,5 @@ def test_a_write_error_at_any_step_puts_every_file_back_and_exits_1(tmp_path: Pa
         restore(root, before)
         assert run(root, command) == 0
         before = tree(root)
+    with capsys.disabled():
+        print(f"\n{name}: {failures} failing steps, every one exit 1 with the node as it was (or done)")
