@@ -319,3 +319,31 @@ def test_own_hosts_toml_tls_is_carried_into_regmirrors_file_and_given_back(tmp_p
     assert set(written["host"]["https://new.example"]) == {"capabilities"}
     assert run("reset", "--root", str(root), "--restart", "never") == 0
     assert tree(root) == original
+
+
+@pytest.mark.parametrize(("own", "server", "host"), [
+    # every form containerd reads (remotes/docker/config/hosts.go): ca a path or a list; client a path, a list
+    # of paths, or a list of [cert, key] pairs; skip_verify; TLS on a [host] entry for the upstream itself
+    ('server = "https://harbor.corp:8443"\nca = ["a.pem", "b.pem"]\nskip_verify = true\n',
+     {"ca": ["a.pem", "b.pem"], "skip_verify": True}, {}),
+    ('server = "https://harbor.corp:8443"\nclient = ["c1.pem", ["c2.crt", "c2.key"]]\n',
+     {"client": [["c1.pem", ""], ["c2.crt", "c2.key"]]}, {}),
+    ('server = "https://harbor.corp:8443"\n[host."https://harbor.corp:8443"]\n  ca = "up.pem"\n',
+     {"ca": "up.pem"}, {}),
+    ('[host."https://cache.corp:5000/v2/x"]\n  skip_verify = true\n  client = [["k.crt", "k.key"]]\n',
+     {}, {"skip_verify": True, "client": [["k.crt", "k.key"]]}),
+])
+def test_every_form_of_own_hosts_toml_tls_is_kept(own: str, server: dict[str, object],
+                                                  host: dict[str, object]) -> None:
+    import tomllib
+
+    from regmirror_agent import ownership
+    from regmirror_agent.nodeviews import DictView
+    from regmirror_agent.runtimes import containerd
+    path = "/etc/containerd/certs.d/harbor.corp:8443/hosts.toml"
+    files = {"/etc/containerd/config.toml": HOSTS_MODE, path: own}
+    desired = [models.parse_cli_mirror("harbor.corp:8443=https://cache.corp:5000")]
+    plan = containerd.plan_containerd(desired, DictView(files), ownership.State())
+    written = tomllib.loads(next(c.after for c in plan.changes if c.path == path) or "")
+    assert {k: v for k, v in written.items() if k not in ("server", "host")} == server
+    assert {k: v for k, v in written["host"]["https://cache.corp:5000"].items() if k != "capabilities"} == host
