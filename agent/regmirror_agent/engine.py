@@ -207,6 +207,8 @@ def describe(settings: Settings) -> tuple[str, str, list[Effective], ownership.S
         return (runtime, *containerd.describe(node, settings.config_file), state)
     except (containerd.NodeRefused, docker.DockerRefused, UnsafePath, ownership.CorruptState) as exc:
         raise EngineError(str(exc)) from exc
+    except OSError as exc:
+        raise EngineError(f"reading the node failed: {_os_error(exc, settings)}") from exc
 
 
 def check_config(settings: Settings, host: Host, node: NodeRoot, text: str) -> None:

@@ -347,3 +347,17 @@ def test_every_form_of_own_hosts_toml_tls_is_kept(own: str, server: dict[str, ob
     written = tomllib.loads(next(c.after for c in plan.changes if c.path == path) or "")
     assert {k: v for k, v in written.items() if k not in ("server", "host")} == server
     assert {k: v for k, v in written["host"]["https://cache.corp:5000"].items() if k != "capabilities"} == host
+
+
+@pytest.mark.parametrize("command", ["show", "apply", "reset"])
+def test_an_os_error_while_reading_the_node_is_a_clean_refusal(tmp_path: Path, command: str,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """ENAMETOOLONG here (a --config no filesystem can hold); any OSError takes the same way out."""
+    root = node(tmp_path)
+    before = tree(root)
+    config = "/etc/containerd/" + "c" * 300 + ".toml"
+    extra = ["--mirror", "quay.io=https://q.example", "--restart", "never"] if command == "apply" else \
+        ["--restart", "never"] if command == "reset" else []
+    assert run(command, "--root", str(root), "--config", config, *extra) == 1
+    assert "File name too long" in capsys.readouterr().err
+    assert tree(root) == before
