@@ -361,3 +361,16 @@ def test_an_os_error_while_reading_the_node_is_a_clean_refusal(tmp_path: Path, c
     assert run(command, "--root", str(root), "--config", config, *extra) == 1
     assert "File name too long" in capsys.readouterr().err
     assert tree(root) == before
+
+
+def test_a_state_file_written_by_another_version_is_no_conflict(tmp_path: Path) -> None:
+    """The conflict check compares records, not bytes: a state file rendered another way (an older regmirror,
+    or a person who pretty-printed it) must not refuse every run."""
+    import json
+    root = node(tmp_path)
+    assert run("apply", "--root", str(root), "--restart", "never", "--mirror", "quay.io=https://q.example") == 0
+    state = root / "var/lib/regmirror/state.json"
+    state.write_text(json.dumps(json.loads(state.read_text())))  # one line, no indent
+    assert run("apply", "--root", str(root), "--restart", "never", "--mirror", "quay.io=https://other.example") == 0
+    assert run("reset", "--root", str(root), "--restart", "never") == 0
+    assert tree(root) == {"etc": None, "etc/containerd": None, CFG: V2.encode()}
