@@ -86,8 +86,12 @@ class Api:
 
     def watch(self, path: str, stop: threading.Event) -> Iterator[dict[str, Any]]:
         """Events of a watch from now on (list first for the resourceVersion), until ``stop``."""
-        status, listed = self.call("GET", path)
-        assert status == 200, listed
+        while True:  # a CRD just created answers 429 "storage is (re)initializing" for a moment
+            status, listed = self.call("GET", path)
+            if status == 200:
+                break
+            assert status == 429, listed
+            time.sleep(0.5)
         for item in listed.get("items") or []:
             yield {"type": "ADDED", "object": item}
         version = listed["metadata"]["resourceVersion"]
