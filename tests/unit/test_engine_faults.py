@@ -131,6 +131,15 @@ AGENT = textwrap.dedent("""
 """)
 
 
+def holds_open(pid: int, folder: Path) -> bool:
+    """Has process ``pid`` opened ``folder`` (as regmirror does to flock it)?"""
+    fds = Path(f"/proc/{pid}/fd")
+    try:
+        return any(os.readlink(fd) == str(folder) for fd in fds.iterdir())
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
 def test_agent_in_a_pod_and_cli_on_the_node_share_one_lock(tmp_path: Path) -> None:
     """The agent sees the host through /host with the state folder bind-mounted (the DaemonSet's hostPath);
     the person runs regmirror on the host. Agent plans, the CLI applies quay.io, the agent executes: the CLI
@@ -155,7 +164,12 @@ def test_agent_in_a_pod_and_cli_on_the_node_share_one_lock(tmp_path: Path) -> No
         person = subprocess.Popen([sys.executable, "-m", "regmirror_agent.cli", "apply", "--root", str(host),
                                    "--restart", "never", "--mirror", "quay.io=https://q.example"], env=env,
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        time.sleep(1.0)
+        deadline = time.monotonic() + 60
+        while not holds_open(person.pid, host / "var/lib/regmirror"):  # it is at the lock, trying
+            assert person.poll() is None, f"the CLI did not wait for the agent's lock: {person.communicate()}"
+            assert time.monotonic() < deadline, "the CLI never reached the lock"
+            time.sleep(0.02)
+        time.sleep(0.5)  # time enough for a lock that does not hold to let it write
         assert person.poll() is None, f"the CLI did not wait for the agent's lock: {person.communicate()}"
         assert contents(host) == original
         go.write_text("go")
