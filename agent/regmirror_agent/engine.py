@@ -15,6 +15,7 @@ import functools
 import glob
 import os
 import posixpath
+import re
 import tempfile
 import tomllib
 from collections.abc import Callable, Iterator, Sequence
@@ -108,8 +109,8 @@ def plan(desired: Sequence[models.RegistryMirror], settings: Settings, request: 
     node = observing.RecordingView(NodeRoot(settings.root))
     host = settings.host or Host.detect()
     try:
-        state = _without_mounted_state_dir(
-            ownership.parse_state(node.read(settings.state_path), settings.state_path), node.inner, settings)
+        recorded = ownership.parse_state(node.read(settings.state_path), settings.state_path)
+        state = _without_mounted_state_dir(recorded, node.inner, settings)
         runtime = detect_runtime(node, settings, state)  # type: ignore[arg-type]
         if state.runtime and state.runtime != runtime and not state.empty:
             raise EngineError(f"this node's regmirror state belongs to {state.runtime}, not {runtime}; "
@@ -118,6 +119,8 @@ def plan(desired: Sequence[models.RegistryMirror], settings: Settings, request: 
         planned = _plan(desired, settings, node, host, usable, runtime)  # type: ignore[arg-type]
         if usable != state:
             planned = _with_set_aside(planned, node.read(settings.state_path), aside, aside_notes)
+        elif state != recorded:  # planned without the mounted folder's record: the file still holds it
+            planned = dataclasses.replace(planned, state_before=node.read(settings.state_path))
         return dataclasses.replace(planned, request=request or request_key(desired, settings),
                                    observed=node.observations()), runtime
     except (containerd.NodeRefused, docker.DockerRefused, UnsafePath, ownership.CorruptState) as exc:
@@ -138,7 +141,7 @@ def _without_mounted_state_dir(state: ownership.State, node: NodeRoot, settings:
     """A state directory that is a mount point (the agent's hostPath) is the DaemonSet's, not regmirror's to
     remove: removing it on the host would leave the running agent writing into a deleted folder."""
     state_dir = settings.state_dir
-    if not state.dirs or not os.path.ismount(node.fs_path(state_dir)):
+    if not state.dirs or not _is_mount_point(node.fs_path(state_dir)):
         return state
     return dataclasses.replace(state, dirs=tuple(d for d in state.dirs
                                                  if not (d == state_dir or state_dir.startswith(d + "/"))))
@@ -194,6 +197,19 @@ def _with_set_aside(planned: Plan, before: str | None, kept: ownership.State, no
                              files={**kept.files, **after.files}, dirs=tuple(sorted({*kept.dirs, *after.dirs})))
     return dataclasses.replace(planned, state_before=before,
                                state_after=ownership.render_state(merged), notes=planned.notes + notes)
+
+
+def _is_mount_point(path: str) -> bool:
+    """``os.path.ismount`` misses a bind mount within one filesystem; the kernel's mount table does not."""
+    if os.path.ismount(path):
+        return True
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
+            points = {re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), line.split()[4])
+                      for line in f if len(line.split()) > 4}
+    except OSError:
+        return False
+    return os.path.realpath(path) in points
 
 
 def describe(settings: Settings) -> tuple[str, str, list[Effective], ownership.State]:

@@ -388,3 +388,20 @@ def test_a_state_file_written_by_another_version_is_no_conflict(tmp_path: Path) 
     assert run("apply", "--root", str(root), "--restart", "never", "--mirror", "quay.io=https://other.example") == 0
     assert run("reset", "--root", str(root), "--restart", "never") == 0
     assert tree(root) == {"etc": None, "etc/containerd": None, CFG: V2.encode()}
+
+
+def test_a_state_folder_that_is_a_mount_point_is_never_removed(tmp_path: Path) -> None:
+    """regmirror made the state folder (so its record says it may remove it), then the DaemonSet mounted it
+    into the agent's pod: from then on it is the mount's, and reset leaves it (rmdir on the host would cut the
+    agent off from its state)."""
+    root = node(tmp_path)
+    assert run("apply", "--root", str(root), "--restart", "never", "--mirror", "quay.io=https://q.example") == 0
+    folder = root / "var/lib/regmirror"
+    if subprocess.run(["mount", "--bind", str(folder), str(folder)], capture_output=True, check=False).returncode:
+        pytest.skip("no bind mounts here")
+    try:
+        assert run("reset", "--root", str(root), "--restart", "never") == 0
+        assert tree(root) == {"etc": None, "etc/containerd": None, CFG: V2.encode(), "var": None,
+                              "var/lib": None, "var/lib/regmirror": None}
+    finally:
+        subprocess.run(["umount", str(folder)], check=False)
