@@ -96,17 +96,14 @@ class Api:
             yield {"type": "ADDED", "object": item}
         version = listed["metadata"]["resourceVersion"]
         while not stop.is_set():
-            conn = self._conn(timeout=5)
+            conn = self._conn(timeout=600)
             try:
                 sep = "&" if "?" in path else "?"
                 conn.request("GET", f"{path}{sep}watch=true&allowWatchBookmarks=true&resourceVersion={version}",
                              headers={"Authorization": f"Bearer {self.token}"})
                 response = conn.getresponse()
                 while not stop.is_set():
-                    try:
-                        line = response.readline()
-                    except TimeoutError:
-                        continue
+                    line = response.readline()
                     if not line:
                         break
                     event = json.loads(line)
@@ -131,27 +128,37 @@ def peak_rss_mib(pid: int) -> float:
     return 0.0
 
 
-REQUEST_LINE = re.compile(r'^apiserver_request_total\{(?P<labels>[^}]*)\} (?P<value>[0-9.e+]+)$')
+METRIC_LINE = re.compile(r'^(?P<name>apiserver_request_total|apiserver_request_duration_seconds_(?:sum|count))'
+                         r'\{(?P<labels>[^}]*)\} (?P<value>[0-9.e+-]+)$')
 
 
 def request_counts(api: Api) -> Counter[tuple[str, str, str]]:
-    """apiserver_request_total as (verb, resource[/subresource], code) -> count."""
+    """apiserver_request_total as (verb, resource[/subresource], code) -> count, and the request durations as
+    ("seconds"|"count", verb, resource) -> value."""
     status, text = api.call("GET", "/metrics", accept="text/plain")
     assert status == 200
     counts: Counter[tuple[str, str, str]] = Counter()
     for line in str(text).splitlines():
-        match = REQUEST_LINE.match(line)
+        match = METRIC_LINE.match(line)
         if not match:
             continue
         labels = dict(re.findall(r'(\w+)="([^"]*)"', match["labels"]))
         resource = labels.get("resource", "") + ("/" + labels["subresource"] if labels.get("subresource") else "")
-        counts[(labels.get("verb", ""), resource, labels.get("code", ""))] += int(float(match["value"]))
+        value = float(match["value"])
+        if match["name"] == "apiserver_request_total":
+            counts[(labels.get("verb", ""), resource, labels.get("code", ""))] += int(value)
+        elif labels.get("verb") != "WATCH":
+            kind = "seconds" if match["name"].endswith("_sum") else "count"
+            counts[(f"~{kind}", labels.get("verb", ""), resource)] += value  # type: ignore[assignment]
     return counts
 
 
 def summarize(delta: Counter[tuple[str, str, str]]) -> dict[str, Any]:
     by_verb_code: Counter[str] = Counter()
     by_resource: Counter[str] = Counter()
+    latency = {f"{verb} {resource}": round(delta[("~seconds", verb, resource)] / n * 1000, 1)
+               for (kind, verb, resource), n in delta.items() if kind == "~count" and n}
+    delta = Counter({k: v for k, v in delta.items() if not k[0].startswith("~")})
     for (verb, resource, code), n in delta.items():
         if n:
             by_verb_code[f"{verb} {code}"] += n
@@ -159,7 +166,8 @@ def summarize(delta: Counter[tuple[str, str, str]]) -> dict[str, Any]:
     writes = sum(n for (verb, _, _), n in delta.items() if verb in ("POST", "PUT", "PATCH", "DELETE", "APPLY"))
     return {"total": sum(delta.values()), "writes": writes,
             "5xx": sum(n for (_, _, code), n in delta.items() if code.startswith("5")),
-            "byVerbAndCode": dict(sorted(by_verb_code.items())), "byVerbAndResource": dict(sorted(by_resource.items()))}
+            "byVerbAndCode": dict(sorted(by_verb_code.items())), "byVerbAndResource": dict(sorted(by_resource.items())),
+            "meanLatencyMs": dict(sorted(latency.items()))}
 
 
 def etcd_db_bytes(plane: cp.ControlPlane) -> int:
@@ -240,7 +248,7 @@ def _run(plane: cp.ControlPlane, n: int, m: int, workdir: Path, log: Any, procs:
         spec.write_text(json.dumps({"host": url.rsplit(":", 1)[0], "port": url.rsplit(":", 1)[1],
                                     "ca": str(plane.ca_path), "nodes": tokens[i:i + NODES_PER_PROCESS]}))
         sim = subprocess.Popen([sys.executable, "-m", "bench.simnodes", str(spec)], cwd=REPO,
-                               env={**os.environ, "PYTHONPATH": PYTHONPATH, "REGMIRROR_LOG_LEVEL": "WARNING"},
+                               env={**os.environ, "PYTHONPATH": PYTHONPATH, "REGMIRROR_LOG_LEVEL": os.environ.get("REGMIRROR_LOG_LEVEL", "WARNING")},
                                stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                stderr=(workdir / f"sim-{n}-{i}.log").open("w"), text=True)
         sims.append(sim)
@@ -398,13 +406,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     results = []
-    with tempfile.TemporaryDirectory(prefix="regmirror-bench-") as tmp:
-        for n in (int(x) for x in args.nodes.split(",")):
-            result = run(n, args.mirrors, Path(tmp), sys.stderr)
-            results.append(result)
-            text = json.dumps(result, indent=1)
-            print(text, flush=True)
-            (args.out / f"scale-{n}x{args.mirrors}.json").write_text(text + "\n")
+    tmp = Path(tempfile.mkdtemp(prefix="regmirror-bench-"))
+    print(f"[bench] logs in {tmp}", file=sys.stderr)
+    for n in (int(x) for x in args.nodes.split(",")):
+        result = run(n, args.mirrors, tmp, sys.stderr)
+        results.append(result)
+        text = json.dumps(result, indent=1)
+        print(text, flush=True)
+        (args.out / f"scale-{n}x{args.mirrors}.json").write_text(text + "\n")
     if args.plot:
         plot(results, args.out / "ready-over-time.png")
     return 0
