@@ -39,6 +39,10 @@ NODES: dict[str, dict[str, str]] = {
     "schema3": {"etc/containerd/config.toml": 'version = 3\n\n[plugins."io.containerd.cri.v1.images".registry]\n'
                                               '  config_path = ""\n\n[plugins."io.containerd.grpc.v1.cri"]\n'
                                               '  enable_selinux = false\n'},
+    # The DaemonSet's hostPath mounts made /etc/docker and the state folder before regmirror ran: they are not
+    # regmirror's to remove, and the state file comes and goes inside a folder that stays.
+    "schema2-daemonset-folders": {"etc/containerd/config.toml": 'version = 2\n', "etc/docker/": "",
+                                  "var/lib/regmirror/": ""},
     "docker": {"etc/docker/daemon.json": '{\n  "log-driver": "json-file"\n}\n', "etc/containerd/": ""},
 }
 CONTAINERD_COMMANDS = [["apply", "--mirror", "quay.io=https://a.example", "--mirror", "docker.io=https://d.example"],
