@@ -201,7 +201,7 @@ def _selected(doc: object, mirror: models.RegistryMirror, labels: dict[str, str]
         raise models.InvalidSpec([f"RegistryMirror {mirror.name!r} has a spec.nodeSelector, and this "
                                   f"node's labels were not given: pass --node-labels KEY=VALUE,... (or "
                                   f"REGMIRROR_NODE_LABELS) so regmirror can tell whether it selects this node"])
-    return contract.selects(selector, labels)
+    return contract.selects(models.without_nulls(selector), labels)
 
 
 def load_desired(args: argparse.Namespace, sources: list[tuple[str, str]]) -> list[models.RegistryMirror]:

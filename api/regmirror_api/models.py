@@ -179,6 +179,8 @@ def check_node_selector(selector: object, where: str = "spec.nodeSelector") -> l
         problems.append(f"{where}.matchLabels: must map at most 64 label keys to values, got {_show(labels)}")
         labels = {}
     for key, value in labels.items():
+        if value is None:
+            continue  # the apiserver drops a null map value; so does without_nulls
         if not isinstance(key, str) or not _LABEL_KEY_RE.match(key):
             problems.append(f"{where}.matchLabels: {key!r} is not a label key ([prefix/]name, name at most 63 "
                             f"characters of letters, digits, '-', '_' and '.')")
@@ -209,6 +211,13 @@ def check_node_selector(selector: object, where: str = "spec.nodeSelector") -> l
             problems.append(f"{at}: operator {op} " + ("needs at least one value" if op in ("In", "NotIn")
                                                        else "takes no values"))
     return problems
+
+
+def without_nulls(selector: Mapping[str, Any]) -> dict[str, Any]:
+    """A checked nodeSelector as the apiserver stores it: a ``matchLabels`` entry whose value is null is
+    dropped, not matched against a label."""
+    labels = selector.get("matchLabels") or {}
+    return {**selector, "matchLabels": {k: v for k, v in labels.items() if v is not None}}
 
 
 def parse_mirror(raw: object, where: str) -> tuple[Mirror | None, list[str]]:

@@ -433,6 +433,41 @@ def test_crd_and_model_agree_on_generated_urls(custom_objects: Any) -> None:
           f"{sum(model_accepts(spec_of('quay.io', u)) for u in tried)} of them valid")
 
 
+def _generated_selectors() -> Any:
+    from hypothesis import strategies as st
+
+    keys = st.sampled_from(["pool", "kubernetes.io/os", "a" * 63, "a" * 64, "Bad Key", "", "x/y/z", "-a", "a_b",
+                            "example.com/Pool.x", "UPPER"])
+    values = st.sampled_from(["gpu", "", "a" * 63, "a" * 64, "x y", 5, None, True])
+    expression = st.fixed_dictionaries(
+        {"key": keys, "operator": st.sampled_from(["In", "NotIn", "Exists", "DoesNotExist", "Gt", "in"])},
+        optional={"values": st.lists(values, max_size=3), "extra": st.just(1)})
+    selector = st.fixed_dictionaries({}, optional={
+        "matchLabels": st.dictionaries(keys, values, max_size=3),
+        "matchExpressions": st.lists(expression, max_size=2),
+        "matchField": st.just({})})
+    return st.one_of(selector, selector, selector, st.sampled_from([5, "pool=gpu", [], None]))
+
+
+def test_crd_and_model_agree_on_generated_node_selectors(custom_objects: Any) -> None:
+    """The model checks spec.nodeSelector for the CLI's -f (issue 9, defect 11) by the CRD's rules."""
+    from hypothesis import HealthCheck, given, settings
+
+    tried: list[object] = []
+
+    @settings(max_examples=200, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+    @given(_generated_selectors())
+    def agree(selector: object) -> None:
+        spec = {**spec_of(), "nodeSelector": selector}
+        tried.append(selector)
+        accepted, why = apiserver_accepts(custom_objects, spec)
+        assert model_accepts(spec) is accepted, (selector, why)
+
+    agree()
+    print(f"CRD and model agreed on {len(tried)} generated nodeSelectors, "
+          f"{sum(model_accepts({**spec_of(), 'nodeSelector': s}) for s in tried)} of them valid")
+
+
 @pytest.mark.parametrize("spec", [c[1] for c in CRD_STRICTER], ids=[c[0] for c in CRD_STRICTER])
 def test_crd_is_stricter_than_the_model_only_where_listed(custom_objects: Any, spec: dict[str, Any]) -> None:
     assert model_accepts(spec), "the model refuses this now: move the case into AGREEMENT"

@@ -329,3 +329,13 @@ def test_a_fast_path_record_that_is_not_one_is_ignored(tmp_path: Path, record: s
                      "--mirror", "quay.io=https://m.example.com"]) == 0
     assert "Traceback" not in capsys.readouterr().err
     assert (root / "etc/containerd/certs.d/quay.io/hosts.toml").is_file()
+
+
+def test_a_null_label_in_a_selector_is_dropped_as_the_apiserver_drops_it(tmp_path: Path,
+                                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    root = node(tmp_path)
+    doc = tmp_path / "m.yaml"
+    doc.write_text(DOC % ("", "  nodeSelector: {matchLabels: {pool: null, zone: a}}\n"))
+    assert cli.main(["apply", "--root", str(root), "--restart", "never", "-f", str(doc),
+                     "--node-labels", "zone=a"]) == 0
+    assert (root / "etc/containerd/certs.d/quay.io/hosts.toml").is_file()
