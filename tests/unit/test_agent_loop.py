@@ -1,0 +1,201 @@
+"""The agent's loop with a fake API: what it asks of the apiserver, and when it writes.
+
+The claims proven here on a fake are proven again on the real apiserver by tests/e2e/test_system.py and by the
+benchmark (bench/scale.py); this file pins down the request pattern: two single-object watches, one GET of the
+node's own report at start, one write per change and none at rest.
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import threading
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import pytest
+
+from regmirror_agent import engine
+from regmirror_agent.agent import Agent, AgentSettings
+from regmirror_agent.kubeapi import ApiError
+from regmirror_agent.plans import Plan
+from regmirror_api import contract, models
+
+NODE = "node-a"
+CM_PATH = f"/api/v1/namespaces/{contract.NAMESPACE}/configmaps"
+REPORT_PATH = f"{contract.NODE_REPORTS_PATH}/{NODE}"
+
+
+def desired(*names: str, generation: int = 1) -> str:
+    return contract.render_desired(
+        contract.Entry(n, generation, {"registry": f"{n}.example.com", "mirrors": [{"url": "https://m.example.com"}]},
+                       {}, uid=f"uid-{n}") for n in names)
+
+
+class FakeApi:
+    """Serves one ConfigMap and one Node through lists and watches; records every request."""
+
+    def __init__(self, data: str | None, labels: Mapping[str, str] | None = None) -> None:
+        self.calls: list[str] = []
+        self.objects: dict[str, dict[str, Any]] = {}
+        self.events: dict[str, queue.Queue[dict[str, Any] | None]] = {CM_PATH: queue.Queue(), "/api/v1/nodes": queue.Queue()}
+        self.configmap = {"metadata": {"name": contract.CONFIGMAP, "resourceVersion": "1"},
+                          "data": {} if data is None else {contract.CONFIGMAP_KEY: data}}
+        self.node = {"metadata": {"name": NODE, "uid": "node-uid", "resourceVersion": "1",
+                                  "labels": dict(labels or {"kubernetes.io/os": "linux"})}}
+        self.fail_writes = 0
+        self.lock = threading.Lock()
+
+    def _record(self, call: str) -> None:
+        with self.lock:
+            self.calls.append(call)
+
+    def get(self, path: str, *, accept: str = "application/json", **params: str) -> Any:
+        self._record(f"GET {path}")
+        if path == CM_PATH:
+            return {"metadata": {"resourceVersion": "1"}, "items": [self.configmap]}
+        if path == "/api/v1/nodes":
+            return {"metadata": {"resourceVersion": "1"}, "items": [self.node]}
+        if path in self.objects:
+            return json.loads(json.dumps(self.objects[path]))
+        raise ApiError(404, f"GET {path}: not found")
+
+    def create(self, path: str, body: Any) -> Any:
+        self._record(f"POST {path}")
+        self._fail_maybe()
+        self.objects[f"{path}/{body['metadata']['name']}"] = body
+        return body
+
+    def merge_patch(self, path: str, body: Any) -> Any:
+        self._record(f"PATCH {path}")
+        self._fail_maybe()
+        if path not in self.objects:
+            raise ApiError(404, "not found")
+        self.objects[path] = body
+        return body
+
+    def _fail_maybe(self) -> None:
+        if self.fail_writes:
+            self.fail_writes -= 1
+            raise ApiError(503, "the apiserver is restarting")
+
+    def watch(self, path: str, params: Mapping[str, str], timeout_seconds: int, *, read_timeout: float,
+              accept: str = "application/json") -> Iterator[dict[str, Any]]:
+        self._record(f"WATCH {path}")
+        while True:
+            event = self.events[path].get()
+            if event is None:
+                return
+            yield event
+
+    def push(self, path: str, kind: str, obj: dict[str, Any]) -> None:
+        self.events[path].put({"type": kind, "object": obj})
+
+    def writes(self) -> list[str]:
+        with self.lock:
+            return [c for c in self.calls if c.split()[0] in ("POST", "PATCH", "PUT", "DELETE")]
+
+
+def instantly(_: Sequence[models.RegistryMirror]) -> engine.Outcome:
+    return engine.Outcome(runtime="containerd", plan=Plan(runtime="containerd", changes=(), restart=False))
+
+
+def wait_until(probe: Any, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not probe():
+        assert time.monotonic() < deadline, "not reached"
+        time.sleep(0.01)
+
+
+@pytest.fixture
+def running() -> Iterator[Any]:
+    started: list[tuple[Agent, FakeApi]] = []
+
+    def start(api: FakeApi, resync: int = 3600) -> Agent:
+        settings = AgentSettings(node=NODE, engine=engine.Settings(root="/nonexistent"), resync=resync)
+        agent = Agent(settings, api, apply_mirrors=instantly)  # type: ignore[arg-type]
+        threading.Thread(target=agent.run, daemon=True).start()
+        started.append((agent, api))
+        return agent
+
+    yield start
+    for agent, api in started:
+        agent.stop.set()
+        agent.wake.set()
+        for q in api.events.values():
+            q.put(None)
+
+
+def report(api: FakeApi) -> dict[str, Any]:
+    return api.objects[REPORT_PATH]
+
+
+def test_a_start_reads_its_report_once_writes_once_and_then_only_watches(running: Any) -> None:
+    api = FakeApi(desired("quay-io", "docker-io"))
+    running(api)
+    wait_until(lambda: REPORT_PATH in api.objects)
+    time.sleep(0.2)
+    assert sorted(api.calls) == sorted([f"GET {CM_PATH}", "GET /api/v1/nodes", f"GET {REPORT_PATH}",
+                                        f"POST {contract.NODE_REPORTS_PATH}", f"WATCH {CM_PATH}",
+                                        "WATCH /api/v1/nodes"])
+    body = report(api)
+    assert body["metadata"]["ownerReferences"][0]["uid"] == "node-uid"
+    assert [(m["name"], m["uid"], m["state"]) for m in body["status"]["mirrors"]] == [
+        ("docker-io", "uid-docker-io", "Applied"), ("quay-io", "uid-quay-io", "Applied")]
+
+
+def test_one_write_per_change_and_none_for_a_change_that_does_not_touch_the_node(running: Any) -> None:
+    api = FakeApi(desired("quay-io"), labels={"pool": "a"})
+    running(api)
+    wait_until(lambda: REPORT_PATH in api.objects)
+    # Five RegistryMirrors at once: one write, not five.
+    api.push(CM_PATH, "MODIFIED", {**api.configmap, "data": {contract.CONFIGMAP_KEY: desired(
+        "quay-io", "a", "b", "c", "d")}})
+    wait_until(lambda: len(report(api)["status"]["mirrors"]) == 5)
+    time.sleep(0.1)
+    assert len(api.writes()) == 2
+    # A RegistryMirror for other nodes only, and a Node heartbeat: no write at all.
+    other = json.loads(desired("quay-io", "a", "b", "c", "d"))
+    other["mirrors"].append({"name": "gpu-only", "uid": "u", "generation": 1, "nodeSelector": {
+        "matchLabels": {"pool": "gpu"}}, "spec": {"registry": "gpu.example.com", "mirrors": [{"url": "https://g.example.com"}]}})
+    api.push(CM_PATH, "MODIFIED", {**api.configmap, "data": {contract.CONFIGMAP_KEY: json.dumps(other)}})
+    api.push("/api/v1/nodes", "MODIFIED", {"metadata": {**api.node["metadata"], "resourceVersion": "9"}})
+    api.push("/api/v1/nodes", "BOOKMARK", {"metadata": {"resourceVersion": "10"}})
+    time.sleep(0.3)
+    assert len(api.writes()) == 2
+    # A label change that selects it: one write.
+    api.push("/api/v1/nodes", "MODIFIED", {"metadata": {**api.node["metadata"], "labels": {"pool": "gpu"}}})
+    wait_until(lambda: len(report(api)["status"]["mirrors"]) == 6)
+    assert len(api.writes()) == 3
+
+
+def test_a_restarted_agent_whose_report_is_current_writes_nothing(running: Any) -> None:
+    api = FakeApi(desired("quay-io"))
+    first = running(api)
+    wait_until(lambda: REPORT_PATH in api.objects)
+    first.stop.set()
+    first.wake.set()
+    api.calls.clear()
+    running(api)
+    wait_until(lambda: f"GET {REPORT_PATH}" in api.calls)
+    time.sleep(0.3)
+    assert api.writes() == []
+
+
+def test_a_failed_report_is_retried_with_backoff_and_the_node_is_not_reapplied_in_between(running: Any) -> None:
+    api = FakeApi(desired("quay-io"))
+    api.fail_writes = 1
+    agent = running(api)
+    wait_until(lambda: REPORT_PATH in api.objects, timeout=5)
+    writes = api.writes()
+    assert writes[0] == f"POST {contract.NODE_REPORTS_PATH}" and len(writes) == 2
+    assert agent.reconciles == 2
+
+
+def test_at_rest_the_drift_resync_asks_the_apiserver_nothing(running: Any) -> None:
+    api = FakeApi(desired("quay-io"))
+    agent = running(api, resync=0)  # reconcile again and again, as fast as the loop goes
+    wait_until(lambda: agent.reconciles > 20)
+    wait_until(lambda: REPORT_PATH in api.objects)
+    assert len([c for c in api.calls if not c.startswith("WATCH")]) == 4  # two lists, one GET, one create
