@@ -1,6 +1,6 @@
 """How long an apply that changes nothing takes: the command's own time, beyond Python's start.
 
-    python benchmarks/bench_noop_apply.py [--runs 30] [--python PYTHON]
+    python bench/noop_apply.py [--runs 30] [--python PYTHON]
 
 ``--python`` times the commands with another interpreter, for example a venv holding a plain (not editable)
 ``pip install .``: an editable install adds its own import hook to every start, and this checkout's site
