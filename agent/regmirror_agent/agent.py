@@ -28,7 +28,7 @@ from typing import Any
 from regmirror_agent import engine
 from regmirror_agent.kubeapi import METADATA_ONLY, METADATA_ONLY_LIST, ApiError, Client, load_config
 from regmirror_agent.reporting import Reporter
-from regmirror_agent.watching import ObjectWatch, jittered
+from regmirror_agent.watching import ObjectWatch, retry_delay
 from regmirror_api import contract, models
 from regmirror_api.errors import RegmirrorError
 
@@ -190,10 +190,9 @@ class Agent:
                 self.reconcile()
                 retry_at, backoff = None, 1.0
             except ApiError as exc:
-                delay = jittered(backoff)
+                delay, backoff = retry_delay(exc, backoff, self.settings.max_backoff)
                 log.warning("reporting failed (%s); node as applied, reporting again in %.1fs", exc, delay)
                 retry_at = time.monotonic() + delay
-                backoff = min(backoff * 2, self.settings.max_backoff)
             # The next look without a change comes a full period after this one ended: an apply that fails
             # slowly (a runtime that does not come back) is not retried back to back.
             resync_at = time.monotonic() + self.settings.resync

@@ -28,6 +28,17 @@ def jittered(delay: float, rand: Callable[[], float] = random.random) -> float:
     return delay * (0.5 + rand())
 
 
+def retry_delay(exc: ApiError, backoff: float, max_backoff: float,
+                rand: Callable[[], float] = random.random) -> tuple[float, float]:
+    """How long to wait after ``exc``, and the backoff after that. A 429 is the apiserver's flow control saying
+    "come back in a second" (its Retry-After) while it works through a burst, as when every node reports at
+    once: honoured as said, without growing the backoff, as client-go does. Anything else backs off
+    exponentially."""
+    if exc.status == 429:
+        return jittered(1.0, rand), backoff
+    return jittered(backoff, rand), min(backoff * 2, max_backoff)
+
+
 class ObjectWatch:
     """Calls ``on_change`` with the object (or None when it is absent or deleted) after the first list and after
     every watch event that is not a bookmark; runs in a thread of its own until ``stop`` is set."""
@@ -95,10 +106,9 @@ class ObjectWatch:
                 if exc.status == 410:
                     version = None
                     continue
-                delay = jittered(backoff, self.rand)
+                delay, backoff = retry_delay(exc, backoff, self.max_backoff, self.rand)
                 log.warning("apiserver: %s; node left as it is, retrying in %.1fs", exc, delay)
                 self.stop.wait(delay)
-                backoff = min(backoff * 2, self.max_backoff)
 
     def start(self) -> threading.Thread:
         thread = threading.Thread(target=self.run, name=f"watch {self.name}", daemon=True)

@@ -199,3 +199,14 @@ def test_at_rest_the_drift_resync_asks_the_apiserver_nothing(running: Any) -> No
     wait_until(lambda: agent.reconciles > 20)
     wait_until(lambda: REPORT_PATH in api.objects)
     assert len([c for c in api.calls if not c.startswith("WATCH")]) == 4  # two lists, one GET, one create
+
+
+def test_backoff_grows_with_jitter_but_a_429_is_retried_after_the_second_it_asks_for() -> None:
+    from regmirror_agent.watching import retry_delay
+
+    delay, backoff = retry_delay(ApiError(503, "x"), 4.0, 30.0, rand=lambda: 0.0)
+    assert (delay, backoff) == (2.0, 8.0)
+    delay, backoff = retry_delay(ApiError(0, "unreachable"), 20.0, 30.0, rand=lambda: 0.999)
+    assert delay == pytest.approx(29.98) and backoff == 30.0
+    delay, backoff = retry_delay(ApiError(429, "too many requests"), 16.0, 30.0, rand=lambda: 0.5)
+    assert (delay, backoff) == (1.0, 16.0)
