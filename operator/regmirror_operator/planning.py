@@ -39,6 +39,11 @@ REASON_PROGRESSING = "Progressing"
 REASON_NODES_FAILED = "NodesFailed"
 REASON_INVALID = "Invalid"
 REASON_CONFLICT = "Conflict"
+REASON_TOO_LARGE = "DocumentTooLarge"
+
+#: The most ``desired.json`` may hold. A ConfigMap holds at most 1 MiB (data and metadata together, and the
+#: apiserver refuses more); the rest is room for its metadata and managedFields.
+MAX_DOCUMENT_BYTES = 900 * 1024
 
 MAX_MESSAGE = 1024
 MAX_FAILING_NODES = 10
@@ -142,6 +147,42 @@ def plan_verdicts(mirrors: Iterable[Mapping[str, Any]]) -> tuple[list[contract.E
                 f"{created[winner] or 'earlier'}; the oldest one wins, then the first name); this one is not "
                 f"applied until {winner!r} is deleted or mirrors another registry"))
     return published, verdicts
+
+
+def fit_document(entries: list[contract.Entry], previous: Mapping[str, contract.Entry],
+                 newest_first: list[str]) -> tuple[list[contract.Entry], dict[str, Verdict]]:
+    """Entries whose document fits in a ConfigMap, and a Stalled verdict for each one left out.
+
+    Two valid RegistryMirrors can together exceed what a ConfigMap holds (ten 64 KB caBundles each). Then the
+    newest changes give way first: each is replaced by the generation the nodes already have (from the
+    document published before) or, if it never was published, left out, until the document fits. Nothing the
+    nodes run is ever withdrawn because something newer is too large.
+    """
+    chosen = {e.name: e for e in entries}
+    verdicts: dict[str, Verdict] = {}
+
+    def size() -> int:
+        return len(contract.render_desired(chosen.values()).encode())
+
+    total = size()
+    for name in newest_first:
+        if total <= MAX_DOCUMENT_BYTES:
+            break
+        if name not in chosen or (name in previous and previous[name] == chosen[name]):
+            continue
+        kept = previous.get(name)
+        if kept is not None and str(kept.spec.get("registry")) == str(chosen[name].spec.get("registry")):
+            chosen[name] = kept
+            keeps = f"nodes keep generation {kept.generation}"
+        else:
+            del chosen[name]
+            keeps = "nothing of it is applied"
+        verdicts[name] = Verdict(REASON_TOO_LARGE, _clip(
+            f"generation {next(e.generation for e in entries if e.name == name)} is not published: the desired "
+            f"state of all RegistryMirrors would take {total:,} bytes, more than the {MAX_DOCUMENT_BYTES:,} a "
+            f"ConfigMap can hold; {keeps}. Shrink its caBundles, or those of other RegistryMirrors"))
+        total = size()
+    return sorted(chosen.values(), key=lambda e: e.name), verdicts
 
 
 # --- status --------------------------------------------------------------------------------------------------
@@ -292,15 +333,23 @@ def plan_notices(body: Mapping[str, Any], status: Mapping[str, Any]) -> list[Not
 
 
 def plan(mirrors: Mapping[str, Mapping[str, Any]], nodes: Mapping[str, Mapping[str, str]],
-         reports: Mapping[str, Mapping[str, Any]], *, now: str) -> Plan:
+         reports: Mapping[str, Mapping[str, Any]], *, now: str, published: str | None = None) -> Plan:
     """The ConfigMap text, status patches, prunes and events for every RegistryMirror.
 
     ``mirrors``: name -> object (metadata, spec, status); objects being deleted are left out of the document
     and get no status. ``nodes``: name -> labels. ``reports``: node name -> ``caches.report_essence``.
-    ``now``: RFC 3339 UTC time for new transition times.
+    ``now``: RFC 3339 UTC time for new transition times. ``published``: the document the ConfigMap holds now,
+    if known (what nodes keep when a change would not fit).
     """
     live = {n: b for n, b in mirrors.items() if not _meta(b).get("deletionTimestamp")}
     entries, verdicts = plan_verdicts(live[n] for n in sorted(live))
+    try:
+        previous = {e.name: e for e in contract.parse_desired(published).entries} if published else {}
+    except contract.InvalidDocument:
+        previous = {}
+    newest_first = sorted(live, key=lambda n: (str(_meta(live[n]).get("creationTimestamp") or ""), n), reverse=True)
+    entries, too_large = fit_document(entries, previous, newest_first)
+    verdicts.update(too_large)
     desired = contract.render_desired(entries)
     patches: dict[str, dict[str, Any]] = {}
     statuses: dict[str, dict[str, Any]] = {}

@@ -147,6 +147,17 @@ class Publisher:
 
     # --- writes -----------------------------------------------------------------------------------------
 
+    def read_desired(self) -> str | None:
+        """What ``data["desired.json"]`` holds now (None: nothing, or no ConfigMap)."""
+        try:
+            current = self.request("GET", CONFIGMAP_PATH)
+        except ApiError as exc:
+            if exc.status == 404:
+                return None
+            raise
+        text = (current.get("data") or {}).get(contract.CONFIGMAP_KEY)
+        return str(text) if text is not None else None
+
     def publish_desired(self, text: str) -> bool:
         """Make ``data["desired.json"]`` hold ``text``; True if it was written (False: already so).
 

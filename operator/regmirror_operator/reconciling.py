@@ -175,6 +175,8 @@ class Reconciler:
         started = self.clock()
         mirrors = await asyncio.to_thread(self.publisher.list_mirrors)
         self.cache.merge_mirrors(mirrors, started_at=started)
+        if self.published is None:  # what the nodes run now: kept if a change would not fit (planning)
+            self.published = await asyncio.to_thread(self.publisher.read_desired)
 
     async def reconcile(self, *, reread: bool = False) -> None:
         """One pass: plan from the cache, then write the ConfigMap and the status patches that differ."""
@@ -184,7 +186,8 @@ class Reconciler:
         if not self.passes:
             log.info("listed %d RegistryMirrors, %d Nodes and %d RegistryMirrorNodes", len(mirrors),
                      len(self.cache.nodes.items()), len(self.cache.reports.items()))
-        plan = planning.plan(mirrors, self.cache.nodes.items(), self.cache.reports.items(), now=utc_now())
+        plan = planning.plan(mirrors, self.cache.nodes.items(), self.cache.reports.items(), now=utc_now(),
+                             published=self.published)
         self.held_back_until = None
         self.passes += 1
         problems: list[Exception] = []

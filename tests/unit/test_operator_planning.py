@@ -374,3 +374,38 @@ def test_a_thousand_nodes_plan_quickly_into_a_small_status() -> None:
     assert time.perf_counter() - t0 < 1.0
     assert len(json.dumps(healed.patches["m0"])) < 2048
     assert planning.plan(mirrors, nodes, reports, now=NOW).patches == {}
+
+
+# --- the published document must fit in a ConfigMap -------------------------------------------------------------
+
+
+def big_mirror(name: str, registry: str, created: str, generation: int = 1, fill: str = "A") -> dict[str, Any]:
+    """Ten mirrors with a 64 KB caBundle each: valid, and about 660 KB of document on its own."""
+    pem = "-----BEGIN CERTIFICATE-----\n" + "\n".join([fill * 64] * 1000) + "\n-----END CERTIFICATE-----\n"
+    body = mirror(name, registry, generation=generation, created=created)
+    body["spec"]["mirrors"] = [{"url": f"https://m{i}.example.com", "caBundle": pem[:65536]} for i in range(10)]
+    return body
+
+
+def test_a_document_too_large_for_a_configmap_stalls_the_newest_and_keeps_what_nodes_run() -> None:
+    mirrors = {"old": big_mirror("old", "quay.io", "2026-01-01T00:00:00Z"),
+               "new": big_mirror("new", "ghcr.io", "2026-02-01T00:00:00Z")}
+    result = settle(mirrors, THREE_NODES)
+    assert result.published == ("old",)
+    assert len(result.desired.encode()) <= planning.MAX_DOCUMENT_BYTES
+    status = mirrors["new"]["status"]
+    assert conditions(status)["Stalled"] == ("True", "DocumentTooLarge")
+    assert "more than the 921,600 a ConfigMap can hold; nothing of it is applied" in status["message"]
+    assert conditions(mirrors["old"]["status"])["Stalled"] == ("False", "Progressing")
+
+    # Both published small, then both grow: the newer one's change gives way, and its nodes keep what they run.
+    small = {"old": mirror("old", "quay.io", created="2026-01-01T00:00:00Z"),
+             "new": mirror("new", "ghcr.io", created="2026-02-01T00:00:00Z")}
+    before = planning.plan(small, THREE_NODES, {}, now=NOW).desired
+    grown = {"old": big_mirror("old", "quay.io", "2026-01-01T00:00:00Z", generation=2),
+             "new": big_mirror("new", "ghcr.io", "2026-02-01T00:00:00Z", generation=2, fill="B")}
+    after = planning.plan(grown, THREE_NODES, {}, now=NOW, published=before)
+    published = {e.name: e.generation for e in contract.parse_desired(after.desired).entries}
+    assert published == {"old": 2, "new": 1}  # the newer one's growth gave way; its nodes keep generation 1
+    assert "nodes keep generation 1" in after.statuses["new"]["message"]
+    assert after.verdicts["new"].reason == "DocumentTooLarge" and after.verdicts["old"].reason is None
