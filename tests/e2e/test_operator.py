@@ -409,3 +409,28 @@ def test_the_operator_catches_up_after_being_stopped(controlplane: cp.ControlPla
                what="the ConfigMap caught up")
     eventually(lambda: get(controlplane, "e2e-while-down").get("status", {}).get("ready") == "0/3",
                what="the status of the object created while down")
+
+
+def test_a_document_too_large_for_the_configmap_stalls_the_newest_and_keeps_the_last_good_one(
+        controlplane: cp.ControlPlane, operator: Operator, cleanup: list[str]) -> None:
+    # Ten mirrors with a 64 KB caBundle each is a valid RegistryMirror; two of them do not fit in a ConfigMap.
+    cleanup += ["e2e-big-old", "e2e-big-new"]
+    pem = "-----BEGIN CERTIFICATE-----\n" + "\n".join(["A" * 64] * 1000) + "\n-----END CERTIFICATE-----\n"
+    big = [{"url": f"https://m{i}.example.com", "caBundle": pem[:65536]} for i in range(10)]
+    apply(controlplane, "e2e-big-old", "quay.io", "https://unused.example.com")
+    controlplane.kubectl("patch", "registrymirror", "e2e-big-old", "--type=merge",
+                         "-p", json.dumps({"spec": {"mirrors": big}}))
+    eventually(lambda: "e2e-big-old" in published(controlplane), what="the first big one published")
+    time.sleep(1.1)  # creationTimestamp has a resolution of one second
+    apply(controlplane, "e2e-big-new", "ghcr.io", "https://unused.example.com")
+    controlplane.kubectl("patch", "registrymirror", "e2e-big-new", "--type=merge",
+                         "-p", json.dumps({"spec": {"mirrors": big}}))
+    controlplane.kubectl("wait", "--for=condition=Stalled", "registrymirror/e2e-big-new", "--timeout=30s")
+    stalled = get(controlplane, "e2e-big-new")
+    assert conditions(stalled)["Stalled"] == ("True", "DocumentTooLarge")
+    assert "a ConfigMap can hold" in stalled["status"]["message"], stalled["status"]["message"]
+    # The new one's generation 1 (a small spec) was published before it grew: its nodes keep that.
+    entries = published(controlplane)
+    assert entries["e2e-big-old"].generation == 2 and len(entries["e2e-big-old"].spec["mirrors"]) == 10
+    assert entries.get("e2e-big-new") is None or entries["e2e-big-new"].generation == 1
+    assert "Traceback" not in operator.log()
