@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import reprlib
 from collections.abc import Iterable, Mapping
 from typing import Any
 from urllib.parse import urlsplit
@@ -65,10 +66,15 @@ SELECTOR_OPERATORS = ("In", "NotIn", "Exists", "DoesNotExist")
 _URL_FORBIDDEN = re.compile(r"[\s\"'\\`<>{}|^\[\]]")
 
 
-def _show(value: object, limit: int = 120) -> str:
-    """A value quoted for a message, cut short: a message must name the bad value, not reproduce a 64 KB one."""
-    text = repr(value)
-    return text if len(text) <= limit else text[:limit] + "..."
+_REPR = reprlib.Repr()
+_REPR.maxstring = _REPR.maxother = 100
+_REPR.maxlevel, _REPR.maxlist, _REPR.maxdict = 3, 4, 4
+
+
+def _show(value: object) -> str:
+    """A value quoted for a message, cut short: a message must name the bad value, not reproduce a 64 KB one
+    (nor spend time on a YAML alias bomb: reprlib stops at a few levels and items, where repr would not)."""
+    return _REPR.repr(value)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -203,7 +209,7 @@ def check_node_selector(selector: object, where: str = "spec.nodeSelector") -> l
         if not isinstance(key, str) or not key or len(key) > 317:
             problems.append(f"{at}.key: must be a label key, got {_show(key)}")
         if op not in SELECTOR_OPERATORS:
-            problems.append(f"{at}.operator: {op!r} is not one of {', '.join(SELECTOR_OPERATORS)}")
+            problems.append(f"{at}.operator: {_show(op)} is not one of {', '.join(SELECTOR_OPERATORS)}")
         if values is not None and (not isinstance(values, list) or len(values) > 64
                                    or not all(isinstance(v, str) and len(v) <= 63 for v in values)):
             problems.append(f"{at}.values: must be a list of at most 64 label values, got {_show(values)}")
@@ -235,7 +241,7 @@ def parse_mirror(raw: object, where: str) -> tuple[Mirror | None, list[str]]:
     problems += check_mirror_url(url, f"{where}.url")
     for flag in ("skipVerify", "overridePath"):
         if not isinstance(raw.get(flag, False), bool):
-            problems.append(f"{where}.{flag}: must be true or false, got {raw[flag]!r}")
+            problems.append(f"{where}.{flag}: must be true or false, got {_show(raw[flag])}")
     ca = raw.get("caBundle")
     if ca is not None:
         if not isinstance(ca, str) or "-----BEGIN CERTIFICATE-----" not in ca:
@@ -272,7 +278,7 @@ def parse_spec(name: str, spec: object, generation: int = 0, where: str = "spec"
         raw_mirrors = []
     elif len(raw_mirrors) > MAX_MIRRORS:
         problems.append(f"{where}.mirrors: {len(raw_mirrors)} mirrors given, at most {MAX_MIRRORS} allowed")
-    for i, raw in enumerate(raw_mirrors):
+    for i, raw in enumerate(raw_mirrors[:MAX_MIRRORS + 1]):  # a list of a million is judged by its start
         mirror, found = parse_mirror(raw, f"{where}.mirrors[{i}]")
         problems += found
         if mirror:
@@ -293,7 +299,7 @@ def parse_document(doc: object, index: int = 0) -> RegistryMirror:
     problems = []
     if doc.get("apiVersion") != f"{API_GROUP}/{API_VERSION}" or doc.get("kind") != KIND:
         problems.append(f"{where}: expected apiVersion {API_GROUP}/{API_VERSION} and kind {KIND}, got "
-                        f"{doc.get('apiVersion')!r} {doc.get('kind')!r}")
+                        f"{_show(doc.get('apiVersion'))} {_show(doc.get('kind'))}")
     meta = doc.get("metadata") or {}
     if not isinstance(meta, Mapping):
         raise InvalidSpec(problems + [f"{where}: metadata must be an object with a name, got {_show(meta)}"])

@@ -339,3 +339,15 @@ def test_a_null_label_in_a_selector_is_dropped_as_the_apiserver_drops_it(tmp_pat
     assert cli.main(["apply", "--root", str(root), "--restart", "never", "-f", str(doc),
                      "--node-labels", "zone=a"]) == 0
     assert (root / "etc/containerd/certs.d/quay.io/hosts.toml").is_file()
+
+
+def test_a_yaml_alias_bomb_is_refused_at_once(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Nine levels of nine aliases: 9**9 items if expanded. Refused, quickly, with a short message."""
+    root = node(tmp_path)
+    doc = tmp_path / "m.yaml"
+    levels = ["a: &l0 [x, x, x, x, x, x, x, x, x]"] + [
+        f"l{n}: &l{n} [{', '.join([f'*l{n - 1}'] * 9)}]" for n in range(1, 9)]
+    doc.write_text("\n".join(levels) + "\napiVersion: *l8\nkind: *l8\nmetadata: {name: q}\n"
+                   "spec: {registry: *l8, mirrors: *l8}\n")
+    err = refused(root, capsys, "apply", "--root", str(root), "--restart", "never", "-f", str(doc))
+    assert len(err) < 5000 and "expected apiVersion" in err
