@@ -418,13 +418,13 @@ def test_a_document_too_large_for_the_configmap_stalls_the_newest_and_keeps_the_
     pem = "-----BEGIN CERTIFICATE-----\n" + "\n".join(["A" * 64] * 1000) + "\n-----END CERTIFICATE-----\n"
     big = [{"url": f"https://m{i}.example.com", "caBundle": pem[:65536]} for i in range(10)]
     apply(controlplane, "e2e-big-old", "quay.io", "https://unused.example.com")
-    controlplane.kubectl("patch", "registrymirror", "e2e-big-old", "--type=merge",
-                         "-p", json.dumps({"spec": {"mirrors": big}}))
+    controlplane.kubectl("patch", "registrymirror", "e2e-big-old", "--type=merge", "--patch-file=/dev/stdin",
+                         input=json.dumps({"spec": {"mirrors": big}}))
     eventually(lambda: "e2e-big-old" in published(controlplane), what="the first big one published")
     time.sleep(1.1)  # creationTimestamp has a resolution of one second
     apply(controlplane, "e2e-big-new", "ghcr.io", "https://unused.example.com")
-    controlplane.kubectl("patch", "registrymirror", "e2e-big-new", "--type=merge",
-                         "-p", json.dumps({"spec": {"mirrors": big}}))
+    controlplane.kubectl("patch", "registrymirror", "e2e-big-new", "--type=merge", "--patch-file=/dev/stdin",
+                         input=json.dumps({"spec": {"mirrors": big}}))
     controlplane.kubectl("wait", "--for=condition=Stalled", "registrymirror/e2e-big-new", "--timeout=30s")
     stalled = get(controlplane, "e2e-big-new")
     assert conditions(stalled)["Stalled"] == ("True", "DocumentTooLarge")
