@@ -83,6 +83,17 @@ class Cluster:
     nodes: dict[str, SimNode]
     operator: subprocess.Popen[str]
     operator_log: Path
+    operator_command: list[str] = field(default_factory=list)
+    operator_env: dict[str, str] = field(default_factory=dict)
+
+    def kill_operator(self) -> None:
+        """SIGKILL: no cleanup, as when its node dies mid-rollout."""
+        self.operator.kill()
+        self.operator.wait(timeout=10)
+
+    def start_operator(self) -> None:
+        self.operator = subprocess.Popen(self.operator_command, cwd=REPO, text=True, env=self.operator_env,
+                                         stdout=self.operator_log.open("a"), stderr=subprocess.STDOUT)
 
     def kubectl(self, *args: str, input: str | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
         return self.plane.kubectl(*args, input=input, check=check)
@@ -163,12 +174,13 @@ def cluster(controlplane: cp.ControlPlane, installed: str, registry: Registry,
         args = [a if not a.startswith("--liveness=") else f"--liveness=http://127.0.0.1:{cp.free_port()}/healthz"
                 for a in command[1:]]
         operator_log = work / "operator.log"
-        operator = subprocess.Popen([sys.executable, "-m", "kopf", *args], cwd=REPO, text=True,
-                                    env={**os.environ, "KUBECONFIG": str(op_kubeconfig), "PYTHONPATH": PYTHONPATH},
+        operator_command = [sys.executable, "-m", "kopf", *args]
+        operator_env = {**os.environ, "KUBECONFIG": str(op_kubeconfig), "PYTHONPATH": PYTHONPATH}
+        operator = subprocess.Popen(operator_command, cwd=REPO, text=True, env=operator_env,
                                     stdout=operator_log.open("w"), stderr=subprocess.STDOUT)
         for node in nodes.values():
             node.start_agent()
-        cluster = Cluster(controlplane, registry, nodes, operator, operator_log)
+        cluster = Cluster(controlplane, registry, nodes, operator, operator_log, operator_command, operator_env)
         cluster.initial = {n: node.config() for n, node in nodes.items()}  # type: ignore[attr-defined]
         yield cluster
     finally:
@@ -302,6 +314,40 @@ def test_5_an_apiserver_outage_during_a_change_heals_without_a_hand(cluster: Clu
     s = wait_for("docker-io generation 2 on 3/3 after the outage",
                  lambda: cluster.converged("docker-io", "3/3"), timeout=120)
     assert s["observedGeneration"] == 2
+    cluster.alive()
+
+
+def assert_every_node_runs(cluster: Cluster, registry: str, url: str) -> None:
+    """No node half-configured: each node's hosts.toml names ``url`` and its CRI plugin is healthy."""
+    for name, node in cluster.nodes.items():
+        hosts = (node.containerd.certs_dir / registry / "hosts.toml").read_text()
+        assert url in hosts, f"{name}: {hosts}"
+        ok, detail = node.containerd.wait_cri()
+        assert ok, f"{name}: {detail}"
+
+
+def test_5b_an_etcd_outage_during_a_change_heals_without_a_hand(cluster: Cluster) -> None:
+    url = cluster.registry.url
+    cluster.apply_mirror("docker-io", "docker.io", [url])
+    cluster.plane.restart_etcd(down_seconds=10)
+    s = wait_for("docker-io generation 3 on 3/3 after the etcd outage",
+                 lambda: cluster.converged("docker-io", "3/3"), timeout=120)
+    assert s["observedGeneration"] == 3
+    assert_every_node_runs(cluster, "docker.io", url)
+    cluster.alive()
+
+
+def test_5c_the_operator_killed_in_the_middle_of_a_rollout_converges_when_it_returns(cluster: Cluster) -> None:
+    url = cluster.registry.url.replace("127.0.0.1", "localhost")
+    cluster.apply_mirror("docker-io", "docker.io", [url])
+    time.sleep(0.3)  # the operator has heard of it, and may be halfway through publishing or writing statuses
+    cluster.kill_operator()
+    time.sleep(3)
+    cluster.start_operator()
+    s = wait_for("docker-io generation 4 on 3/3 after the operator's return",
+                 lambda: cluster.converged("docker-io", "3/3"), timeout=120)
+    assert s["observedGeneration"] == 4
+    assert_every_node_runs(cluster, "docker.io", url)
     cluster.alive()
 
 

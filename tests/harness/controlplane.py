@@ -318,12 +318,29 @@ class ControlPlane:
         self._path("tokens.csv").write_text(f'{self.token},admin,admin-uid,"system:masters"\n')
         os.chmod(self._path("tokens.csv"), 0o600)
 
-    def _start_etcd(self, binaries: Binaries) -> None:
-        client_port, peer_port = free_port(), free_port()
+    def restart_etcd(self, down_seconds: float) -> None:
+        """Stop etcd, leave the apiserver without it for ``down_seconds``, start it again on the same ports with
+        the same data: a storage outage as the apiserver sees one."""
+        proc = self._etcd
+        assert proc is not None, "start() first"
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        time.sleep(down_seconds)
+        self._start_etcd(self.binaries, ports=self._etcd_ports)
+        self._wait_until_usable(deadline=time.monotonic() + self.startup_timeout)
+
+    def _start_etcd(self, binaries: Binaries, ports: tuple[int, int] | None = None) -> None:
+        client_port, peer_port = ports or (free_port(), free_port())
+        self._etcd_ports = (client_port, peer_port)
         self.etcd_url = f"http://127.0.0.1:{client_port}"
         peer_url = f"http://127.0.0.1:{peer_port}"
         data_dir = self._path("etcd")
-        shutil.rmtree(data_dir, ignore_errors=True)
+        if ports is None:
+            shutil.rmtree(data_dir, ignore_errors=True)
         self._etcd = self._spawn("etcd", [
             str(binaries.etcd), "--name=default", f"--data-dir={data_dir}",
             f"--listen-client-urls={self.etcd_url}", f"--advertise-client-urls={self.etcd_url}",
