@@ -141,12 +141,17 @@ class Reconciler:
         next_resync = self.clock()
         retry_at: float | None = None
         while True:
-            due = min(d for d in (next_resync, retry_at, self.held_back_until) if d is not None)
-            if not self.changed.is_set() and due > self.clock():
-                try:
-                    await asyncio.wait_for(self.changed.wait(), timeout=due - self.clock())
-                except TimeoutError:
-                    pass
+            if retry_at is not None:
+                # After a failure, wait out the backoff whatever happens meanwhile, then try again: a stream of
+                # events while the apiserver fails must not turn the retries into a busy loop.
+                await asyncio.sleep(max(0.0, retry_at - self.clock()))
+            else:
+                due = min(d for d in (next_resync, self.held_back_until) if d is not None)
+                if not self.changed.is_set() and due > self.clock():
+                    try:
+                        await asyncio.wait_for(self.changed.wait(), timeout=due - self.clock())
+                    except TimeoutError:
+                        pass
             if self.changed.is_set():
                 await asyncio.sleep(self.settings.debounce)
             self.changed.clear()

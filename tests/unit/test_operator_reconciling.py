@@ -195,3 +195,21 @@ def test_statuses_are_written_at_a_bounded_rate_however_many_change_at_once() ->
     # Two at once, then one every 50 ms: the twelfth no sooner than half a second in.
     assert times[-1] >= 0.45, times
     assert all("status" in m for m in api.mirrors.values())
+
+
+def test_failures_are_retried_after_the_backoff_not_in_a_busy_loop() -> None:
+    api = FakeApi([rm("quay-io")], ["n1"])
+    api.fail_lists = 10_000
+    settings = reconciling.Settings(debounce=0.01, resync=0.0, backoff=(0.1,), event_memory=30)
+    reconciler = reconciling.Reconciler(api, settings=settings)  # type: ignore[arg-type]
+    api.informers_listed(reconciler)
+
+    async def scenario() -> None:
+        task = asyncio.create_task(reconciler.run())
+        for _ in range(50):  # events keep coming while the apiserver fails
+            reconciler.observe_mirror(rm("quay-io"), deleted=False)
+            await asyncio.sleep(0.01)
+        task.cancel()
+
+    asyncio.run(scenario())
+    assert 3 <= api.calls.count("list_mirrors") <= 7, api.calls.count("list_mirrors")
