@@ -141,8 +141,8 @@ def operator(controlplane: cp.ControlPlane, installed: str, nodes: list[str],
     token = controlplane.kubectl("create", "token", "regmirror-operator", "-n", NS, "--duration=2h").stdout.strip()
     op = Operator(write_kubeconfig(controlplane, folder / "kubeconfig", token, "regmirror-operator"),
                   folder / "operator.log")
-    op.start()
     try:
+        op.start()  # inside the try: an operator that never got ready must not outlive the test
         yield op
     finally:
         op.stop()
