@@ -67,7 +67,6 @@ class Agent:
         self.labels: dict[str, str] | None = None
         self.node_uid = ""
         self._seen_configmap = False
-        self.busy = False
         self.reconciles = 0
         self.watches = [
             ObjectWatch(client, CONFIGMAPS, contract.CONFIGMAP, self._on_configmap, stop=self.stop,
@@ -111,13 +110,6 @@ class Agent:
 
     def reconcile(self) -> None:
         """Bring the node to what the ConfigMap asks of it, then report what it did."""
-        self.busy = True
-        try:
-            self._reconcile()
-        finally:
-            self.busy = False
-
-    def _reconcile(self) -> None:
         with self._lock:
             data, labels, node_uid = self.data, dict(self.labels or {}), self.node_uid
         self.reconciles += 1
