@@ -308,7 +308,10 @@ def _execute(plan_: Plan, runtime: str, settings: Settings, log: Log) -> Outcome
     if runtime == docker.RUNTIME and settings.restart != "never":
         steps = list(docker.removal_bridge(plan_, settings.daemon_json) or steps)
     # A record of the last apply must never vouch for one that is half done or rolled back.
-    last_applied = node.read(observing.applied_path(settings.state_dir))
+    try:
+        last_applied = node.read(observing.applied_path(settings.state_dir))
+    except UnsafePath:  # not a record (not UTF-8, a directory): only a shortcut, so it is simply not kept
+        last_applied = None
     applying.remove_durably(applied_record)
     restarted = False
     done: list[Plan] = []

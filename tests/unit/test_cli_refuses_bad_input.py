@@ -318,7 +318,7 @@ def test_a_malformed_node_selector_is_invalid_input(tmp_path: Path, selector: st
     assert "spec.nodeSelector" in err and words in err
 
 
-@pytest.mark.parametrize("record", ["[]", "{", '{"request": 5}', "null", '"x"'])
+@pytest.mark.parametrize("record", ["[]", "{", '{"request": 5}', "null", '"x"', "\udcff"])
 def test_a_fast_path_record_that_is_not_one_is_ignored(tmp_path: Path, record: str,
                                                        capsys: pytest.CaptureFixture[str]) -> None:
     """applied.json only saves planning time: whatever it holds, the apply is planned and done."""
