@@ -67,6 +67,8 @@ class Agent:
         self.labels: dict[str, str] | None = None
         self.node_uid = ""
         self._seen_configmap = False
+        self._unsent: tuple[list[contract.Report], str] | None = None
+        """A report the apiserver did not take yet; a retry sends it again without applying again."""
         self.reconciles = 0
         self.watches = [
             ObjectWatch(client, CONFIGMAPS, contract.CONFIGMAP, self._on_configmap, stop=self.stop,
@@ -154,7 +156,14 @@ class Agent:
             for entry, m in mirrors:
                 reports[m.name] = contract.Report(m.name, m.generation, contract.STATE_FAILED, str(exc),
                                                   uid=entry.uid)
-        self.reporter.send(list(reports.values()), node_uid)
+        self._unsent = (list(reports.values()), node_uid)
+        self.send_report()
+
+    def send_report(self) -> None:
+        """Send the report not yet taken, if any (raises ApiError and keeps it when the apiserver refuses)."""
+        if self._unsent is not None:
+            self.reporter.send(*self._unsent)
+            self._unsent = None
 
     # --- the loop --------------------------------------------------------------------------------------
 
@@ -171,7 +180,8 @@ class Agent:
         backoff = 1.0
         while not self.stop.is_set():
             due = min(resync_at, retry_at) if retry_at is not None else resync_at
-            if self.wake.wait(timeout=max(0.0, due - time.monotonic())):
+            woke = self.wake.wait(timeout=max(0.0, due - time.monotonic()))
+            if woke:
                 self.wake.clear()
             if self.stop.is_set():
                 return
@@ -179,7 +189,10 @@ class Agent:
                 resync_at = time.monotonic() + self.settings.resync
                 continue
             try:
-                self.reconcile()
+                if woke or time.monotonic() >= resync_at or self._unsent is None:
+                    self.reconcile()
+                else:  # only the retry timer: the node is as applied, the apiserver still owes us the report
+                    self.send_report()
                 retry_at, backoff = None, 1.0
             except ApiError as exc:
                 delay, backoff = retry_delay(exc, backoff, self.settings.max_backoff)

@@ -31,6 +31,7 @@ from regmirror_agent import ownership
 from regmirror_agent.defaults import DEFAULT_STATE_DIR
 from regmirror_agent.nodefiles import NodeRoot
 from regmirror_agent.plans import FileChange, Plan
+from regmirror_api.errors import Refused
 
 NEW_FILE_MODE = 0o644
 STATE_FILE_MODE = 0o600
@@ -42,11 +43,11 @@ FAULT_EXIT = 86
 _steps = 0
 
 
-class Conflict(Exception):
+class Conflict(Refused):
     """A file changed between planning and writing, or another writer holds the node; nothing was written."""
 
 
-class WriteFailed(Exception):
+class WriteFailed(Refused):
     """The filesystem refused a write; everything this apply had written was put back (see ``problems``)."""
 
     def __init__(self, message: str, problems: list[str]) -> None:

@@ -22,6 +22,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from regmirror_api import models
+from regmirror_api.errors import RegmirrorError
 
 NAMESPACE = "regmirror-system"
 CONFIGMAP = "regmirror-desired"
@@ -32,7 +33,7 @@ STATE_FAILED = "Failed"
 MAX_REPORT_MESSAGE = 512
 
 
-class InvalidDocument(ValueError):
+class InvalidDocument(RegmirrorError, ValueError):
     """The ConfigMap does not hold a desired-state document this agent understands."""
 
 
@@ -90,25 +91,6 @@ def parse_desired(text: str) -> Desired:
 # --- label selectors (metav1.LabelSelector) -----------------------------------------------------------
 
 LINUX_LABEL = "kubernetes.io/os"
-
-
-def check_selector(selector: object, where: str = "spec.nodeSelector") -> list[str]:
-    """Problems with a label selector, in the words kubectl users know."""
-    if selector in (None, {}):
-        return []
-    if not isinstance(selector, Mapping):
-        return [f"{where}: must be a label selector object"]
-    problems = []
-    for i, expr in enumerate(selector.get("matchExpressions") or []):
-        op = expr.get("operator") if isinstance(expr, Mapping) else None
-        values = expr.get("values") or [] if isinstance(expr, Mapping) else []
-        if op not in ("In", "NotIn", "Exists", "DoesNotExist"):
-            problems.append(f"{where}.matchExpressions[{i}].operator: {op!r} is not In, NotIn, Exists or DoesNotExist")
-        elif op in ("In", "NotIn") and not values:
-            problems.append(f"{where}.matchExpressions[{i}].values: {op} needs at least one value")
-        elif op in ("Exists", "DoesNotExist") and values:
-            problems.append(f"{where}.matchExpressions[{i}].values: must be empty for {op}")
-    return problems
 
 
 def selects(selector: Mapping[str, Any] | None, labels: Mapping[str, str]) -> bool:

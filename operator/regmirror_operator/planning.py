@@ -112,7 +112,6 @@ def check_mirror(body: Mapping[str, Any]) -> tuple[contract.Entry | None, list[s
     except models.InvalidSpec as exc:
         problems += exc.problems
     selector = spec.get("nodeSelector") if isinstance(spec, Mapping) else None
-    problems += contract.check_selector(selector)
     if problems or mirror is None:
         return None, problems
     # The canonical spec (defaults dropped), so apiserver defaulting never changes the published bytes.
@@ -226,7 +225,7 @@ def plan_status(body: Mapping[str, Any], verdict: Verdict, nodes: Mapping[str, M
     spec: Mapping[str, Any] = raw_spec if isinstance(raw_spec, Mapping) else {}
     current = body.get("status") or {}
     selector = spec.get("nodeSelector")
-    selector_ok = not contract.check_selector(selector)
+    selector_ok = not models.check_node_selector(selector)
     selected = sorted(n for n, labels in nodes.items() if selector_ok and contract.selects(selector, labels))
     applied, failing = 0, []
     for node in selected:

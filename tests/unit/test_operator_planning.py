@@ -167,7 +167,7 @@ def test_an_invalid_object_is_stalled_with_every_problem_and_never_published() -
     status = mirrors["bad"]["status"]
     assert conditions(status)["Stalled"] == ("True", "Invalid")
     assert conditions(status)["Ready"] == ("False", "Invalid")
-    for words in ("lower case", "not an absolute http", "'Gt' is not In"):
+    for words in ("lower case", "not an absolute http", "'Gt' is not one of In"):
         assert words in status["message"], status["message"]
     assert status["ready"] == "0/0"
     assert [(n.type, n.reason) for n in result.notices] == [("Warning", "Invalid")]
