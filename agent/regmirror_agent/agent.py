@@ -48,8 +48,9 @@ class AgentSettings:
     """Seconds between reconciles without any change (drift repair); costs the apiserver nothing."""
     watch_seconds: int = 3600
     """The server-side timeout asked for each watch (jittered down to half): how often a watch is renewed."""
-    read_timeout: float = 180.0
-    """Seconds without a byte (bookmarks come about every minute) after which a watch connection is dead."""
+    read_timeout: float = 3700.0
+    """Seconds without a byte after which a watch is given up: only for a server that never ends it (TCP
+    keepalive finds a dead connection within about two minutes)."""
     max_backoff: float = 30.0
 
 

@@ -12,6 +12,7 @@ import dataclasses
 import http.client
 import json
 import os
+import socket
 import ssl
 import tempfile
 import threading
@@ -172,13 +173,15 @@ class Client:
               accept: str = "application/json") -> Iterator[dict[str, Any]]:
         """Stream watch events until the server closes the watch (after ``timeout_seconds``) or it fails.
 
-        Bookmarks are asked for: the apiserver then sends one about every minute even when nothing changes,
-        which keeps the resume point fresh and lets ``read_timeout`` (a few bookmark periods) tell a dead
-        connection from a quiet one without any extra request.
+        Bookmarks are asked for (they keep the resume point fresh where the resource changes). A dead connection
+        is found by TCP keepalive within about two minutes; ``read_timeout`` only bounds a watch the server
+        failed to end.
         """
         query = {**params, "watch": "true", "timeoutSeconds": str(timeout_seconds), "allowWatchBookmarks": "true"}
         conn = self._connection(read_timeout)
         try:
+            conn.connect()
+            _keep_alive(conn.sock)
             conn.request("GET", f"{path}?{urlencode(query)}", headers=self._headers(accept=accept))
             response = conn.getresponse()
             if response.status >= 400:
@@ -193,6 +196,18 @@ class Client:
             raise ApiError(0, f"watch {path}: {exc}") from exc
         finally:
             conn.close()
+
+
+#: TCP keepalive for watch connections: the first probe after 60 s of silence, then every 15 s, dead after 4.
+KEEPALIVE = ((socket.TCP_KEEPIDLE, 60), (socket.TCP_KEEPINTVL, 15), (socket.TCP_KEEPCNT, 4))
+
+
+def _keep_alive(sock: socket.socket | None) -> None:
+    if sock is None:
+        return
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for option, value in KEEPALIVE:
+        sock.setsockopt(socket.IPPROTO_TCP, option, value)
 
 
 def _reason(data: bytes) -> str:

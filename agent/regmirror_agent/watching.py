@@ -30,13 +30,14 @@ def jittered(delay: float, rand: Callable[[], float] = random.random) -> float:
 
 def retry_delay(exc: ApiError, backoff: float, max_backoff: float,
                 rand: Callable[[], float] = random.random) -> tuple[float, float]:
-    """How long to wait after ``exc``, and the backoff after that. A 429 is the apiserver's flow control saying
-    "come back in a second" (its Retry-After) while it works through a burst, as when every node reports at
-    once: honoured as said, without growing the backoff, as client-go does. Anything else backs off
-    exponentially."""
+    """How long to wait after ``exc``, and the backoff after that: exponential, with jitter, for every error.
+    A 429 (the apiserver's flow control shedding a burst, as when every node reports at once) is no exception:
+    retrying 5,000 refused writes every second would only keep the burst going; at least the second it asks for
+    (its Retry-After) is waited."""
+    delay = jittered(backoff, rand)
     if exc.status == 429:
-        return jittered(1.0, rand), backoff
-    return jittered(backoff, rand), min(backoff * 2, max_backoff)
+        delay = max(delay, 1.0)
+    return delay, min(backoff * 2, max_backoff)
 
 
 class ObjectWatch:

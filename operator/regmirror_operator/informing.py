@@ -5,7 +5,8 @@ Why not kopf's watching for these: kopf runs a worker per object and re-lists wi
 meanwhile, so the operator had to list every Node every minute to notice deletions; at 5,000 nodes that is a
 cost at rest that grows with the cluster. An informer knows better: a listing is a complete snapshot (what it
 lacks is gone), and after it a watch resumes from the last resourceVersion (bookmarks keep it fresh), so at rest
-the apiserver only sends bookmarks. Only "410 Gone" lists again.
+the apiserver only sends bookmarks. Only "410 Gone" lists again. A dead connection is found by TCP keepalive
+(``publishing.load_configuration`` turns it on), not by a read timeout: an idle resource gets no bookmarks.
 
 Everything it hears goes to ``sink`` in the order heard: ``sink.listed(kind, {name: object})`` after each
 listing and ``sink.event(kind, name, object or None)`` after each change. The sink is called from this thread;
@@ -33,8 +34,8 @@ class Sink(Protocol):
 
 class Informer:
     def __init__(self, publisher: publishing.Publisher, kind: str, path: str, sink: Sink, *,
-                 list_accept: str = "application/json", watch_accept: str = "application/json", watch_seconds: int = 1800, read_timeout: float = 180.0,
-                 max_backoff: float = 30.0, rand: Callable[[], float] = random.random) -> None:
+                 list_accept: str = "application/json", watch_accept: str = "application/json",
+                 watch_seconds: int = 1800, read_timeout: float = 1900.0, max_backoff: float = 30.0, rand: Callable[[], float] = random.random) -> None:
         self.publisher = publisher
         self.kind = kind
         self.path = path

@@ -60,6 +60,7 @@ class ApiError(Exception):
 def load_configuration() -> kubernetes.client.Configuration:
     """In-cluster service account first, then ``$KUBECONFIG`` / ``~/.kube/config``: the order kopf logs in."""
     config = kubernetes.client.Configuration()
+    config.keep_alive = True  # TCP keepalive finds a watch connection that died silently (see informing)
     try:
         kubernetes.config.load_incluster_config(client_configuration=config)  # type: ignore[no-untyped-call]
     except kubernetes.config.ConfigException:

@@ -201,7 +201,7 @@ def test_at_rest_the_drift_resync_asks_the_apiserver_nothing(running: Any) -> No
     assert len([c for c in api.calls if not c.startswith("WATCH")]) == 4  # two lists, one GET, one create
 
 
-def test_backoff_grows_with_jitter_but_a_429_is_retried_after_the_second_it_asks_for() -> None:
+def test_backoff_grows_with_jitter_and_a_429_waits_at_least_the_second_it_asks_for() -> None:
     from regmirror_agent.watching import retry_delay
 
     delay, backoff = retry_delay(ApiError(503, "x"), 4.0, 30.0, rand=lambda: 0.0)
@@ -209,4 +209,6 @@ def test_backoff_grows_with_jitter_but_a_429_is_retried_after_the_second_it_asks
     delay, backoff = retry_delay(ApiError(0, "unreachable"), 20.0, 30.0, rand=lambda: 0.999)
     assert delay == pytest.approx(29.98) and backoff == 30.0
     delay, backoff = retry_delay(ApiError(429, "too many requests"), 16.0, 30.0, rand=lambda: 0.5)
-    assert (delay, backoff) == (1.0, 16.0)
+    assert (delay, backoff) == (16.0, 30.0)  # a refused burst backs off like any error ...
+    delay, backoff = retry_delay(ApiError(429, "too many requests"), 1.0, 30.0, rand=lambda: 0.0)
+    assert (delay, backoff) == (1.0, 2.0)  # ... and waits at least the second the apiserver asks for
