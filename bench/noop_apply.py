@@ -66,14 +66,14 @@ def main() -> None:
 
         bare = [wall([python, "-c", "pass"]) for _ in range(runs)]
         full = [wall([python, "-m", "regmirror_agent.cli", *apply]) for _ in range(runs)]
-        q = lambda xs: (statistics.median(xs), sorted(xs)[int(len(xs) * 0.9) - 1])  # noqa: E731
+        median, p90 = statistics.median(inproc), sorted(inproc)[int(len(inproc) * 0.9) - 1]
         print(f"runs={runs}")
         print(f"import of regmirror_agent.cli (once, cold in this process): {import_ms:.1f} ms")
-        print("no-op apply in process: median %.1f ms, p90 %.1f ms" % q(inproc))
-        print("%s -c pass: median %.1f ms; regmirror apply (no-op) process: median %.1f ms" %
-              (python, statistics.median(bare), statistics.median(full)))
-        print("command's own time beyond Python's start: median %.1f ms" %
-              (statistics.median(full) - statistics.median(bare)))
+        print(f"no-op apply in process: median {median:.1f} ms, p90 {p90:.1f} ms")
+        print(f"{python} -c pass: median {statistics.median(bare):.1f} ms; "
+              f"regmirror apply (no-op) process: median {statistics.median(full):.1f} ms")
+        print(f"command's own time beyond Python's start: median "
+              f"{statistics.median(full) - statistics.median(bare):.1f} ms")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -248,7 +248,8 @@ def _run(plane: cp.ControlPlane, n: int, m: int, workdir: Path, log: Any, procs:
         spec.write_text(json.dumps({"host": url.rsplit(":", 1)[0], "port": url.rsplit(":", 1)[1],
                                     "ca": str(plane.ca_path), "nodes": tokens[i:i + NODES_PER_PROCESS]}))
         sim = subprocess.Popen([sys.executable, "-m", "bench.simnodes", str(spec)], cwd=REPO,
-                               env={**os.environ, "PYTHONPATH": PYTHONPATH, "REGMIRROR_LOG_LEVEL": os.environ.get("REGMIRROR_LOG_LEVEL", "WARNING")},
+                               env={**os.environ, "PYTHONPATH": PYTHONPATH,
+                                    "REGMIRROR_LOG_LEVEL": os.environ.get("REGMIRROR_LOG_LEVEL", "WARNING")},
                                stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                stderr=(workdir / f"sim-{n}-{i}.log").open("w"), text=True)
         sims.append(sim)
@@ -385,7 +386,8 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
     for result in results:
         times = [t for t, _ in result["timeline"]]
         counts = [c / result["nodes"] * 100 for _, c in result["timeline"]]
-        label = f"{result['nodes']:,} nodes x {result['registryMirrors']} (all Ready {result['applyToAllReadySeconds']} s)"
+        label = (f"{result['nodes']:,} nodes x {result['registryMirrors']} "
+                 f"(all Ready {result['applyToAllReadySeconds']} s)")
         ax.step(times, counts, where="post", label=label)
     ax.set_xlabel("seconds after kubectl apply")
     ax.set_ylabel("nodes Ready (% of N)")

@@ -20,8 +20,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.harness.containerd import ContainerdNode  # noqa: E402
-from tests.harness.registry import Registry  # noqa: E402
+from tests.harness.containerd import ContainerdNode
+from tests.harness.registry import Registry
 
 IMAGES = (("quay.io", "k8scsi/csi-resizer", "v0.5.0"), ("docker.io", "library/busybox", "1.36"))
 

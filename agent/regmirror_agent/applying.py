@@ -60,7 +60,7 @@ def _step(what: str) -> None:
     spec = os.environ.get(FAULT_ENV)
     if not spec:
         return
-    global _steps
+    global _steps  # noqa: PLW0603 - one counter per process, as the fault it injects is per process
     _steps += 1
     kind, _, n = spec.partition(":")
     if _steps == int(n):
@@ -182,7 +182,7 @@ def node_lock(root: str, timeout: float = 120.0, state_dir: str = DEFAULT_STATE_
     A lock is only good if what it locks is still what a newcomer would lock; else it is taken again. No
     lock file is left behind, and a lock dies with its process.
     """
-    global _held
+    global _held  # noqa: PLW0603 - the lock this process holds, found by a nested apply in the same process
     node = NodeRoot(root)
     target = node.fs_path(state_dir)  # refuses a symlink on the way
     deadline = time.monotonic() + timeout

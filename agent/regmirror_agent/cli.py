@@ -215,7 +215,7 @@ def load_desired(args: argparse.Namespace, sources: list[tuple[str, str]]) -> li
     skipped: list[str] = []
     for filename, text in sources:
         try:
-            docs = [d for d in yaml.load_all(text, Loader=loader) if d is not None]  # noqa: S506 - a SafeLoader
+            docs = [d for d in yaml.load_all(text, Loader=loader) if d is not None]  # a SafeLoader
         except yaml.YAMLError as exc:
             raise models.InvalidSpec([f"{filename}: not valid YAML: {exc}"]) from exc
         except RecursionError as exc:

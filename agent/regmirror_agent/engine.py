@@ -23,8 +23,14 @@ from collections.abc import Callable, Iterator, Sequence
 from regmirror_agent import applying, observing, ownership
 from regmirror_agent.nodefiles import NodeRoot, UnsafePath
 from regmirror_agent.plans import Plan
-from regmirror_agent.restarting import (Host, RestartFailed, containerd_version, restart_runtime, wait_cri_healthy,
-                                        wait_docker_mirrors)
+from regmirror_agent.restarting import (
+    Host,
+    RestartFailed,
+    containerd_version,
+    restart_runtime,
+    wait_cri_healthy,
+    wait_docker_mirrors,
+)
 from regmirror_agent.runtimes import Effective, containerd, docker
 from regmirror_agent.settings import Settings
 from regmirror_api import models

@@ -66,7 +66,7 @@ def load_config(kubeconfig: str | None = None) -> Config:
     kubeconfig = kubeconfig or os.environ.get("KUBECONFIG")
     if not kubeconfig and os.environ.get("KUBERNETES_SERVICE_HOST"):
         return Config(host=os.environ["KUBERNETES_SERVICE_HOST"],
-                      port=int(os.environ.get("KUBERNETES_SERVICE_PORT", 443)),
+                      port=int(os.environ.get("KUBERNETES_SERVICE_PORT", "443")),
                       token_file=f"{SA_DIR}/token", ca_file=f"{SA_DIR}/ca.crt")
     if not kubeconfig:
         raise ApiError(0, "no cluster: set KUBECONFIG, or run in a pod with a service account")

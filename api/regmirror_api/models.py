@@ -17,8 +17,18 @@ from urllib.parse import urlsplit
 
 from regmirror_api.errors import InvalidSpec
 
-__all__ = ["InvalidSpec", "Mirror", "RegistryMirror", "parse_cli_mirror", "parse_cli_mirrors", "parse_document",
-           "parse_spec", "check_registry", "check_mirror_url", "check_unique_registries"]
+__all__ = [
+    "InvalidSpec",
+    "Mirror",
+    "RegistryMirror",
+    "check_mirror_url",
+    "check_registry",
+    "check_unique_registries",
+    "parse_cli_mirror",
+    "parse_cli_mirrors",
+    "parse_document",
+    "parse_spec",
+]
 
 API_GROUP = "regmirror.io"
 API_VERSION = "v1alpha1"
@@ -195,7 +205,8 @@ def check_node_selector(selector: object, where: str = "spec.nodeSelector") -> l
                             f"got {_show(value)}")
     expressions = selector.get("matchExpressions") or []
     if not isinstance(expressions, list) or len(expressions) > 32:
-        problems.append(f"{where}.matchExpressions: must be a list of at most 32 requirements, got {_show(expressions)}")
+        problems.append(f"{where}.matchExpressions: must be a list of at most 32 requirements, "
+                        f"got {_show(expressions)}")
         expressions = []
     for i, expr in enumerate(expressions):
         at = f"{where}.matchExpressions[{i}]"
@@ -302,7 +313,7 @@ def parse_document(doc: object, index: int = 0) -> RegistryMirror:
                         f"{_show(doc.get('apiVersion'))} {_show(doc.get('kind'))}")
     meta = doc.get("metadata") or {}
     if not isinstance(meta, Mapping):
-        raise InvalidSpec(problems + [f"{where}: metadata must be an object with a name, got {_show(meta)}"])
+        raise InvalidSpec([*problems, f"{where}: metadata must be an object with a name, got {_show(meta)}"])
     name = meta.get("name")
     if not isinstance(name, str) or not name:
         problems.append(f"{where}: metadata.name is missing")

@@ -3,8 +3,8 @@ events and by lists.
 
 RegistryMirrors come from kopf's watch, which restarts after "410 Gone" with a new list and never reports the
 objects deleted in between; so each resync also lists them (their number does not grow with the cluster), and
-the two sources are merged by one rule: **what the operator heard last wins**. A listing counts as heard when it started; an
-event counts when it arrived. A listing may therefore remove an object only if nothing was heard about it
+the two sources are merged by one rule: **what the operator heard last wins**. A listing counts as heard when it
+started; an event counts when it arrived. A listing may therefore remove an object only if nothing was heard about it
 since the listing began (a RegistryMirror created while the list was in flight is kept), and a deletion heard
 after a listing began is not undone by that listing (a tombstone remembers it until the next listing).
 

@@ -35,7 +35,8 @@ class Sink(Protocol):
 class Informer:
     def __init__(self, publisher: publishing.Publisher, kind: str, path: str, sink: Sink, *,
                  list_accept: str = "application/json", watch_accept: str = "application/json",
-                 watch_seconds: int = 1800, read_timeout: float = 1900.0, max_backoff: float = 30.0, rand: Callable[[], float] = random.random) -> None:
+                 watch_seconds: int = 1800, read_timeout: float = 1900.0, max_backoff: float = 30.0,
+                 rand: Callable[[], float] = random.random) -> None:
         self.publisher = publisher
         self.kind = kind
         self.path = path

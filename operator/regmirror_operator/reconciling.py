@@ -19,6 +19,7 @@ Errors never end the loop: API failures and bugs alike are logged and retried wi
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import datetime
 import logging
@@ -148,10 +149,8 @@ class Reconciler:
             else:
                 due = min(d for d in (next_resync, self.held_back_until) if d is not None)
                 if not self.changed.is_set() and due > self.clock():
-                    try:
+                    with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self.changed.wait(), timeout=due - self.clock())
-                    except TimeoutError:
-                        pass
             if self.changed.is_set():
                 await asyncio.sleep(self.settings.debounce)
             self.changed.clear()

@@ -16,8 +16,8 @@ from typing import Any
 
 import pytest
 import yaml
-from regmirror_api import contract, models
 
+from regmirror_api import contract, models
 from tests.harness import controlplane as cp
 from tests.harness.controlplane import REPO
 

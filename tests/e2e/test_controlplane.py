@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 from tests.harness import controlplane as cp
-from tests.harness.waiting import stop_process
 from tests.harness.controlplane import REPO
+from tests.harness.waiting import stop_process
 
 pytestmark = pytest.mark.controlplane
 

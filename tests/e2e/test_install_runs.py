@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from regmirror_api import contract, models
 
+from regmirror_api import contract, models
 from tests.harness import controlplane as cp
 from tests.harness.controlplane import REPO
 from tests.harness.waiting import stop_process, wait_for

@@ -35,6 +35,7 @@ product, whose own ``ctr``/``containerd`` calls must find the node's binaries.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -456,6 +457,7 @@ class ContainerdNode:
             text=True,
             timeout=timeout,
             stdin=subprocess.DEVNULL,
+            check=False,
         )
         if action != "status" and res.returncode != 0:
             raise RuntimeError(f"containerd_ctl.sh {action} failed: {res.stderr}{res.stdout}")
@@ -515,10 +517,8 @@ class ContainerdNode:
     def kill_leftovers(self) -> None:
         """Last-resort SIGKILL of anything of this node (used at fixture teardown)."""
         for pid in self.node_pids():
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
         deadline = time.monotonic() + 5
         while self.node_pids() and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -586,7 +586,7 @@ class ContainerdNode:
             cmd += ["-n", namespace]
         try:
             return subprocess.run(
-                cmd + list(args), capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL
+                cmd + list(args), capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL, check=False
             )
         except subprocess.TimeoutExpired as e:
             return subprocess.CompletedProcess(cmd + list(args), 124, _text(e.stdout), f"timeout: {e}")
@@ -633,7 +633,7 @@ class ContainerdNode:
         env = {**os.environ, "CRI_CONFIG_FILE": str(cfg)}
         try:
             return subprocess.run(
-                cmd, capture_output=True, text=True, timeout=timeout, env=env, stdin=subprocess.DEVNULL
+                cmd, capture_output=True, text=True, timeout=timeout, env=env, stdin=subprocess.DEVNULL, check=False
             )
         except subprocess.TimeoutExpired as e:
             return subprocess.CompletedProcess(cmd, 124, _text(e.stdout), f"timeout: {e}")

@@ -115,10 +115,8 @@ def _marked_pids(marker: bytes) -> list[int]:
 
 def _kill_marked(marker: bytes, timeout: float = 5.0) -> None:
     for pid in _marked_pids(marker):
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
     deadline = time.monotonic() + timeout
     while _marked_pids(marker) and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -162,9 +160,10 @@ class DockerdNode:
     """One simulated Docker node: ``node_root/etc/docker/daemon.json`` and a private dockerd reading it.
 
     ``DockerdNode(node_root, extra_flags=[...])`` creates the folders (``extra_flags`` are the node's own dockerd
-    flags, e.g. ``--registry-mirror``, which daemon.json may then not repeat); write daemon.json with :meth:`write_daemon_json`, then
-    :meth:`start`. Use it as a context manager, or call :meth:`stop` (idempotent; also cleans ``run_dir``
-    with :meth:`close`). :meth:`reload_command` is what the product's ``--restart command:`` should run.
+    flags, e.g. ``--registry-mirror``, which daemon.json may then not repeat); write daemon.json with
+    :meth:`write_daemon_json`, then :meth:`start`. Use it as a context manager, or call :meth:`stop` (idempotent;
+    also cleans ``run_dir`` with :meth:`close`). :meth:`reload_command` is what the product's
+    ``--restart command:`` should run.
     """
 
     def __init__(self, node_root: Path, run_dir: Path | None = None, *, name: str = "docker-node",
@@ -322,10 +321,8 @@ class DockerdNode:
         problems: list[str] = []
         if self._proc is not None:
             if self._proc.poll() is None:
-                try:
+                with contextlib.suppress(ProcessLookupError):
                     os.kill(self._proc.pid, signal.SIGTERM)
-                except ProcessLookupError:
-                    pass
                 try:
                     self._proc.wait(timeout)
                 except subprocess.TimeoutExpired:

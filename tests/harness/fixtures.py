@@ -167,8 +167,8 @@ def require_crictl() -> Path:
 
 
 __all__: Sequence[str] = (
-    "ContainerdNodeFactory",
     "SEED_IMAGES",
+    "ContainerdNodeFactory",
     "containerd_node_factory",
     "crictl_available",
     "registry",

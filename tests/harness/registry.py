@@ -9,6 +9,7 @@ access log then proves which paths were asked for.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import ipaddress
 import os
@@ -158,10 +159,8 @@ def _terminate(proc: subprocess.Popen[bytes], timeout: float = 5.0) -> None:
     try:
         proc.wait(timeout)
     except subprocess.TimeoutExpired:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
         proc.wait(timeout)
 
 
@@ -242,8 +241,7 @@ class Registry:
         for _attempt in range(3):  # a port picked by free_port() can be taken before we bind it
             self.port = free_port()
             self._write_config()
-            log = open(self.log_path, "ab")
-            try:
+            with open(self.log_path, "ab") as log:
                 self._proc = subprocess.Popen(
                     [REGISTRY_BIN, "serve", str(self.config_path)],
                     stdin=subprocess.DEVNULL,
@@ -251,8 +249,6 @@ class Registry:
                     stderr=subprocess.STDOUT,
                     start_new_session=True,
                 )
-            finally:
-                log.close()
             # Safety net: kill the registry if the test process exits without stop().
             self._finalizer = weakref.finalize(self, _terminate, self._proc)
             ok, last_error = self._wait_ready(timeout)
@@ -328,7 +324,7 @@ class Registry:
             f"oci:{layout}:{tag}",
             f"docker://{self.host}/{repo}:{tag}",
         ]
-        res = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
         if res.returncode != 0:
             raise RuntimeError(f"skopeo push failed ({res.returncode}): {res.stderr}\n{res.stdout}")
         self.pushed[f"{repo}:{tag}"] = image

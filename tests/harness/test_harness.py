@@ -232,7 +232,8 @@ def test_restart_command_applies_new_config(registry: Registry, containerd_node_
     node.write_config(2, config_path=CERTS_D)  # CRI only reads config_path at start
 
     started = time.monotonic()
-    res = subprocess.run(node.ctl_command("restart"), shell=True, capture_output=True, text=True, timeout=30)
+    res = subprocess.run(node.ctl_command("restart"), shell=True, capture_output=True, text=True, timeout=30,
+                         check=False)
     elapsed = time.monotonic() - started
 
     assert res.returncode == 0, _ok(res)
@@ -244,7 +245,8 @@ def test_restart_command_applies_new_config(registry: Registry, containerd_node_
     assert pull.returncode == 0, _ok(pull)
     assert node.log_text().count("=== regmirror harness: start") == 2
 
-    stop = subprocess.run(node.ctl_command("stop"), shell=True, capture_output=True, text=True, timeout=30)
+    stop = subprocess.run(node.ctl_command("stop"), shell=True, capture_output=True, text=True, timeout=30,
+                          check=False)
     assert stop.returncode == 0, _ok(stop)
     assert not node.running
 

@@ -22,8 +22,8 @@ from regmirror_api import models
 from tests.harness.containerd import ContainerdNode
 from tests.harness.fixtures import ContainerdNodeFactory, require_crictl
 from tests.harness.product import contents, with_broken_config
-from tests.harness.proofs import QUAY_IMAGE, prove_apply_pull_reset
 from tests.harness.product import regmirror as run_regmirror
+from tests.harness.proofs import QUAY_IMAGE, prove_apply_pull_reset
 from tests.harness.registry import Registry
 
 pytestmark = pytest.mark.integration
@@ -126,8 +126,8 @@ def test_v3_broken_cri_plugin_is_detected_and_rolled_back(containerd_node_factor
     with pytest.raises(engine.EngineError) as exc:
         engine.execute(bad_plan, runtime, settings)
     message = str(exc.value)
-    assert "unable to load CRI image service plugin dependency: invalid cri image config: " \
-           "`mirrors` cannot be set when `config_path` is provided" in message
+    assert ("unable to load CRI image service plugin dependency: invalid cri image config: "
+            "`mirrors` cannot be set when `config_path` is provided") in message
     assert "put the previous files back" in message and "healthy again" in message
     assert contents(node.etc_dir) == before
     ok, detail = node.wait_cri()

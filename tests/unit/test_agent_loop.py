@@ -39,7 +39,8 @@ class FakeApi:
     def __init__(self, data: str | None, labels: Mapping[str, str] | None = None) -> None:
         self.calls: list[str] = []
         self.objects: dict[str, dict[str, Any]] = {}
-        self.events: dict[str, queue.Queue[dict[str, Any] | None]] = {CM_PATH: queue.Queue(), "/api/v1/nodes": queue.Queue()}
+        self.events: dict[str, queue.Queue[dict[str, Any] | None]] = {CM_PATH: queue.Queue(),
+                                                                       "/api/v1/nodes": queue.Queue()}
         self.configmap = {"metadata": {"name": contract.CONFIGMAP, "resourceVersion": "1"},
                           "data": {} if data is None else {contract.CONFIGMAP_KEY: data}}
         self.node = {"metadata": {"name": NODE, "uid": "node-uid", "resourceVersion": "1",

@@ -97,7 +97,7 @@ def test_old_containerd_gets_inline_mirrors_in_auto_mode() -> None:
     node = run({CFG: V2}, [QUAY], containerd_version=(1, 4, 13))
     assert tomllib.loads(node[CFG])["plugins"]["io.containerd.grpc.v1.cri"]["registry"]["mirrors"] == {
         "quay.io": {"endpoint": ["https://quay.tencentcloudcr.com"]}}
-    with pytest.raises(containerd.NodeRefused, match="1.5 or later"):
+    with pytest.raises(containerd.NodeRefused, match=r"1\.5 or later"):
         plan({CFG: V2}, [QUAY], mode="hosts", containerd_version=(1, 4, 13))
 
 
@@ -121,7 +121,7 @@ def test_refused_nodes_name_the_problem(text: str, expected: str) -> None:
 def test_dropin_defining_the_cri_section_is_refused() -> None:
     files = {CFG: 'version = 2\nimports = ["/etc/containerd/conf.d/*.toml"]\n',
              "/etc/containerd/conf.d/10-cri.toml": 'version = 2\n[plugins."io.containerd.grpc.v1.cri"]\n'}
-    with pytest.raises(containerd.NodeRefused, match="10-cri.toml"):
+    with pytest.raises(containerd.NodeRefused, match=r"10-cri\.toml"):
         plan(files, [QUAY])
 
 
@@ -130,7 +130,7 @@ def test_no_desired_and_no_state_plans_nothing() -> None:
 
 
 def test_docker_refuses_other_registries_naming_them() -> None:
-    with pytest.raises(docker.DockerRefused, match="'quay.io'"):
+    with pytest.raises(docker.DockerRefused, match=r"'quay\.io'"):
         docker.plan_docker([QUAY], DictView({}), ownership.State())
 
 
@@ -147,7 +147,8 @@ def test_docker_keeps_every_other_key() -> None:
 
 
 def test_a_hand_edit_of_only_regmirrors_key_still_resets_to_the_exact_bytes() -> None:
-    own = 'root = "/var/lib/containerd"\n\n[plugins]\n  [plugins.cri]\n    [plugins.cri.containerd]\n      snapshotter = "native"\n'
+    own = ('root = "/var/lib/containerd"\n\n[plugins]\n  [plugins.cri]\n    [plugins.cri.containerd]\n'
+           '      snapshotter = "native"\n')
     node = run({CFG: own}, [QUAY])
     node[CFG] = node[CFG].replace('config_path = "/etc/containerd/certs.d"', 'config_path = ""')
     node = run(node, [QUAY])  # drift repaired

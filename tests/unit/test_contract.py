@@ -66,8 +66,10 @@ def test_the_same_reports_need_no_write_whatever_their_order_or_time() -> None:
 
 
 def test_oldest_object_wins_a_registry_then_name() -> None:
-    winners = contract.pick_winners([("b", "quay.io", "2026-01-01T00:00:00Z"), ("a", "quay.io", "2026-01-02T00:00:00Z"),
-                                     ("c", "docker.io", "2026-01-01T00:00:00Z"), ("d", "docker.io", "2026-01-01T00:00:00Z")])
+    winners = contract.pick_winners([("b", "quay.io", "2026-01-01T00:00:00Z"),
+                                     ("a", "quay.io", "2026-01-02T00:00:00Z"),
+                                     ("c", "docker.io", "2026-01-01T00:00:00Z"),
+                                     ("d", "docker.io", "2026-01-01T00:00:00Z")])
     assert winners == {"quay.io": "b", "docker.io": "c"}
 
 

@@ -28,7 +28,8 @@ import pytest
 from regmirror_agent import applying, cli
 
 SEED = (Path(__file__).parent / "golden/v1-seed-inline-moved-to-hosts/before/etc/containerd/config.toml").read_text()
-OWN_DOCKER_HOSTS = ('# the node\'s own Docker Hub mirror\nserver = "https://registry-1.docker.io"\nca = "/etc/ssl/hub.pem"\n'
+OWN_DOCKER_HOSTS = ('# the node\'s own Docker Hub mirror\nserver = "https://registry-1.docker.io"\n'
+                    'ca = "/etc/ssl/hub.pem"\n'
                     '\n[host."https://old-mirror.corp.example"]\n  capabilities = ["pull", "resolve"]\n')
 NODES: dict[str, dict[str, str]] = {
     "schema1-seed": {"etc/containerd/config.toml": SEED},

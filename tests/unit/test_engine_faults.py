@@ -174,7 +174,7 @@ def test_agent_in_a_pod_and_cli_on_the_node_share_one_lock(tmp_path: Path) -> No
         assert contents(host) == original
         go.write_text("go")
         assert agent.wait(30) == 0
-        out, err = person.communicate(timeout=30)
+        _, err = person.communicate(timeout=30)
         assert person.returncode == 0, err
         # The CLI ran last with its own whole desired set: quay.io only, every record kept, so reset is exact.
         assert (host / "etc/containerd/certs.d/quay.io/hosts.toml").exists()

@@ -153,10 +153,12 @@ def test_stale_temp_files_of_a_killed_apply_are_cleared_by_the_next(tmp_path: Pa
 
 def test_a_second_writer_waits_for_the_node_lock(tmp_path: Path) -> None:
     root = node(tmp_path)
-    with applying.node_lock(str(root), timeout=1):
-        with pytest.raises(applying.Conflict, match="another regmirror"):
-            with applying.node_lock(str(root), timeout=0.3):
-                pass
+    with (
+        applying.node_lock(str(root), timeout=1),
+        pytest.raises(applying.Conflict, match="another regmirror"),
+        applying.node_lock(str(root), timeout=0.3),
+    ):
+        pass
 
 
 def test_show_on_a_docker_node_lists_docker_hubs_mirrors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -42,7 +42,8 @@ def plan_case(case: Path, files: dict[str, str], desired: list[models.RegistryMi
 def test_golden_case(name: str) -> None:
     case = GOLDEN / name
     before = load_tree(case / "before")
-    desired = [models.parse_document(d, i) for i, d in enumerate(yaml.safe_load_all((case / "desired.yaml").read_text()))]
+    documents = yaml.safe_load_all((case / "desired.yaml").read_text())
+    desired = [models.parse_document(d, i) for i, d in enumerate(documents)]
 
     applied = apply_in_memory(plan_case(case, before, desired), before)
     if os.environ.get("REGMIRROR_UPDATE_GOLDEN"):

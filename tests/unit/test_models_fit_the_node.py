@@ -57,7 +57,8 @@ def test_every_registry_the_model_admits_fits_a_directory_on_this_filesystem(reg
 @given(registry_names())
 def test_a_registry_is_refused_only_for_a_reason_it_names(registry: str) -> None:
     problems = models.check_registry(registry)
-    label_ok = all(re.fullmatch(r"[a-z0-9]([a-z0-9-]*[a-z0-9])?", p) for p in registry.split(":")[0].split("."))
+    host = registry.split(":", maxsplit=1)[0]
+    label_ok = all(re.fullmatch(r"[a-z0-9]([a-z0-9-]*[a-z0-9])?", p) for p in host.split("."))
     if len(registry) > models.MAX_REGISTRY_LENGTH:
         assert problems and f"at most {models.MAX_REGISTRY_LENGTH} characters" in problems[0]
     elif label_ok:
@@ -76,8 +77,8 @@ ODD_PIECES = ["%zz", "%4", "%", "%41", "'", '"', " ", "\t", "[", "]", "{", "|", 
 def urls(draw: st.DrawFn) -> str:
     scheme = draw(st.sampled_from(["https://", "http://", "HTTPS://", "hTTp://", "ftp://", "", "https:/"]))
     userinfo = draw(st.sampled_from(["", "", "", "@", "u@", "u:p@"]))
-    host = "".join(draw(st.lists(st.sampled_from(["m", "example", ".", "com", "-", "_", "10", "xn--bcher-kva"]
-                                                 + ODD_PIECES[:5]), min_size=0, max_size=5)))
+    host = "".join(draw(st.lists(st.sampled_from(["m", "example", ".", "com", "-", "_", "10", "xn--bcher-kva",
+                                                  *ODD_PIECES[:5]]), min_size=0, max_size=5)))
     port = draw(st.sampled_from(["", "", ":5000", ":0", ":080", ":65535", ":65536", ":", ":00000000080", ":x"]))
     path = "".join(draw(st.lists(st.sampled_from(VALID_PIECES * 3 + ODD_PIECES), max_size=8)))
     return scheme + userinfo + host + port + (("/" + path) if path and draw(st.booleans()) else path)
@@ -90,7 +91,7 @@ def near_valid_urls(draw: st.DrawFn) -> str:
     label = st.from_regex(r"[A-Za-z0-9]([A-Za-z0-9_-]{0,6}[A-Za-z0-9])?", fullmatch=True)
     host = ".".join(draw(st.lists(label, min_size=1, max_size=4)))
     port = draw(st.sampled_from(["", ":1", ":5000", ":65535", ":9", ":10000"]))
-    path = "".join(draw(st.lists(st.sampled_from(VALID_PIECES + ["%00", "%ff", "%7F", "v2"]), max_size=10)))
+    path = "".join(draw(st.lists(st.sampled_from([*VALID_PIECES, "%00", "%ff", "%7F", "v2"]), max_size=10)))
     return draw(st.sampled_from(["https://", "http://", "HTTP://"])) + host + port + ("/" + path if path else "")
 
 

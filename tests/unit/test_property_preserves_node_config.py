@@ -30,7 +30,9 @@ comments = st.text(st.characters(codec="utf-8", exclude_categories=("Cs", "Cc"))
 
 
 def toml_value(v: Any) -> str:
-    return json.dumps(v, ensure_ascii=False) if isinstance(v, str) else str(v).lower() if isinstance(v, bool) else str(v)
+    if isinstance(v, str):
+        return json.dumps(v, ensure_ascii=False)
+    return str(v).lower() if isinstance(v, bool) else str(v)
 
 
 @st.composite

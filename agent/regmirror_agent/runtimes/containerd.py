@@ -35,11 +35,11 @@ import tomlkit.container
 import tomlkit.items
 
 from regmirror_agent import ownership
+from regmirror_agent.defaults import CONFIG_FILE, DEFAULT_STATE_DIR, MODES, STATE_FILE
 from regmirror_agent.nodeviews import NodeView
 from regmirror_agent.plans import Plan
 from regmirror_agent.runtimes import Effective, hoststoml
 from regmirror_agent.runtimes.hoststoml import TLS, Host, HostsFile
-from regmirror_agent.defaults import CONFIG_FILE, DEFAULT_STATE_DIR, MODES, STATE_FILE
 from regmirror_api import models
 from regmirror_api.errors import Refused
 
@@ -69,7 +69,7 @@ class NodeRefused(Refused):
 class Options:
     mode: str = "auto"
     config_file: str = CONFIG_FILE
-    containerd_version: tuple[int, ...] | None | Callable[[], tuple[int, ...] | None] = None
+    containerd_version: tuple[int, ...] | Callable[[], tuple[int, ...] | None] | None = None
     """The node's containerd version when known (or a probe, called only when the answer matters): picks
     inline mode before 1.5 and schema 3 for a new config.toml from 2.0."""
 
@@ -228,8 +228,8 @@ def hosts_from_inline(mirrors: Mapping[str, Any], configs: Mapping[str, Any]) ->
         registry = _legacy_registry(host)
         server = hoststoml.upstream_server(registry)
         hosts = []
-        for endpoint in _plain(entry).get("endpoint", []) or []:
-            endpoint = str(endpoint)
+        for raw_endpoint in _plain(entry).get("endpoint", []) or []:
+            endpoint = str(raw_endpoint)
             if endpoint.rstrip("/") == server:
                 continue
             path = urlsplit(endpoint).path
@@ -567,7 +567,7 @@ def describe(view: NodeView, path: str = CONFIG_FILE) -> tuple[str, list[Effecti
     config_path = str(reg.get("config_path") or "")
     result: list[Effective] = []
     if config_path:
-        config_dir = config_path.split(":")[0]
+        config_dir = config_path.split(":", maxsplit=1)[0]
         for hosts_path in view.glob(posixpath.join(config_dir, "*", "hosts.toml")):
             name = posixpath.basename(posixpath.dirname(hosts_path))
             try:

@@ -15,10 +15,10 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from regmirror_agent import ownership
+from regmirror_agent.defaults import DAEMON_JSON, DEFAULT_STATE_DIR, STATE_FILE
 from regmirror_agent.nodeviews import NodeView
 from regmirror_agent.plans import FileChange, Plan
 from regmirror_agent.runtimes import Effective
-from regmirror_agent.defaults import DAEMON_JSON, DEFAULT_STATE_DIR, STATE_FILE
 from regmirror_api import models
 from regmirror_api.errors import Refused
 
