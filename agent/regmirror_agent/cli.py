@@ -173,7 +173,7 @@ def _strict_loader() -> type:
         def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[object, object]:
             seen: set[object] = set()
             for key_node, _ in node.value:
-                key = self.construct_object(key_node, deep=True)  # type: ignore[no-untyped-call]
+                key = self.construct_object(key_node, deep=True)
                 try:
                     duplicate = key in seen
                 except TypeError:  # an unhashable key: construct_mapping below says so in YAML's words
@@ -183,7 +183,7 @@ def _strict_loader() -> type:
                         "while constructing a mapping", node.start_mark, f"found duplicate key {key!r}",
                         key_node.start_mark)
                 seen.add(key)
-            return super().construct_mapping(node, deep)  # type: ignore[no-untyped-call,no-any-return]
+            return super().construct_mapping(node, deep)
 
     return StrictLoader
 

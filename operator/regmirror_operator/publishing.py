@@ -62,9 +62,9 @@ def load_configuration() -> kubernetes.client.Configuration:
     config = kubernetes.client.Configuration()
     config.keep_alive = True  # TCP keepalive finds a watch connection that died silently (see informing)
     try:
-        kubernetes.config.load_incluster_config(client_configuration=config)  # type: ignore[no-untyped-call]
+        kubernetes.config.load_incluster_config(client_configuration=config)
     except kubernetes.config.ConfigException:
-        kubernetes.config.load_kube_config(client_configuration=config)  # type: ignore[no-untyped-call]
+        kubernetes.config.load_kube_config(client_configuration=config)
     return config
 
 
@@ -82,7 +82,7 @@ class Publisher:
         return cls(kubernetes.client.ApiClient(load_configuration()))
 
     def close(self) -> None:
-        self.api.close()  # type: ignore[no-untyped-call]
+        self.api.close()
 
     # --- plumbing ---------------------------------------------------------------------------------------
 
@@ -98,7 +98,7 @@ class Publisher:
         serialized = self.api.param_serialize(method=method, resource_path=path, query_params=query or [],
                                               header_params=headers, body=body, auth_settings=["BearerToken"])
         response = self.api.call_api(*serialized, _request_timeout=self.timeout)
-        raw = response.read()  # type: ignore[no-untyped-call]
+        raw = response.read()
         if not 200 <= response.status < 300:
             try:
                 message = json.loads(raw).get("message", "")
@@ -109,7 +109,8 @@ class Publisher:
 
     def list_all(self, path: str, *, accept: str = "application/json") -> tuple[list[dict[str, Any]], str]:
         """Every object, in pages of LIST_CHUNK, and the resourceVersion to watch from."""
-        token, items = "", []
+        token = ""
+        items: list[dict[str, Any]] = []
         while True:
             query = [("limit", str(LIST_CHUNK))] + ([("continue", token)] if token else [])
             page = self.request("GET", path, query=query, accept=accept)

@@ -306,7 +306,7 @@ def _remove_if_empty(doc: tomlkit.TOMLDocument, keys: Sequence[str], keep: Mappi
 
 
 def _same(a: Any, b: Any) -> bool:
-    return _plain(a) == _plain(b)
+    return bool(_plain(a) == _plain(b))
 
 
 def _set_or_delete(table: Any, key: str, value: Any) -> None:
