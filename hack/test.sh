@@ -1,10 +1,24 @@
 #!/usr/bin/env bash
-# The whole test suite on real components: installs what is missing, then runs pytest.
+# The whole test suite on real components: installs what is missing, runs ruff, mypy and import-linter, then pytest.
 # Extra arguments go to pytest (for example: hack/test.sh tests/unit -x).
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 cd "$here"
 hack/install-deps.sh
+
+# The code's own rules, before any test: lint, types, import layers (pyproject.toml configures all three).
+static_check() {
+  local name=$1 t0=$SECONDS status=0
+  shift
+  echo "== [test] $name"
+  "$@" || status=$?
+  echo "== [test] $name: $((SECONDS - t0))s (exit $status)"
+  return $status
+}
+static_check ruff python3 -m ruff check api agent operator tests bench hack
+static_check mypy python3 -m mypy
+static_check import-linter env PYTHONPATH=api:agent:operator lint-imports --no-logo
+
 t0=$SECONDS
 echo "== [test] pytest"
 status=0
