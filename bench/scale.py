@@ -44,7 +44,7 @@ from tests.harness import controlplane as cp
 from tests.harness.controlplane import REPO
 
 NS = contract.NAMESPACE
-NODES_PER_PROCESS = 500
+NODES_PER_PROCESS = 150  # more processes, fewer threads each: less GIL convoy in the simulation itself
 PYTHONPATH = os.pathsep.join(str(REPO / d) for d in ("api", "agent", "operator", "."))
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
