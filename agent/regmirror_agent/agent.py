@@ -28,6 +28,7 @@ from typing import Any
 from regmirror_agent import engine
 from regmirror_agent.kubeapi import METADATA_ONLY, METADATA_ONLY_LIST, ApiError, Client, load_config
 from regmirror_agent.reporting import Reporter
+from regmirror_agent.runtimes import hoststoml
 from regmirror_agent.watching import ObjectWatch, retry_delay
 from regmirror_api import contract, models
 from regmirror_api.errors import RegmirrorError
@@ -68,6 +69,8 @@ class Agent:
         self.labels: dict[str, str] | None = None
         self.node_uid = ""
         self._seen_configmap = False
+        self._applied: dict[str, models.RegistryMirror] = {}
+        """What the node runs per RegistryMirror after the last successful apply (kept when a change fails)."""
         self._unsent: tuple[list[contract.Report], str] | None = None
         """A report the apiserver did not take yet; a retry sends it again without applying again."""
         self.reconciles = 0
@@ -135,10 +138,34 @@ class Agent:
                 reports[entry.name] = contract.Report(entry.name, entry.generation, contract.STATE_FAILED,
                                                       str(exc), uid=entry.uid)
         previous = self.reporter.previous()
-        try:
-            outcome = self.apply_mirrors([m for _, m in mirrors])
+        held: set[str] = set()
+        while True:
+            try:
+                outcome = self.apply_mirrors([m for _, m in mirrors])
+            except RegmirrorError as exc:  # refused or failed: the engine left every file as it was
+                culprit = _culprit(exc, mirrors) if len(mirrors) > 1 else None
+                if culprit is None:
+                    log.error("applying failed, node unchanged: %s", exc)
+                    for entry, m in mirrors:
+                        reports[m.name] = contract.Report(m.name, m.generation, contract.STATE_FAILED, str(exc),
+                                                          uid=entry.uid)
+                    break
+                # One registry's own file cannot be written (an immutable hosts.toml, say): that one fails, with
+                # the reason, and the rest are applied while it keeps what the node runs for it (or, if the node
+                # never ran it, without it).
+                entry, m = culprit
+                log.error("applying %s failed, applying the others without its change: %s", m.name, exc)
+                reports[m.name] = contract.Report(m.name, m.generation, contract.STATE_FAILED, str(exc), uid=entry.uid)
+                kept = self._applied.get(m.name)
+                mirrors = [(entry, kept) if pair is culprit and kept not in (None, m) else pair
+                           for pair in mirrors if pair is not culprit or kept not in (None, m)]
+                held.add(m.name)
+                continue
+            self._applied = {m.name: m for _, m in mirrors}
             drift = [f"put back {path}, edited since regmirror wrote it" for path in outcome.drift]
             for entry, m in mirrors:
+                if m.name in held:  # it kept an earlier generation: its report says why the new one failed
+                    continue
                 # "restarted" answers: did applying this generation restart the runtime? A later apply of the
                 # same generation (another RegistryMirror changed) must not turn that into a no.
                 before = previous.get(m.name) or {}
@@ -152,11 +179,7 @@ class Agent:
                          ", runtime restarted" if outcome.restarted else "")
             for note in outcome.notes:
                 log.warning("%s", note)
-        except RegmirrorError as exc:  # refused or failed: the engine left every file as it was
-            log.error("applying failed, node unchanged: %s", exc)
-            for entry, m in mirrors:
-                reports[m.name] = contract.Report(m.name, m.generation, contract.STATE_FAILED, str(exc),
-                                                  uid=entry.uid)
+            break
         self._unsent = (list(reports.values()), node_uid)
         self.send_report()
 
@@ -202,6 +225,16 @@ class Agent:
             # The next look without a change comes a full period after this one ended: an apply that fails
             # slowly (a runtime that does not come back) is not retried back to back.
             resync_at = time.monotonic() + self.settings.resync
+
+
+def _culprit(exc: RegmirrorError, mirrors: Sequence[tuple[contract.Entry, models.RegistryMirror]]
+             ) -> tuple[contract.Entry, models.RegistryMirror] | None:
+    """The RegistryMirror whose own registry folder (``certs.d/<registry>/``) held the file that failed, if any."""
+    path = getattr(exc, "path", "")
+    for pair in mirrors:
+        if path and f"/{hoststoml.registry_dir(pair[1].registry)}/" in path:
+            return pair
+    return None
 
 
 def main(argv: Sequence[str] | None = None, *, install_signals: bool = True,

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import functools
 import os
 import re
 import shutil
@@ -50,8 +51,10 @@ class Conflict(Refused):
 class WriteFailed(Refused):
     """The filesystem refused a write; everything this apply had written was put back (see ``problems``)."""
 
-    def __init__(self, message: str, problems: list[str]) -> None:
+    def __init__(self, message: str, problems: list[str], path: str = "") -> None:
         self.problems = problems
+        self.path = path
+        """The node path whose write failed: lets a caller tell which registry's file it was."""
         super().__init__(message)
 
 
@@ -60,7 +63,7 @@ def _step(what: str) -> None:
     spec = os.environ.get(FAULT_ENV)
     if not spec:
         return
-    global _steps  # noqa: PLW0603 - one counter per process, as the fault it injects is per process
+    global _steps  # noqa: PLW0603 - the fault seam counts every mutating step of the process
     _steps += 1
     kind, _, n = spec.partition(":")
     if _steps == int(n):
@@ -182,7 +185,7 @@ def node_lock(root: str, timeout: float = 120.0, state_dir: str = DEFAULT_STATE_
     A lock is only good if what it locks is still what a newcomer would lock; else it is taken again. No
     lock file is left behind, and a lock dies with its process.
     """
-    global _held  # noqa: PLW0603 - the lock this process holds, found by a nested apply in the same process
+    global _held  # noqa: PLW0603 - one lock per process; _create_state_dir adds the folder it creates to it
     node = NodeRoot(root)
     target = node.fs_path(state_dir)  # refuses a symlink on the way
     deadline = time.monotonic() + timeout
@@ -374,30 +377,31 @@ def apply_plan(plan: Plan, node: NodeRoot) -> None:
     check_unchanged(node, plan)
     paths = {c.path: node.fs_path(c.path) for c in plan.changes}  # refuses symlinks before any write
     journal = _Journal(node)
-    doing = "cleaning up after an earlier run"
+    doing, target = "cleaning up after an earlier run", plan.state_path
     try:
         clear_leftovers(node, plan)
         intent = ownership.intent_state(plan.state_before, plan.state_after)
         if intent != plan.state_before:
-            doing = f"writing {plan.state_path}"
+            doing, target = f"writing {plan.state_path}", plan.state_path
             _write_state(node, plan, intent, journal, plan.state_before)
         for directory in plan.mkdirs:
             fs = node.fs_path(directory)
             if not os.path.isdir(fs):
-                doing = f"creating {directory}"
+                doing, target = f"creating {directory}", directory
                 _step(f"mkdir {fs}")
                 os.mkdir(fs, DIR_MODE)
-                journal.did(directory, lambda fs=fs: _rmdir(fs))  # type: ignore[misc]
+                journal.did(directory, functools.partial(_rmdir, fs))
         for change in plan.changes:
-            doing = f"{'removing' if change.after is None else 'writing'} {change.path}"
+            doing, target = f"{'removing' if change.after is None else 'writing'} {change.path}", change.path
             _put(paths[change.path], change.after)
-            journal.did(change.path, lambda c=change: _put(paths[c.path], c.before))  # type: ignore[misc]
+            journal.did(change.path, functools.partial(_put, paths[change.path], change.before))
         chain = set(_state_chain(plan)) if plan.state_after is None else set()
         for directory in plan.rmdirs:
             if directory not in chain:
                 _rmdir_if_empty(node, directory, journal)
         if plan.state_after != intent:
             doing = f"{'removing' if plan.state_after is None else 'writing'} {plan.state_path}"
+            target = plan.state_path
             folder = _removable_state_dir(node, plan)
             if folder is not None:
                 _remove_tree_atomically(folder)  # the last step: nothing after it can fail and need it back
@@ -408,10 +412,10 @@ def apply_plan(plan: Plan, node: NodeRoot) -> None:
         cause = exc.strerror or str(exc)
         if not problems:
             raise WriteFailed(f"{doing} failed: {cause}; regmirror put back what it had written, so every file is "
-                              f"as it was", []) from exc
+                              f"as it was", [], target) from exc
         raise WriteFailed(f"{doing} failed: {cause}; then {problems[0]}. {plan.state_path} still records every "
                           f"file's own content: once the cause is fixed, run `regmirror reset` or apply again",
-                          problems) from exc
+                          problems, target) from exc
 
 
 def _rmdir(fs: str) -> None:

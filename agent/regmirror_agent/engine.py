@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterator, Sequence
 
 from regmirror_agent import applying, observing, ownership
 from regmirror_agent.nodefiles import NodeRoot, UnsafePath
+from regmirror_agent.nodeviews import NodeView
 from regmirror_agent.plans import Plan
 from regmirror_agent.restarting import (
     Host,
@@ -41,6 +42,11 @@ DEFAULT_CONTAINERD_ADDRESS = "/run/containerd/containerd.sock"
 
 class EngineError(Refused):
     """The node was refused or the change failed; the message says why and that files are as they were."""
+
+    def __init__(self, message: str, path: str = "") -> None:
+        self.path = path
+        """The node path a failed write was for, when one was (so a caller can tell which registry's file)."""
+        super().__init__(message)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,13 +71,13 @@ def _quiet(_: str) -> None:
     pass
 
 
-def _holds_files(node: NodeRoot, folder: str) -> bool:
+def _holds_files(node: NodeView, folder: str) -> bool:
     """A folder with something in it. Only that says a runtime was set up here: the agent's DaemonSet mounts
     /etc/containerd and /etc/docker with ``DirectoryOrCreate``, so both exist, empty, on every node."""
     return bool(node.glob(posixpath.join(glob.escape(folder), "*")))
 
 
-def detect_runtime(node: NodeRoot, settings: Settings, state: ownership.State) -> str:
+def detect_runtime(node: NodeView, settings: Settings, state: ownership.State) -> str:
     """containerd unless the node says Docker: its daemon.json or a non-empty /etc/docker, and no containerd
     config.toml with the CRI plugin on (nor anything in /etc/containerd when config.toml is absent)."""
     if settings.runtime != "auto":
@@ -93,7 +99,7 @@ def detect_runtime(node: NodeRoot, settings: Settings, state: ownership.State) -
     return containerd.RUNTIME
 
 
-def _plan(desired: Sequence[models.RegistryMirror], settings: Settings, node: NodeRoot, host: Host,
+def _plan(desired: Sequence[models.RegistryMirror], settings: Settings, node: NodeView, host: Host,
           state: ownership.State, runtime: str) -> Plan:
     if runtime == docker.RUNTIME:
         return docker.plan_docker(desired, node, state, docker.Options(settings.daemon_json, settings.state_path))
@@ -117,12 +123,12 @@ def plan(desired: Sequence[models.RegistryMirror], settings: Settings, request: 
     try:
         recorded = ownership.parse_state(node.read(settings.state_path), settings.state_path)
         state = _without_mounted_state_dir(recorded, node.inner, settings)
-        runtime = detect_runtime(node, settings, state)  # type: ignore[arg-type]
+        runtime = detect_runtime(node, settings, state)
         if state.runtime and state.runtime != runtime and not state.empty:
             raise EngineError(f"this node's regmirror state belongs to {state.runtime}, not {runtime}; "
                               f"run `regmirror reset --runtime {state.runtime}` first")
         usable, aside, aside_notes = _set_aside_unusable(state, node.inner)
-        planned = _plan(desired, settings, node, host, usable, runtime)  # type: ignore[arg-type]
+        planned = _plan(desired, settings, node, host, usable, runtime)
         if usable != state:
             planned = _with_set_aside(planned, node.read(settings.state_path), aside, aside_notes)
         elif state != recorded:  # planned without the mounted folder's record: the file still holds it
@@ -329,7 +335,7 @@ def _execute(plan_: Plan, runtime: str, settings: Settings, log: Log) -> Outcome
             if last_applied is not None and not undone:  # the node is as that record saw it again
                 with contextlib.suppress(OSError):
                     applying.write_atomic(applied_record, last_applied)
-            raise EngineError(str(exc) + undone) from exc
+            raise EngineError(str(exc) + undone, getattr(exc, "path", "")) from exc
         done.append(step)
         for change in step.changes:
             log(f"{'removed' if change.after is None else 'wrote'} {change.path}")

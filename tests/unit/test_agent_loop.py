@@ -21,6 +21,7 @@ from regmirror_agent.agent import Agent, AgentSettings
 from regmirror_agent.kubeapi import ApiError
 from regmirror_agent.plans import Plan
 from regmirror_api import contract, models
+from tests.unit.test_engine_faults import immutable  # noqa: F401 - a fixture
 
 NODE = "node-a"
 CM_PATH = f"/api/v1/namespaces/{contract.NAMESPACE}/configmaps"
@@ -213,3 +214,35 @@ def test_backoff_grows_with_jitter_and_a_429_waits_at_least_the_second_it_asks_f
     assert (delay, backoff) == (16.0, 30.0)  # a refused burst backs off like any error ...
     delay, backoff = retry_delay(ApiError(429, "too many requests"), 1.0, 30.0, rand=lambda: 0.0)
     assert (delay, backoff) == (1.0, 2.0)  # ... and waits at least the second the apiserver asks for
+
+
+def test_one_registrys_unwritable_file_fails_only_that_registry(running: Any, tmp_path: Any,
+                                                                 immutable: list[Any]) -> None:
+    """The real engine on a node root: quay.io's hosts.toml is immutable (chattr +i, the kernel's refusal), so
+    quay.io's new generation fails with the reason while docker.io's is applied, and the agent goes on."""
+    from tests.unit.test_engine_faults import HOSTS_MODE, chattr_i, node
+
+    root = node(tmp_path, HOSTS_MODE)
+    api = FakeApi(desired("quay.io", "docker.io"))
+    settings = AgentSettings(node=NODE, engine=engine.Settings(root=str(root), restart="never"), resync=3600)
+    agent = Agent(settings, api)  # type: ignore[arg-type]
+    threading.Thread(target=agent.run, daemon=True).start()
+    try:
+        wait_until(lambda: REPORT_PATH in api.objects)
+        assert [m["state"] for m in report(api)["status"]["mirrors"]] == ["Applied", "Applied"]
+        chattr_i(root / "etc/containerd/certs.d/quay.io.example.com/hosts.toml", immutable)
+        moved = json.loads(desired("quay.io", "docker.io", generation=2))
+        for item in moved["mirrors"]:
+            item["spec"]["mirrors"] = [{"url": "https://moved.example.com"}]
+        api.push(CM_PATH, "MODIFIED", {**api.configmap, "data": {contract.CONFIGMAP_KEY: json.dumps(moved)}})
+        wait_until(lambda: {m["generation"] for m in report(api)["status"]["mirrors"]} == {2})
+        states = {m["name"]: (m["state"], m["message"]) for m in report(api)["status"]["mirrors"]}
+        assert states["docker.io"] == ("Applied", ""), states
+        assert states["quay.io"][0] == "Failed" and "quay.io.example.com/hosts.toml" in states["quay.io"][1]
+        assert "moved.example.com" in (root / "etc/containerd/certs.d/docker.io.example.com/hosts.toml").read_text()
+        assert "moved.example.com" not in (root / "etc/containerd/certs.d/quay.io.example.com/hosts.toml").read_text()
+    finally:
+        agent.stop.set()
+        agent.wake.set()
+        for q in api.events.values():
+            q.put(None)
