@@ -21,7 +21,6 @@ from regmirror_agent.agent import Agent, AgentSettings
 from regmirror_agent.kubeapi import ApiError
 from regmirror_agent.plans import Plan
 from regmirror_api import contract, models
-from tests.unit.test_engine_faults import immutable  # noqa: F401 - a fixture
 
 NODE = "node-a"
 CM_PATH = f"/api/v1/namespaces/{contract.NAMESPACE}/configmaps"

@@ -11,7 +11,6 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -44,15 +43,6 @@ def tree(root: Path) -> dict[str, bytes | None]:
 
 def run(*args: str) -> int:
     return cli.main(list(args))
-
-
-@pytest.fixture
-def immutable() -> Iterator[list[Path]]:
-    """Files made immutable with chattr +i (the real kernel refusal); always made mutable again."""
-    paths: list[Path] = []
-    yield paths
-    for p in paths:
-        subprocess.run(["chattr", "-i", str(p)], check=False)
 
 
 def chattr_i(path: Path, paths: list[Path]) -> None:
