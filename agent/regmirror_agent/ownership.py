@@ -191,12 +191,14 @@ def merge3(base: str, ours: str, theirs: str) -> str | None:
                 return None
             insert.setdefault(at, []).extend(o[j1:j2])
             continue
-        targets = [in_t.get(k) for k in range(i1, i2)]
-        if None in targets or targets != list(range(targets[0], targets[0] + len(targets))):  # type: ignore[arg-type,operator]
+        if any(k not in in_t for k in range(i1, i2)):
+            return None
+        targets = [in_t[k] for k in range(i1, i2)]
+        if targets != list(range(targets[0], targets[0] + len(targets))):
             return None
         for k in targets:
-            replace[k] = []  # type: ignore[index]
-        replace[targets[0]] = o[j1:j2]  # type: ignore[index]
+            replace[k] = []
+        replace[targets[0]] = o[j1:j2]
     out: list[str] = []
     for index, line in enumerate(t):
         out += insert.get(index, [])
