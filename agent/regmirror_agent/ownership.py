@@ -247,7 +247,10 @@ def plan_owned_files(*, runtime: str, view: NodeView, state: State, state_path: 
     rmdirs = sorted((d for d in state.dirs if d not in needed), key=lambda d: -d.count("/"))
     dirs = tuple(sorted(needed))
     new_state = State(runtime=runtime if records or dirs else "", files=records, dirs=dirs)
-    repaired = tuple(p for p in drift if p in desired)
+    # Only a file regmirror rewrites had something of regmirror's put back: a hand edit that left regmirror's
+    # keys alone (the node's own settings in a file it edits in part) is kept, and reported as nothing.
+    changed = {c.path for c in changes}
+    repaired = tuple(p for p in drift if p in desired and p in changed)
     drift_notes = tuple(f"{p} was edited since regmirror wrote it; regmirror's settings are put back"
                         for p in repaired)
     return Plan(runtime=runtime, changes=tuple(changes),

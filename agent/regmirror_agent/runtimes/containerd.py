@@ -12,8 +12,10 @@ registry; containerd reads those on every pull, so later changes need no restart
 CRI plugin refuses to load when inline ``mirrors`` or ``configs.<host>.tls`` sit beside ``config_path``, so
 moving a node to hosts mode carries its own inline settings into hosts.toml files.
 
-What regmirror owns in config.toml: the registry table's ``config_path``, ``mirrors`` and every
-``configs.<host>.tls``. Everything else is the node's, and tomlkit keeps it byte for byte.
+What regmirror owns in config.toml: in hosts mode the registry table's ``config_path``, ``mirrors`` and every
+``configs.<host>.tls`` (it moves them all into hosts.toml files); in inline mode only what it writes, the
+``mirrors."<registry>"`` of the registries it configures and the ``configs."<host>".tls`` of its mirror hosts
+(``written_units``). Everything else is the node's, and tomlkit keeps it byte for byte.
 
 containerd reads config.toml only at start: a change to it needs a restart; hosts.toml changes do not
 (https://github.com/containerd/containerd/blob/main/docs/hosts.md).
@@ -325,8 +327,54 @@ def same_data(_: str, a: str, b: str) -> bool:
         return False
 
 
-def undo_config(current: str | None, original: str | None, path: str) -> str | None:
-    """Give a hand-edited config.toml its node's own values for the keys regmirror owns; keep the rest."""
+Unit = tuple[str, ...]
+
+
+def _units(reg: Any) -> set[Unit]:
+    """The registry-table keys regmirror may write, relative to the table: ``config_path``, each
+    ``mirrors."<registry>"`` and each ``configs."<host>".tls``."""
+    if not isinstance(reg, Mapping):
+        return set()
+    mirrors = _get(reg, ("mirrors",))
+    configs = _get(reg, ("configs",))
+    units: set[Unit] = {("config_path",)} if "config_path" in reg else set()
+    units |= {("mirrors", str(r)) for r in (mirrors if isinstance(mirrors, Mapping) else {})}
+    units |= {("configs", str(h), "tls") for h, c in (configs.items() if isinstance(configs, Mapping) else ())
+              if isinstance(c, Mapping) and "tls" in c}
+    return units
+
+
+def written_units(own_reg: Any, written: Sequence[str], keys: Sequence[str]) -> set[Unit] | None:
+    """The registry-table keys regmirror answers for in a config.toml it wrote ``written`` into (the node's own
+    registry table being ``own_reg``); ``None``: all of them (``config_path``, ``mirrors``, every
+    ``configs.<host>.tls``).
+
+    All of them when regmirror set ``config_path`` (hosts mode moves every inline mirror and TLS setting into
+    hosts.toml files, because containerd refuses them beside it), or when what it wrote is unknown. In inline
+    mode it owns only what it changed: the ``mirrors."<registry>"`` of the registries it configures and the
+    ``configs."<host>".tls`` of its mirror hosts. The node's own entries for other registries and hosts stay
+    the node's, so a hand edit to them survives apply and reset.
+    """
+    if not written:
+        return None
+    units: set[Unit] = set()
+    for text in written:
+        try:
+            reg = _get(tomllib.loads(text), keys)
+        except tomllib.TOMLDecodeError:
+            return None
+        if isinstance(reg, Mapping) and reg.get("config_path"):
+            return None
+        units |= {u for u in _units(reg) | _units(own_reg) if not _same(_get(reg, u), _get(own_reg, u))}
+    return units
+
+
+def undo_config(current: str | None, original: str | None, path: str, written: Sequence[str] = ()) -> str | None:
+    """Give a hand-edited config.toml its node's own values for the keys regmirror owns; keep the rest.
+
+    ``written``: what regmirror wrote into the file (the last apply, and one under way); it tells which keys
+    regmirror owns (``written_units``). Unknown (empty): all of them.
+    """
     if current is None:
         return original
     doc = parse_config(current, path)
@@ -334,15 +382,23 @@ def undo_config(current: str | None, original: str | None, path: str) -> str | N
     keys = registry_table_path(schema_version(own if original is not None else doc, path))
     own_reg = _get(own, keys) or {}
     cur_reg = _get(doc, keys)
-    for key in ("config_path", "mirrors"):
-        if not _same(_get(cur_reg, (key,)), own_reg.get(key)):
-            _set_or_delete(_ensure_table(doc, keys), key, own_reg.get(key))  # owned key back to the node's
-    hosts = set(_get(cur_reg, ("configs",)) or {}) | set(own_reg.get("configs", {}) or {})
-    for host in sorted(hosts):
-        want = _get(own_reg, ("configs", host, "tls"))
-        if not _same(_get(doc, (*keys, "configs", host, "tls")), want):
-            _set_or_delete(_ensure_table(doc, (*keys, "configs", host)), "tls", want)
-            _remove_if_empty(doc, (*keys, "configs", host), own)
+    owned = written_units(own_reg, written, keys)
+    if owned is not None:  # inline mode: only the entries regmirror changed go back to the node's
+        for unit in sorted(owned):
+            want = _get(own_reg, unit)
+            if not _same(_get(cur_reg, unit), want):
+                _set_or_delete(_ensure_table(doc, (*keys, *unit[:-1])), unit[-1], want)
+                _remove_if_empty(doc, (*keys, *unit[:-1]), own)
+    else:
+        for key in ("config_path", "mirrors"):
+            if not _same(_get(cur_reg, (key,)), own_reg.get(key)):
+                _set_or_delete(_ensure_table(doc, keys), key, own_reg.get(key))  # owned key back to the node's
+        hosts = set(_get(cur_reg, ("configs",)) or {}) | set(own_reg.get("configs", {}) or {})
+        for host in sorted(hosts):
+            want = _get(own_reg, ("configs", host, "tls"))
+            if not _same(_get(doc, (*keys, "configs", host, "tls")), want):
+                _set_or_delete(_ensure_table(doc, (*keys, "configs", host)), "tls", want)
+                _remove_if_empty(doc, (*keys, "configs", host), own)
     _remove_if_empty(doc, (*keys, "configs"), own)
     _remove_if_empty(doc, keys, own)
     undone = tomlkit.dumps(doc)
@@ -513,7 +569,11 @@ def plan_containerd(desired: Sequence[models.RegistryMirror], view: NodeView, st
     path = options.config_file
 
     def undo(p: str, current: str | None, original: str | None) -> str | None:
-        return undo_config(current, original, p) if p == path else original
+        if p != path:
+            return original
+        record = state.files.get(p)
+        wrote = [t for t in ((record.written, *record.pending) if record else ()) if t is not None]
+        return undo_config(current, original, p, wrote)
 
     current = view.read(path)
     def same(p: str, a: str, b: str) -> bool:  # only config.toml is regmirror's in part; the rest is whole
