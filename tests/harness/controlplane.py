@@ -323,12 +323,7 @@ class ControlPlane:
         the same data: a storage outage as the apiserver sees one."""
         proc = self._etcd
         assert proc is not None, "start() first"
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        _terminate(proc)
         time.sleep(down_seconds)
         self._start_etcd(self.binaries, ports=self._etcd_ports)
         self._wait_until_usable(deadline=time.monotonic() + self.startup_timeout)
@@ -367,12 +362,7 @@ class ControlPlane:
         port (so every kubeconfig stays valid) and wait until it serves: an outage as clients see one."""
         proc = self._apiserver
         assert proc is not None, "start() first"
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        _terminate(proc)
         time.sleep(down_seconds)
         self._start_apiserver(self.binaries, port=int(self.server.rsplit(":", 1)[1]))
         self._wait_until_usable(deadline=time.monotonic() + self.startup_timeout)
@@ -487,6 +477,16 @@ class ControlPlane:
                     proc.kill()
                     proc.wait(timeout=5)
             setattr(self, attr, None)
+
+
+def _terminate(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM, and SIGKILL after 20 s: how an outage begins."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 class _PortTaken(ControlPlaneError):
