@@ -32,7 +32,6 @@ class Reporter:
         self.current: Mapping[str, Any] | None = None
         """The object as this agent last wrote or read it (None: absent)."""
         self.read = False
-        self.writes = 0
 
     def _read(self) -> None:
         try:
@@ -65,7 +64,6 @@ class Reporter:
                 self.current = self._create(body)
         else:
             self.current = self._create(body)
-        self.writes += 1
         log.info("reported node %s: %s %s", self.node, body["status"]["ready"],
                  body["status"]["message"] or body["status"]["generations"] or "no RegistryMirror selects it")
         return True

@@ -60,15 +60,12 @@ class ObjectWatch:
         self.read_timeout = read_timeout
         self.max_backoff = max_backoff
         self.rand = rand
-        self.lists = 0
-        self.watches = 0
 
     @property
     def _selector(self) -> dict[str, str]:
         return {"fieldSelector": f"metadata.name={self.name}"}
 
     def _list(self) -> str:
-        self.lists += 1
         result = self.client.get(self.collection, accept=self.list_accept, **self._selector)
         items = result.get("items") or []
         self.on_change(items[0] if items else None)
@@ -76,7 +73,6 @@ class ObjectWatch:
 
     def _watch(self, version: str) -> str | None:
         """Follow from ``version``; the version to resume from, or None when a fresh list is needed."""
-        self.watches += 1
         # Half to all of watch_seconds: renewals of many agents spread out instead of arriving together.
         timeout = int(self.watch_seconds * (0.5 + self.rand() / 2))
         params = {**self._selector, "resourceVersion": version}

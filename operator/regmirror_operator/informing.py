@@ -48,10 +48,8 @@ class Informer:
         self.max_backoff = max_backoff
         self.rand = rand
         self.stop = threading.Event()
-        self.lists = 0
 
     def _list(self) -> str:
-        self.lists += 1
         objects, version = self.publisher.list_all(self.path, accept=self.list_accept)
         self.sink.listed(self.kind, {str(o["metadata"]["name"]): o for o in objects})
         return version

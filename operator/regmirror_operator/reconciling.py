@@ -90,7 +90,6 @@ class Reconciler:
         self.bucket = TokenBucket(settings.status_writes_per_second, settings.status_burst, clock)
         #: When the next pass must run to write what the bucket held back (None: nothing held back).
         self.held_back_until: float | None = None
-        self.status_writes = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         #: The desired.json text the ConfigMap is known to hold (None: unknown, read it before writing).
         self.published: str | None = None
@@ -217,7 +216,6 @@ class Reconciler:
             if not self.bucket.take():
                 self.held_back_until = self.clock() + self.bucket.wait_time()
                 break
-            self.status_writes += 1
             try:
                 result = await asyncio.to_thread(self.publisher.patch_status, name, patch)
             except publishing.ApiError as exc:

@@ -219,7 +219,8 @@ def test_one_registrys_unwritable_file_fails_only_that_registry(running: Any, tm
                                                                  immutable: list[Any]) -> None:
     """The real engine on a node root: quay.io's hosts.toml is immutable (chattr +i, the kernel's refusal), so
     quay.io's new generation fails with the reason while docker.io's is applied, and the agent goes on."""
-    from tests.unit.test_engine_faults import HOSTS_MODE, chattr_i, node
+    from tests.unit.test_engine_faults import HOSTS_MODE, chattr_i
+    from tests.unit.trees import node_root as node
 
     root = node(tmp_path, HOSTS_MODE)
     api = FakeApi(desired("quay.io", "docker.io"))

@@ -14,19 +14,14 @@ import pytest
 
 from regmirror_agent import cli
 from tests.harness.product import contents
+from tests.unit.trees import V2
+from tests.unit.trees import node_root as node
 
-V2 = 'version = 2\n[plugins."io.containerd.grpc.v1.cri".registry]\n  config_path = ""\n'
 LONG_REGISTRY = ".".join(["a" * 63, "b" * 63, "c" * 63, "d" * 61]) + ":5000"  # 258 characters
 DOC = ("apiVersion: regmirror.io/v1alpha1\nkind: RegistryMirror\nmetadata: {name: q%s}\n"
        "spec:\n  registry: quay.io\n  mirrors: [{url: 'https://m.example.com'}]\n%s")
 
 
-def node(tmp_path: Path, config: str | None = V2) -> Path:
-    root = tmp_path / "node"
-    (root / "etc/containerd").mkdir(parents=True)
-    if config is not None:
-        (root / "etc/containerd/config.toml").write_text(config)
-    return root
 
 
 def refused(root: Path, capsys: pytest.CaptureFixture[str], *args: str, code: int = 2,

@@ -10,12 +10,11 @@ from regmirror_agent import ownership
 from regmirror_agent.nodeviews import DictView
 from regmirror_agent.runtimes import containerd, docker
 from regmirror_api import models
-from tests.unit.trees import apply_in_memory
+from tests.unit.trees import V2, apply_in_memory
 
 CFG = containerd.CONFIG_FILE
 QUAY = models.parse_cli_mirror("quay.io=https://quay.tencentcloudcr.com")
 HUB = models.parse_cli_mirror("docker.io=https://mirror.ccs.tencentyun.com")
-V2 = 'version = 2\n[plugins."io.containerd.grpc.v1.cri".registry]\n  config_path = ""\n'
 
 
 def plan(files: dict[str, str], desired: list[models.RegistryMirror], **options: object):

@@ -18,19 +18,14 @@ import pytest
 from regmirror_agent import cli, engine
 from regmirror_api import models
 from tests.harness.product import contents
+from tests.unit.trees import V2
+from tests.unit.trees import node_root as node
 
-V2 = 'version = 2\n[plugins."io.containerd.grpc.v1.cri".registry]\n  config_path = ""\n'
 SEED = (Path(__file__).parent / "golden/v1-seed-inline-moved-to-hosts/before/etc/containerd/config.toml").read_text()
 CFG = "etc/containerd/config.toml"
 HOSTS_MODE = V2.replace('config_path = ""', 'config_path = "/etc/containerd/certs.d"')
 
 
-def node(tmp_path: Path, config: str | None = V2, name: str = "node") -> Path:
-    root = tmp_path / name
-    (root / "etc/containerd").mkdir(parents=True)
-    if config is not None:
-        (root / CFG).write_text(config)
-    return root
 
 
 def tree(root: Path) -> dict[str, bytes | None]:

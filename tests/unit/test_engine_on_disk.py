@@ -13,16 +13,8 @@ import pytest
 
 from regmirror_agent import applying, cli
 from tests.harness.product import contents
-
-V2 = 'version = 2\n[plugins."io.containerd.grpc.v1.cri".registry]\n  config_path = ""\n'
-
-
-def node(tmp_path: Path, config: str | None = V2) -> Path:
-    root = tmp_path / "node"
-    (root / "etc/containerd").mkdir(parents=True)
-    if config is not None:
-        (root / "etc/containerd/config.toml").write_text(config)
-    return root
+from tests.unit.trees import V2
+from tests.unit.trees import node_root as node
 
 
 def run(*args: str) -> int:

@@ -10,6 +10,18 @@ from pathlib import Path
 
 from regmirror_agent.plans import Plan
 
+#: A schema-2 config.toml with the CRI registry table and nothing mirrored: the smallest node to start from.
+V2 = 'version = 2\n[plugins."io.containerd.grpc.v1.cri".registry]\n  config_path = ""\n'
+
+
+def node_root(tmp_path: Path, config: str | None = V2, name: str = "node") -> Path:
+    """A node's root folder holding ``config`` as its config.toml (none if ``None``)."""
+    root = tmp_path / name
+    (root / "etc/containerd").mkdir(parents=True)
+    if config is not None:
+        (root / "etc/containerd/config.toml").write_text(config)
+    return root
+
 
 def load_tree(folder: Path) -> dict[str, str]:
     if not folder.exists():
