@@ -60,7 +60,12 @@ class SimNode:
         self.agent = subprocess.Popen(
             [sys.executable, "-m", "regmirror_agent.cli", "agent", "--restart",
              "command:" + self.containerd.ctl_command(), "--resync", "5", "--health-timeout", "8"],
-            env=env, stdout=self.log.open("w"), stderr=subprocess.STDOUT, text=True)
+            env=env, stdout=self.log.open("a"), stderr=subprocess.STDOUT, text=True)
+
+    def stop_agent(self) -> None:
+        assert self.agent is not None
+        self.agent.send_signal(signal.SIGTERM)
+        self.agent.wait(timeout=20)
 
     def files(self) -> dict[str, tuple[bytes, int]]:
         return snapshot(self.containerd.node_root, lambda p: p.name != "containerd.log")
@@ -259,6 +264,20 @@ def test_3_a_node_selector_for_one_node_leaves_the_other_nodes_untouched(cluster
     assert (cluster.nodes["worker-a"].containerd.certs_dir / "ghcr.io/hosts.toml").exists()
     time.sleep(6)  # one agent resync period: nothing is rewritten on the other nodes either
     assert {n: node.files() for n, node in cluster.nodes.items() if n != "worker-a"} == others
+
+
+def test_3a_a_restarted_agent_whose_node_is_current_writes_nothing(cluster: Cluster) -> None:
+    node = cluster.nodes["worker-b"]
+    before = cluster.get("registrymirrornode", "worker-b")["metadata"]["resourceVersion"]
+    files = node.files()
+    node.stop_agent()
+    node.start_agent()
+    # It lists the ConfigMap and its Node, reads its report once, applies (nothing to do) and finds the report
+    # current: no write. Several resync periods later, still none.
+    time.sleep(12)
+    assert cluster.get("registrymirrornode", "worker-b")["metadata"]["resourceVersion"] == before
+    assert node.files() == files
+    cluster.alive()
 
 
 def test_3b_a_hand_edited_hosts_toml_is_put_back_on_resync(cluster: Cluster) -> None:
