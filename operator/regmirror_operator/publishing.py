@@ -29,6 +29,7 @@ from typing import Any
 
 import kubernetes.client
 import kubernetes.config
+import urllib3
 from kubernetes.watch.watch import iter_resp_lines
 
 from regmirror_api import contract, models
@@ -50,7 +51,7 @@ LIST_CHUNK = 500
 
 
 class ApiError(Exception):
-    """A non-2xx answer from the apiserver; ``status`` is the HTTP code."""
+    """A non-2xx answer from the apiserver; ``status`` is the HTTP code, 0 when it could not be reached."""
 
     def __init__(self, status: int, method: str, path: str, message: str) -> None:
         self.status = status
@@ -97,8 +98,11 @@ class Publisher:
             query = [*(query or []), ("fieldManager", COMPONENT)]
         serialized = self.api.param_serialize(method=method, resource_path=path, query_params=query or [],
                                               header_params=headers, body=body, auth_settings=["BearerToken"])
-        response = self.api.call_api(*serialized, _request_timeout=self.timeout)
-        raw = response.read()
+        try:
+            response = self.api.call_api(*serialized, _request_timeout=self.timeout)
+            raw = response.read()
+        except urllib3.exceptions.HTTPError as exc:  # unreachable, reset, timed out: an outage, not a bug
+            raise ApiError(0, method, path, f"apiserver unreachable: {exc}") from exc
         if not 200 <= response.status < 300:
             try:
                 message = json.loads(raw).get("message", "")
@@ -127,7 +131,10 @@ class Publisher:
                  ("timeoutSeconds", str(timeout_seconds))]
         serialized = self.api.param_serialize(method="GET", resource_path=path, query_params=query,
                                               header_params={"Accept": accept}, auth_settings=["BearerToken"])
-        response = self.api.call_api(*serialized, _request_timeout=(10.0, read_timeout))
+        try:
+            response = self.api.call_api(*serialized, _request_timeout=(10.0, read_timeout))
+        except urllib3.exceptions.HTTPError as exc:
+            raise ApiError(0, "WATCH", path, f"apiserver unreachable: {exc}") from exc
         raw = response.response
         try:
             if not 200 <= response.status < 300:
