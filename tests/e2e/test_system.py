@@ -150,6 +150,7 @@ def cluster(controlplane: cp.ControlPlane, installed: str, registry: Registry,
     work = tmp_path_factory.mktemp("system")
     nodes: dict[str, SimNode] = {}
     operator: subprocess.Popen[str] | None = None
+    cluster: Cluster | None = None
     # A clean slate: objects other tests left behind would be published to these nodes (or win a registry).
     controlplane.kubectl("delete", "registrymirrors", "--all", "--wait", "--timeout=30s")
     controlplane.kubectl("patch", "configmap", contract.CONFIGMAP, "-n", NS, "--type=json",
@@ -189,7 +190,9 @@ def cluster(controlplane: cp.ControlPlane, installed: str, registry: Registry,
         cluster.initial = {n: node.config() for n, node in nodes.items()}  # type: ignore[attr-defined]
         yield cluster
     finally:
-        procs = [n.agent for n in nodes.values() if n.agent] + ([operator] if operator else [])
+        # The operator a test restarted, not only the first one: none may outlive this module and publish.
+        operators = [cluster.operator] if cluster is not None else [operator] if operator else []
+        procs = [n.agent for n in nodes.values() if n.agent] + operators
         for proc in procs:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
