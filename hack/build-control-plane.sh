@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Build kube-apiserver, etcd, crictl and containerd 2.x from the Go module proxy into a cache folder.
+# Build kube-apiserver, kube-controller-manager, kube-scheduler, kubelet, kubectl, etcd, crictl and containerd 2.x from the Go module proxy into a cache folder.
 #
 # Why a script and not `go install`: k8s.io/kubernetes replaces its k8s.io/* staging modules with local
 # paths, so `go install k8s.io/kubernetes/cmd/kube-apiserver@vX` refuses. We make a tiny module that
@@ -8,7 +8,8 @@
 # Usage: hack/build-control-plane.sh [OUT_DIR]    (default: .cache/bin; skips binaries already there)
 #        REGMIRROR_BUILD="crictl" hack/build-control-plane.sh   builds only what is named (crictl etcd kube containerd2)
 #
-# containerd 2.x (config version 3) goes to OUT_DIR/containerd2/ (`containerd`, `ctr`), a folder of its own: it must
+# containerd 2.x (config version 3) goes to OUT_DIR/containerd2/ (`containerd`, `ctr`, and its runc shim, which a
+# kubelet node on 2.x runs Pods with), a folder of its own: it must
 # never shadow the distribution's containerd 1.x on PATH. Tests put that folder first on PATH only for a 2.x node.
 set -euo pipefail
 
@@ -35,13 +36,14 @@ build_crictl() {
 
 build_containerd2() {
   local d=$out/containerd2
-  [ -x "$d/containerd" ] && [ -x "$d/ctr" ] && return 0
+  [ -x "$d/containerd" ] && [ -x "$d/ctr" ] && [ -x "$d/containerd-shim-runc-v2" ] && return 0
   # Plain `go install`: containerd's go.mod has no replace directives. No cgo, so no btrfs/devmapper/zfs
   # snapshotters (the tests use `native`). Version stamped as containerd's Makefile does (`containerd --version`).
   local pkg=github.com/containerd/containerd/v2
   GOBIN=$d go install -trimpath -tags "no_btrfs no_devmapper no_zfs" \
     -ldflags "-s -X $pkg/version.Version=$CONTAINERD2_VERSION" \
-    "$pkg/cmd/containerd@$CONTAINERD2_VERSION" "$pkg/cmd/ctr@$CONTAINERD2_VERSION"
+    "$pkg/cmd/containerd@$CONTAINERD2_VERSION" "$pkg/cmd/ctr@$CONTAINERD2_VERSION" \
+    "$pkg/cmd/containerd-shim-runc-v2@$CONTAINERD2_VERSION"
 }
 
 build_etcd() {
@@ -67,7 +69,7 @@ GO
 
 build_kube() {
   local want=()
-  for b in kube-apiserver kubectl; do [ -x "$out/$b" ] || want+=("$b"); done
+  for b in kube-apiserver kubectl kubelet kube-controller-manager kube-scheduler; do [ -x "$out/$b" ] || want+=("$b"); done
   [ ${#want[@]} -eq 0 ] && return 0
   local d=$work/kube
   mkdir -p "$d"
@@ -93,7 +95,10 @@ package tools
 
 import (
 	_ "k8s.io/kubernetes/cmd/kube-apiserver"
+	_ "k8s.io/kubernetes/cmd/kube-controller-manager"
+	_ "k8s.io/kubernetes/cmd/kube-scheduler"
 	_ "k8s.io/kubernetes/cmd/kubectl"
+	_ "k8s.io/kubernetes/cmd/kubelet"
 )
 GO
   (cd "$d" && go mod tidy >/dev/null 2>&1 || true)

@@ -196,8 +196,13 @@ class ControlPlane:
 
     def __init__(self, *, binaries: Binaries | None = None, workdir: Path | None = None,
                  startup_timeout: float = 60.0, keep_workdir: bool = False,
-                 extra_apiserver_args: Sequence[str] = ()) -> None:
+                 extra_apiserver_args: Sequence[str] = (),
+                 users: Mapping[str, Sequence[str]] | None = None) -> None:
         self._binaries = binaries
+        #: Extra static-token users (name -> groups), e.g. ``system:node:a`` in ``system:nodes`` for a kubelet.
+        self.users = dict(users or {})
+        #: Their tokens, after ``start()``.
+        self.user_tokens: dict[str, str] = {}
         self._workdir_arg = workdir
         self.startup_timeout = startup_timeout
         self.keep_workdir = keep_workdir
@@ -315,7 +320,11 @@ class ControlPlane:
         self.ca_path = self._path("ca.crt")
         self.token = secrets.token_hex(24)
         # token,user,uid,"groups": system:masters bypasses RBAC, the way a cluster admin does.
-        self._path("tokens.csv").write_text(f'{self.token},admin,admin-uid,"system:masters"\n')
+        lines = [f'{self.token},admin,admin-uid,"system:masters"']
+        for user, groups in self.users.items():
+            self.user_tokens[user] = secrets.token_hex(24)
+            lines.append(f'{self.user_tokens[user]},{user},{user}-uid,"{",".join(groups)}"')
+        self._path("tokens.csv").write_text("\n".join(lines) + "\n")
         os.chmod(self._path("tokens.csv"), 0o600)
 
     def restart_etcd(self, down_seconds: float) -> None:
@@ -380,7 +389,9 @@ class ControlPlane:
             f"--tls-cert-file={self._path('apiserver.crt')}", f"--tls-private-key-file={self._path('apiserver.key')}",
             f"--client-ca-file={self._path('ca.crt')}",
             f"--token-auth-file={self._path('tokens.csv')}",
-            "--authorization-mode=RBAC",
+            # A list flag that adds up: a caller's own --authorization-mode (e.g. Node,RBAC) replaces this one.
+            *([] if any(a.startswith("--authorization-mode") for a in self.extra_apiserver_args)
+              else ["--authorization-mode=RBAC"]),
             f"--service-account-key-file={self._path('sa.pub')}",
             f"--service-account-signing-key-file={self._path('sa.key')}",
             "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
@@ -390,6 +401,14 @@ class ControlPlane:
             "--profiling=false", "--v=1",
             *self.extra_apiserver_args,
         ])
+
+    def spawn(self, name: str, argv: list[str]) -> subprocess.Popen[bytes]:
+        """Run another component of the cluster (a controller-manager, a scheduler) with its log beside the
+        apiserver's (``<workdir>/<name>.log``); the caller stops it."""
+        return self._spawn(name, argv)
+
+    def log_tail(self, name: str, lines: int = 40) -> str:
+        return self._log_tail(name, lines)
 
     def _spawn(self, name: str, argv: list[str]) -> subprocess.Popen[bytes]:
         log = open(self._path(f"{name}.log"), "wb")  # noqa: SIM115 - the child owns it from here
