@@ -42,6 +42,8 @@ class NodeSpec:
     name: str
     flavor: str  # "1.6" (Debian's containerd, schema-1 config) or "2.x" (built, version 3)
     taints: tuple[str, ...] = ()
+    #: Booted with its images, but its kubelet starts (and the node registers) only on ``Cluster.join``.
+    joins_later: bool = False
 
 
 class ServiceAddress:
@@ -160,8 +162,9 @@ class Cluster:
             node.import_image(sleepers[spec.flavor])
             for name, archive in self.preload.items():
                 node.import_image(archive, name)
-            node.start_kubelet()
-        self.wait_for(lambda: self._registered() == {s.name for s in self.specs}, timeout,
+            if not spec.joins_later:
+                node.start_kubelet()
+        self.wait_for(lambda: self._registered() == {s.name for s in self.specs if not s.joins_later}, timeout,
                       lambda: f"nodes registered: {sorted(self._registered())}\n" + "\n".join(
                           n.tail("kubelet", 15) for n in self.nodes.values()))
 
@@ -171,10 +174,12 @@ class Cluster:
             return set()
         return {item["metadata"]["name"] for item in json.loads(out.stdout)["items"]}
 
-    def add_node(self, spec: NodeSpec, timeout: float = 120.0) -> KubeletNode:
-        """A node joining later (a node pool scaling up), with its image preloads, registered on return."""
-        assert self.cp is not None
-        raise NotImplementedError  # static tokens are fixed at start: declare every node in `specs`
+    def join(self, name: str, timeout: float = 60.0) -> KubeletNode:
+        """Start a ``joins_later`` node's kubelet (a node pool scaling up); return once it is registered."""
+        node = self.nodes[name]
+        node.start_kubelet()
+        self.wait_for(lambda: name in self._registered(), timeout, lambda: node.tail("kubelet", 15))
+        return node
 
     def stop(self) -> None:
         for node in self.nodes.values():
