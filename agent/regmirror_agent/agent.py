@@ -6,7 +6,10 @@ at rest but their watches):
 - two single-object watches (``watching``): the ConfigMap ``regmirror-system/regmirror-desired`` and its own
   Node, metadata only (labels and uid, not the Node's status), each listed once at start;
 - one GET of its own ``RegistryMirrorNode`` at start, and one write of it per change of what the node did
-  (``reporting``), never a write when nothing changed.
+  (``reporting``), never a write when nothing changed;
+- one GET of its own whole Node the first time its mirrors are in place, for the taint
+  ``regmirror.io/mirrors-pending`` (``taints``), and one JSON patch removing it if it is there. A node without
+  the taint, or once it is removed, costs no request for it again.
 
 Every ``resync`` seconds the agent reconciles again without asking the apiserver anything: that puts back
 managed files someone edited by hand (drift). No ConfigMap, or no ``desired.json`` in it: nothing has been
@@ -25,7 +28,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from regmirror_agent import engine
+from regmirror_agent import engine, taints
 from regmirror_agent.kubeapi import METADATA_ONLY, METADATA_ONLY_LIST, ApiError, Client, load_config
 from regmirror_agent.reporting import Reporter
 from regmirror_agent.runtimes import hoststoml
@@ -73,6 +76,11 @@ class Agent:
         """What the node runs per RegistryMirror after the last successful apply (kept when a change fails)."""
         self._unsent: tuple[list[contract.Report], str] | None = None
         """A report the apiserver did not take yet; a retry sends it again without applying again."""
+        self._in_place = False
+        """The last reconcile applied a published desired state, and every entry selecting the node is healthy."""
+        self._tainted: bool | None = None
+        """Does the Node carry the mirrors-pending taint? None: not looked yet. False is final: nobody but a
+        node pool's registration puts it there, so the agent never asks again (a restarted agent looks once)."""
         self.reconciles = 0
         self.watches = [
             ObjectWatch(client, CONFIGMAPS, contract.CONFIGMAP, self._on_configmap, stop=self.stop,
@@ -119,6 +127,7 @@ class Agent:
         with self._lock:
             data, labels, node_uid = self.data, dict(self.labels or {}), self.node_uid
         self.reconciles += 1
+        self._in_place = False
         if data is None:
             log.info("nothing published yet (no %s/%s %s): leaving the node as it is",
                      contract.NAMESPACE, contract.CONFIGMAP, contract.CONFIGMAP_KEY)
@@ -181,6 +190,7 @@ class Agent:
                 log.warning("%s", note)
             break
         self._unsent = (list(reports.values()), node_uid)
+        self._in_place = taints.mirrors_in_place(reports.values())
         self.send_report()
 
     def send_report(self) -> None:
@@ -188,6 +198,34 @@ class Agent:
         if self._unsent is not None:
             self.reporter.send(*self._unsent)
             self._unsent = None
+
+    def untaint(self) -> None:
+        """Once the node's mirrors are in place, remove the mirrors-pending taint from this node, and only that.
+
+        Raises ApiError for a retry with backoff (409/422: the Node changed since it was read; it is read again
+        then). A 403 (RBAC or the admission policy, so a retry would only be refused again) is logged and tried
+        again at the next reconcile, not in a loop."""
+        if not self._in_place or self._tainted is False:
+            return
+        path = f"{NODES}/{self.settings.node}"
+        try:
+            node = self.client.get(path)
+            patch = taints.plan_untaint(node)
+            self._tainted = patch is not None
+            if patch is None:
+                return
+            self.client.json_patch(path, patch)
+        except ApiError as exc:
+            if exc.status != 403:
+                raise
+            log.error("cannot remove the taint %s from node %s, workloads stay off it: %s (the agent needs get "
+                      "and patch on nodes, manifests/agent-rbac.yaml, and the policy in agent-policy.yaml)",
+                      contract.MIRRORS_PENDING_TAINT, self.settings.node, exc)
+            return
+        self._tainted = False
+        effects = ",".join(sorted({str(t.get("effect", "")) for t in taints.pending_taints(node)}))
+        log.info("removed the taint %s:%s from node %s: its mirrors are in place", contract.MIRRORS_PENDING_TAINT,
+                 effects, self.settings.node)
 
     # --- the loop --------------------------------------------------------------------------------------
 
@@ -213,14 +251,17 @@ class Agent:
                 resync_at = time.monotonic() + self.settings.resync
                 continue
             try:
-                if woke or time.monotonic() >= resync_at or self._unsent is None:
-                    self.reconcile()
-                else:  # only the retry timer: the node is as applied, the apiserver still owes us the report
+                # Only the retry timer: the node is as applied, the apiserver still owes us the report or the
+                # untaint. (A failed first read of the report needs the whole reconcile again.)
+                if retry_at is not None and not woke and time.monotonic() < resync_at and self.reporter.read:
                     self.send_report()
+                else:
+                    self.reconcile()
+                self.untaint()
                 retry_at, backoff = None, 1.0
             except ApiError as exc:
                 delay, backoff = retry_delay(exc, backoff, self.settings.max_backoff)
-                log.warning("reporting failed (%s); node as applied, reporting again in %.1fs", exc, delay)
+                log.warning("apiserver: %s; node as applied, trying again in %.1fs", exc, delay)
                 retry_at = time.monotonic() + delay
             # The next look without a change comes a full period after this one ended: an apply that fails
             # slowly (a runtime that does not come back) is not retried back to back.

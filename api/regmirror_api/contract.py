@@ -124,6 +124,11 @@ NODE_KIND = "RegistryMirrorNode"
 NODE_PLURAL = "registrymirrornodes"
 NODE_REPORTS_PATH = f"/apis/{models.API_GROUP}/{models.API_VERSION}/{NODE_PLURAL}"
 
+#: The taint a node pool registers its nodes with (kubelet ``--register-with-taints``) so that workloads wait for
+#: the node's mirrors: the node's own agent removes it once every RegistryMirror selecting the node is applied
+#: and healthy there (any effect; the agent removes every taint with this key, and nothing else).
+MIRRORS_PENDING_TAINT = f"{models.API_GROUP}/mirrors-pending"
+
 
 @dataclasses.dataclass(frozen=True)
 class Report:

@@ -633,12 +633,15 @@ CAN_I = [
     (AGENT, True, ["watch", "configmap/regmirror-desired", "-n", NS]),
     (AGENT, True, ["list", "nodes"]),
     (AGENT, True, ["watch", "nodes"]),
+    (AGENT, True, ["get", "nodes"]),  # its own, for the mirrors-pending taint (the policy holds it to its own)
+    (AGENT, True, ["patch", "nodes"]),
     (AGENT, False, ["update", "registrymirrornodes"]),
     (AGENT, False, ["delete", "registrymirrornodes"]),
     (AGENT, False, ["list", "configmaps", "-n", NS]),
     (AGENT, False, ["get", "configmap/other", "-n", NS]),
     (AGENT, False, ["update", "configmap/regmirror-desired", "-n", NS]),
-    (AGENT, False, ["patch", "nodes"]),
+    (AGENT, False, ["update", "nodes"]),
+    (AGENT, False, ["patch", "nodes", "--subresource=status"]),
     (AGENT, False, ["list", "secrets", "-A"]),
     (AGENT, False, ["get", "secrets", "-n", NS]),
     (AGENT, False, ["get", "registrymirrors"]),
@@ -706,3 +709,138 @@ def test_no_role_uses_a_wildcard(controlplane: cp.ControlPlane, installed: str) 
         for rule in role["rules"]:
             for key in ("apiGroups", "resources", "verbs", "resourceNames"):
                 assert "*" not in rule.get(key, []), (role["metadata"]["name"], rule)
+
+
+# --- the mirrors-pending taint: an agent removes it from its own Node, and changes nothing else on any Node ----
+
+PENDING = {"key": contract.MIRRORS_PENDING_TAINT, "effect": "NoSchedule"}
+GPU = {"key": "dedicated", "value": "gpu", "effect": "NoSchedule"}
+NODE_A, NODE_B = "e2e-taint-a", "e2e-taint-b"
+JSON_PATCH = "application/json-patch+json"
+
+
+def get_node(controlplane: cp.ControlPlane, name: str) -> Any:
+    return json.loads(controlplane.kubectl("get", "node", name, "-o", "json").stdout)
+
+
+@pytest.fixture
+def tainted_nodes(controlplane: cp.ControlPlane, installed: str) -> Iterator[tuple[str, str]]:
+    """Two Nodes as a node pool registers them: another taint, then regmirror's (no kubelet runs on them; the
+    apiserver's TaintNodesByCondition adds node.kubernetes.io/not-ready on create, a third taint to keep)."""
+    for name in (NODE_A, NODE_B):
+        controlplane.kubectl("apply", "--server-side", "-f", "-", input=json.dumps({
+            "apiVersion": "v1", "kind": "Node",
+            "metadata": {"name": name, "labels": {"kubernetes.io/os": "linux", "kubernetes.io/hostname": name},
+                         "annotations": {"example.com/pool": "default"}},
+            "spec": {"taints": [GPU, PENDING], "podCIDR": "10.9.0.0/24", "podCIDRs": ["10.9.0.0/24"]}}))
+    yield NODE_A, NODE_B
+    controlplane.kubectl("delete", "node", NODE_A, NODE_B, "--ignore-not-found", "--wait=false")
+    controlplane.kubectl("delete", "registrymirrornodes", NODE_A, "--ignore-not-found")
+
+
+@pytest.fixture
+def token_on_node_a(controlplane: cp.ControlPlane, tainted_nodes: tuple[str, str]) -> Iterator[str]:
+    """A token of the agent's service account bound to an agent pod on node A, as the kubelet would mount it (the
+    apiserver puts the pod's node into the user extra authentication.kubernetes.io/node-name)."""
+    pod = "e2e-untaint-agent"
+    controlplane.kubectl("apply", "--server-side", "-f", "-", input=json.dumps({
+        "apiVersion": "v1", "kind": "Pod", "metadata": {"name": pod, "namespace": NS},
+        "spec": {"serviceAccountName": "regmirror-agent", "nodeName": NODE_A,
+                 "containers": [{"name": "agent", "image": "regmirror:0.1.0"}]}}))
+    token = controlplane.kubectl("create", "token", "regmirror-agent", "-n", NS, "--bound-object-kind=Pod",
+                                 f"--bound-object-name={pod}", "--duration=10m").stdout.strip()
+    wait_for_node_policy(controlplane)
+    yield token
+    # No kubelet confirms a graceful deletion, so a pod bound to a node must be removed forcibly.
+    controlplane.kubectl("delete", "pod", pod, "-n", NS, "--grace-period=0", "--force", "--ignore-not-found")
+
+
+def wait_for_node_policy(controlplane: cp.ControlPlane, timeout: float = 30.0) -> None:
+    """The untaint policy takes effect when the apiserver's informer sees it: wait until it is enforced."""
+    deadline = time.monotonic() + timeout
+    while True:
+        done = as_agent(controlplane, NODE_A, "patch", "node", NODE_B, "--dry-run=server", "--type=merge",
+                        "-p", '{"metadata": {"labels": {"e2e-probe": "x"}}}')
+        if "regmirror-agent-untaints-its-own-node" in done.stderr:
+            return
+        assert time.monotonic() < deadline, f"the untaint policy was not enforced: {done.stdout}{done.stderr}"
+        time.sleep(0.2)
+
+
+def test_an_agent_removes_the_taint_from_its_own_node_with_its_own_code_and_token(
+        controlplane: cp.ControlPlane, token_on_node_a: str) -> None:
+    """The agent's loop (reconcile, report, untaint) with its own API client and a pod-bound token of node A."""
+    from regmirror_agent import engine, plans
+    from regmirror_agent.agent import Agent, AgentSettings
+    from regmirror_agent.kubeapi import ApiError, Client, Config
+
+    host, port = controlplane.server.removeprefix("https://").rsplit(":", 1)
+    client = Client(Config(host=host, port=int(port), token=token_on_node_a, ca_file=str(controlplane.ca_path)))
+    stale = get_node(controlplane, NODE_A)
+
+    def in_place(_: object) -> engine.Outcome:
+        return engine.Outcome(runtime="containerd", plan=plans.Plan(runtime="containerd", changes=(), restart=False))
+
+    agent = Agent(AgentSettings(node=NODE_A, engine=engine.Settings(root="/nonexistent")), client,
+                  apply_mirrors=in_place)
+    agent.data = contract.render_desired([contract.Entry("quay-io", 1, spec_of("quay.io"), {}, uid="u")])
+    agent.labels, agent.node_uid = {"kubernetes.io/os": "linux"}, stale["metadata"]["uid"]
+    agent.reconcile()
+    agent.untaint()
+    others = [t for t in stale["spec"]["taints"] if t != PENDING]
+    assert PENDING in stale["spec"]["taints"] and GPU in others
+    assert get_node(controlplane, NODE_A)["spec"]["taints"] == others
+    assert PENDING in get_node(controlplane, NODE_B)["spec"]["taints"]
+    assert json.loads(controlplane.kubectl("get", "rmn", NODE_A, "-o", "json").stdout)["status"]["ready"] == "1/1"
+    # A patch from a stale read is refused by the apiserver itself: the agent reads again, nothing is lost.
+    with pytest.raises(ApiError) as refused:
+        client.json_patch(f"/api/v1/nodes/{NODE_A}", [
+            {"op": "test", "path": "/metadata/resourceVersion", "value": stale["metadata"]["resourceVersion"]},
+            {"op": "replace", "path": "/spec/taints", "value": []}])
+    assert refused.value.status in (409, 422), refused.value
+    assert get_node(controlplane, NODE_A)["spec"]["taints"] == others
+    client.close()
+
+
+def test_an_agent_cannot_remove_the_taint_from_another_node(controlplane: cp.ControlPlane,
+                                                            token_on_node_a: str) -> None:
+    before = get_node(controlplane, NODE_B)
+    status, answer = controlplane.request("PATCH", f"/api/v1/nodes/{NODE_B}", [  # type: ignore[arg-type]
+        {"op": "test", "path": "/metadata/resourceVersion", "value": before["metadata"]["resourceVersion"]},
+        {"op": "replace", "path": "/spec/taints", "value": [t for t in before["spec"]["taints"] if t != PENDING]}],
+        JSON_PATCH, token=token_on_node_a)
+    assert status == 403, answer
+    assert (f'the regmirror agent on node {NODE_A} may only change its own Node "{NODE_A}", '
+            f'not the Node "{NODE_B}"') in answer["message"], answer
+    assert get_node(controlplane, NODE_B)["spec"]["taints"] == before["spec"]["taints"]
+
+
+OWN_NODE_REFUSED = [
+    # (id, JSON patch of node A, words the refusal must contain)
+    ("add-a-label", [{"op": "add", "path": "/metadata/labels/pool", "value": "gpu"}], "not change its labels"),
+    ("change-an-annotation", [{"op": "replace", "path": "/metadata/annotations/example.com~1pool", "value": "x"}],
+     "not change its annotations"),
+    ("add-another-taint", [{"op": "add", "path": "/spec/taints/-",
+                            "value": {"key": "evil", "effect": "NoExecute"}}], "not add, remove or change"),
+    ("remove-another-taint", [{"op": "remove", "path": "/spec/taints/0"}], "not add, remove or change"),
+    ("remove-ours-and-another", [{"op": "replace", "path": "/spec/taints", "value": []}],
+     "not add, remove or change"),
+    ("change-another-taint", [{"op": "replace", "path": "/spec/taints/0/value", "value": "cpu"}],
+     "not add, remove or change"),
+    ("cordon", [{"op": "add", "path": "/spec/unschedulable", "value": True}], "not change its spec"),
+    ("add-a-finalizer", [{"op": "add", "path": "/metadata/finalizers", "value": ["example.com/keep"]}],
+     "not change its finalizers"),
+]
+
+
+@pytest.mark.parametrize(("patch", "words"), [c[1:] for c in OWN_NODE_REFUSED], ids=[c[0] for c in OWN_NODE_REFUSED])
+def test_an_agent_can_change_nothing_else_on_its_own_node(controlplane: cp.ControlPlane, token_on_node_a: str,
+                                                          patch: list[dict[str, Any]], words: str) -> None:
+    before = get_node(controlplane, NODE_A)
+    status, answer = controlplane.request("PATCH", f"/api/v1/nodes/{NODE_A}", patch,  # type: ignore[arg-type]
+                                          JSON_PATCH, token=token_on_node_a)
+    assert status == 403, answer
+    message = answer["message"]
+    assert (f"the regmirror agent on node {NODE_A} may only remove the taint regmirror.io/mirrors-pending "
+            f"from its Node {NODE_A}") in message and words in message, message
+    assert get_node(controlplane, NODE_A)["metadata"]["resourceVersion"] == before["metadata"]["resourceVersion"]

@@ -11,7 +11,7 @@ import json
 import queue
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import pytest
@@ -21,10 +21,12 @@ from regmirror_agent.agent import Agent, AgentSettings
 from regmirror_agent.kubeapi import ApiError
 from regmirror_agent.plans import Plan
 from regmirror_api import contract, models
+from regmirror_api.errors import RegmirrorError
 
 NODE = "node-a"
 CM_PATH = f"/api/v1/namespaces/{contract.NAMESPACE}/configmaps"
 REPORT_PATH = f"{contract.NODE_REPORTS_PATH}/{NODE}"
+NODE_PATH = f"/api/v1/nodes/{NODE}"
 
 
 def desired(*names: str, generation: int = 1) -> str:
@@ -43,10 +45,14 @@ class FakeApi:
                                                                        "/api/v1/nodes": queue.Queue()}
         self.configmap = {"metadata": {"name": contract.CONFIGMAP, "resourceVersion": "1"},
                           "data": {} if data is None else {contract.CONFIGMAP_KEY: data}}
-        self.node = {"metadata": {"name": NODE, "uid": "node-uid", "resourceVersion": "1",
+        self.node: dict[str, Any] = {"metadata": {"name": NODE, "uid": "node-uid", "resourceVersion": "1",
                                   "labels": dict(labels or {"kubernetes.io/os": "linux"})}}
         self.fail_writes = 0
         self.lock = threading.Lock()
+        self.patches: list[Any] = []
+        """Every JSON patch sent (to the Node), in order."""
+        self.on_node_patch: Callable[[], None] | None = None
+        """Runs before a JSON patch is judged: someone else changing the Node in between."""
 
     def _record(self, call: str) -> None:
         with self.lock:
@@ -58,6 +64,8 @@ class FakeApi:
             return {"metadata": {"resourceVersion": "1"}, "items": [self.configmap]}
         if path == "/api/v1/nodes":
             return {"metadata": {"resourceVersion": "1"}, "items": [self.node]}
+        if path == NODE_PATH:
+            return json.loads(json.dumps(self.node))
         if path in self.objects:
             return json.loads(json.dumps(self.objects[path]))
         raise ApiError(404, f"GET {path}: not found")
@@ -75,6 +83,25 @@ class FakeApi:
             raise ApiError(404, "not found")
         self.objects[path] = body
         return body
+
+    def json_patch(self, path: str, operations: Any) -> Any:
+        """A JSON patch of the Node: its ``test`` ops checked, ``replace``/``remove`` of a top-level field's key."""
+        self._record(f"PATCH {path}")
+        self.patches.append(operations)
+        if self.on_node_patch is not None:
+            self.on_node_patch()
+        for op in operations:
+            _, section, key = op["path"].split("/")
+            if op["op"] == "test" and self.node.get(section, {}).get(key) != op["value"]:
+                raise ApiError(422, f"PATCH {path}: the server rejected our request: test failed")
+        for op in operations:
+            _, section, key = op["path"].split("/")
+            if op["op"] == "replace":
+                self.node.setdefault(section, {})[key] = op["value"]
+            elif op["op"] == "remove":
+                del self.node[section][key]
+        self.node["metadata"]["resourceVersion"] = str(int(self.node["metadata"]["resourceVersion"]) + 1)
+        return self.node
 
     def _fail_maybe(self) -> None:
         if self.fail_writes:
@@ -113,9 +140,9 @@ def wait_until(probe: Any, timeout: float = 5.0) -> None:
 def running() -> Iterator[Any]:
     started: list[tuple[Agent, FakeApi]] = []
 
-    def start(api: FakeApi, resync: int = 3600) -> Agent:
+    def start(api: FakeApi, resync: int = 3600, apply_mirrors: Any = instantly) -> Agent:
         settings = AgentSettings(node=NODE, engine=engine.Settings(root="/nonexistent"), resync=resync)
-        agent = Agent(settings, api, apply_mirrors=instantly)  # type: ignore[arg-type]
+        agent = Agent(settings, api, apply_mirrors=apply_mirrors)  # type: ignore[arg-type]
         threading.Thread(target=agent.run, daemon=True).start()
         started.append((agent, api))
         return agent
@@ -139,7 +166,7 @@ def test_a_start_reads_its_report_once_writes_once_and_then_only_watches(running
     time.sleep(0.2)
     assert sorted(api.calls) == sorted([f"GET {CM_PATH}", "GET /api/v1/nodes", f"GET {REPORT_PATH}",
                                         f"POST {contract.NODE_REPORTS_PATH}", f"WATCH {CM_PATH}",
-                                        "WATCH /api/v1/nodes"])
+                                        "WATCH /api/v1/nodes", f"GET {NODE_PATH}"])
     body = report(api)
     assert body["metadata"]["ownerReferences"][0]["uid"] == "node-uid"
     assert [(m["name"], m["uid"], m["state"]) for m in body["status"]["mirrors"]] == [
@@ -199,7 +226,8 @@ def test_at_rest_the_drift_resync_asks_the_apiserver_nothing(running: Any) -> No
     agent = running(api, resync=0)  # reconcile again and again, as fast as the loop goes
     wait_until(lambda: agent.reconciles > 20)
     wait_until(lambda: REPORT_PATH in api.objects)
-    assert len([c for c in api.calls if not c.startswith("WATCH")]) == 4  # two lists, one GET, one create
+    # two lists, one GET of the report, one create, one GET of the Node (for the taint, which it does not carry)
+    assert len([c for c in api.calls if not c.startswith("WATCH")]) == 5
 
 
 def test_backoff_grows_with_jitter_and_a_429_waits_at_least_the_second_it_asks_for() -> None:
@@ -246,3 +274,109 @@ def test_one_registrys_unwritable_file_fails_only_that_registry(running: Any, tm
         agent.wake.set()
         for q in api.events.values():
             q.put(None)
+
+
+# --- the mirrors-pending taint: workloads wait for the node's mirrors -------------------------------------------
+
+PENDING = {"key": contract.MIRRORS_PENDING_TAINT, "effect": "NoSchedule"}
+OTHER = {"key": "dedicated", "value": "gpu", "effect": "NoSchedule"}
+
+
+def tainted(api: FakeApi, *taints: dict[str, Any]) -> FakeApi:
+    api.node["spec"] = {"taints": [dict(t) for t in taints]}
+    return api
+
+
+def node_taints(api: FakeApi) -> list[dict[str, Any]] | None:
+    return (api.node.get("spec") or {}).get("taints")
+
+
+def test_a_node_is_untainted_after_a_healthy_apply_and_keeps_its_other_taints(running: Any, caplog: Any) -> None:
+    api = tainted(FakeApi(desired("quay-io", "docker-io")), OTHER, PENDING)
+    caplog.set_level("INFO", logger="regmirror.agent")
+    running(api)
+    wait_until(lambda: node_taints(api) == [OTHER])
+    assert api.patches == [[{"op": "test", "path": "/metadata/resourceVersion", "value": "1"},
+                            {"op": "replace", "path": "/spec/taints", "value": [OTHER]}]]
+    assert api.calls.count(f"GET {NODE_PATH}") == 1
+    assert f"regmirror.io/mirrors-pending:NoSchedule from node {NODE}" in caplog.text
+
+
+def test_no_registrymirror_selecting_the_node_counts_as_in_place(running: Any) -> None:
+    only_gpu = json.loads(desired("quay-io"))
+    only_gpu["mirrors"][0]["nodeSelector"] = {"matchLabels": {"pool": "gpu"}}
+    api = tainted(FakeApi(json.dumps(only_gpu)), PENDING)
+    running(api)
+    wait_until(lambda: "taints" not in api.node["spec"])
+    assert api.patches[0][1] == {"op": "remove", "path": "/spec/taints"}
+
+
+def test_no_untaint_before_the_operator_has_published(running: Any) -> None:
+    api = tainted(FakeApi(None), PENDING)  # the install's ConfigMap, without data: the operator has not run yet
+    running(api)
+    time.sleep(0.3)
+    assert node_taints(api) == [PENDING] and f"GET {NODE_PATH}" not in api.calls
+    api.push(CM_PATH, "MODIFIED", {**api.configmap, "data": {contract.CONFIGMAP_KEY: desired("quay-io")}})
+    wait_until(lambda: "taints" not in api.node["spec"])
+
+
+def test_no_untaint_while_an_entry_failed_on_the_node(running: Any) -> None:
+    def refuse_broken(mirrors: Sequence[models.RegistryMirror]) -> engine.Outcome:
+        if any(m.name == "broken" for m in mirrors):
+            raise RegmirrorError("containerd did not come back: the CRI plugin is not ok")
+        return instantly(mirrors)
+
+    api = tainted(FakeApi(desired("quay-io", "broken")), PENDING)
+    running(api, apply_mirrors=refuse_broken)
+    wait_until(lambda: REPORT_PATH in api.objects)
+    time.sleep(0.2)
+    assert [m["state"] for m in report(api)["status"]["mirrors"]] == ["Failed", "Failed"]
+    assert node_taints(api) == [PENDING] and f"GET {NODE_PATH}" not in api.calls
+    api.push(CM_PATH, "MODIFIED", {**api.configmap, "data": {contract.CONFIGMAP_KEY: desired("quay-io")}})
+    wait_until(lambda: "taints" not in api.node["spec"])
+
+
+def test_a_node_without_the_taint_is_asked_about_it_once(running: Any) -> None:
+    api = tainted(FakeApi(desired("quay-io"), labels={"pool": "a"}), OTHER)
+    agent = running(api, resync=0)  # reconcile again and again, as fast as the loop goes
+    wait_until(lambda: agent.reconciles > 20)
+    api.push(CM_PATH, "MODIFIED", {**api.configmap, "data": {contract.CONFIGMAP_KEY: desired("quay-io", "b")}})
+    api.push("/api/v1/nodes", "MODIFIED", {"metadata": {**api.node["metadata"], "labels": {"pool": "b"}}})
+    wait_until(lambda: REPORT_PATH in api.objects and len(report(api)["status"]["mirrors"]) == 2)
+    reconciles = agent.reconciles
+    wait_until(lambda: agent.reconciles > reconciles + 20)
+    assert api.calls.count(f"GET {NODE_PATH}") == 1 and api.patches == []
+    assert node_taints(api) == [OTHER]
+
+
+def test_a_node_changed_between_read_and_patch_is_read_again_and_nothing_is_lost(running: Any) -> None:
+    api = tainted(FakeApi(desired("quay-io")), PENDING)
+
+    def node_controller_adds_a_taint() -> None:  # between the agent's GET and its PATCH, once
+        api.on_node_patch = None
+        api.node["spec"]["taints"].append(OTHER)
+        api.node["metadata"]["resourceVersion"] = "5"
+
+    api.on_node_patch = node_controller_adds_a_taint
+    running(api)
+    wait_until(lambda: node_taints(api) == [OTHER], timeout=8)  # after the first backoff (0.5 to 1.5 s)
+    assert api.calls.count(f"GET {NODE_PATH}") == 2
+    assert [p[0]["value"] for p in api.patches] == ["1", "5"]
+
+
+def test_a_refused_untaint_is_logged_and_tried_again_at_the_next_reconcile_not_in_a_loop(
+        running: Any, caplog: Any) -> None:
+    api = tainted(FakeApi(desired("quay-io")), PENDING)
+
+    def forbidden() -> None:  # an install whose RBAC or policy lags the agent: retrying at once cannot help
+        raise ApiError(403, f"PATCH {NODE_PATH}: nodes is forbidden")
+
+    api.on_node_patch = forbidden
+    running(api)
+    wait_until(lambda: len(api.patches) == 1)
+    time.sleep(1.6)  # longer than a first backoff
+    assert len(api.patches) == 1 and node_taints(api) == [PENDING]
+    assert f"cannot remove the taint regmirror.io/mirrors-pending from node {NODE}" in caplog.text
+    api.on_node_patch = None
+    api.push(CM_PATH, "MODIFIED", {**api.configmap, "data": {contract.CONFIGMAP_KEY: desired("quay-io", "b")}})
+    wait_until(lambda: "taints" not in api.node["spec"])
