@@ -129,8 +129,10 @@ def test_workloads_have_the_promised_shape(controlplane: cp.ControlPlane, instal
     assert pod["priorityClassName"] == "system-node-critical" and pod["hostPID"] is True
     assert {"name": "NODE_NAME", "valueFrom": {"fieldRef": {"apiVersion": "v1", "fieldPath": "spec.nodeName"}}} \
         in agent["env"]
-    assert {m["mountPath"] for m in agent["volumeMounts"]} >= {
-        "/host/etc/containerd", "/host/etc/docker", "/host/var/lib/regmirror"}
+    assert pod["hostNetwork"] is True, "the agent must work before the node has a CNI"
+    # The node's / on /host, and no DirectoryOrCreate folder that would be left behind on uninstall.
+    assert {m["mountPath"] for m in agent["volumeMounts"]} == {"/host", "/tmp"}
+    assert [v["hostPath"] for v in pod["volumes"] if "hostPath" in v] == [{"path": "/", "type": "Directory"}]
     assert agent["resources"]["limits"]["memory"] and agent["resources"]["requests"]["memory"]
 
 
