@@ -27,6 +27,8 @@ apt_packages() {
   command -v unshare >/dev/null || missing+=(util-linux)
   # Debian's dockerd (tests prove Docker nodes on it); not needed by the demo.
   [ "${1:-}" = "--node" ] || [ -x /usr/bin/dockerd ] || missing+=(docker.io)
+  # The image tests' base: a bookworm root filesystem made from Debian's packages (tests/cluster/image.py).
+  [ "${1:-}" = "--node" ] || command -v debootstrap >/dev/null || missing+=(debootstrap)
   [ ${#missing[@]} -eq 0 ] && { echo "apt packages present"; return 0; }
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
