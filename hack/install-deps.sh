@@ -2,7 +2,9 @@
 # Install every real component regmirror's demo and tests use, on a fresh Debian 12 machine (as root).
 #
 #   hack/install-deps.sh            containerd, ctr, docker-registry, skopeo, dockerd (apt); regmirror + test deps (pip);
-#                                   crictl, etcd, kube-apiserver, kubectl, containerd 2.x (into .cache/bin/containerd2)
+#                                   debootstrap, busybox-static, containernetworking-plugins (the test cluster's image
+#                                   base, pause image and pod network); crictl, etcd, kube-apiserver, kubectl, kubelet,
+#                                   kube-controller-manager, kube-scheduler, containerd 2.x (into .cache/bin/containerd2)
 #                                   built from the Go module proxy
 #   hack/install-deps.sh --node     the same without the control plane (enough for hack/demo.sh)
 #
@@ -29,6 +31,9 @@ apt_packages() {
   [ "${1:-}" = "--node" ] || [ -x /usr/bin/dockerd ] || missing+=(docker.io)
   # The image tests' base: a bookworm root filesystem made from Debian's packages (tests/cluster/image.py).
   [ "${1:-}" = "--node" ] || command -v debootstrap >/dev/null || missing+=(debootstrap)
+  # The test cluster's nodes: busybox-static is their pause and workload image, Debian's CNI plugins their network.
+  [ "${1:-}" = "--node" ] || [ -x /bin/busybox ] || missing+=(busybox-static)
+  [ "${1:-}" = "--node" ] || [ -x /usr/lib/cni/ptp ] || missing+=(containernetworking-plugins)
   [ ${#missing[@]} -eq 0 ] && { echo "apt packages present"; return 0; }
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq

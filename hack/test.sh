@@ -19,9 +19,19 @@ static_check ruff python3 -m ruff check api agent operator tests bench hack
 static_check mypy python3 -m mypy
 static_check import-linter env PYTHONPATH=api:agent:operator lint-imports --no-logo
 
+# The image of the shipped Dockerfile, built once here (its own stage, so its cost shows) on a Debian base; the
+# cluster tests load it from .cache/image.
+case " ${*:-tests} " in
+  *" tests "* | *" tests/ "* | *tests/cluster*) static_check image python3 -m tests.cluster.image ;;
+esac
+rm -f .cache/figures/*.json
+
 t0=$SECONDS
 echo "== [test] pytest"
 status=0
 python3 -m pytest -p no:cacheprovider -ra "${@:-tests}" || status=$?
 echo "== [test] pytest: $((SECONDS - t0))s (exit $status)"
+for figures in .cache/figures/*.json; do
+  if [ -f "$figures" ]; then echo "== [test] figures from $figures:"; cat "$figures"; fi
+done
 exit $status

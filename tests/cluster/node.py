@@ -295,14 +295,13 @@ class KubeletNode:
         return done.stdout
 
     def import_image(self, tar: Path, *names: str) -> None:
-        """Load an image archive into the node's containerd (as a node image-preload would), tagged ``names``."""
-        out = self.ctr("images", "import", "--all-platforms", str(tar))
-        if names:
-            imported = [line.split()[1] for line in out.splitlines() if line.startswith("unpacking ")]
-            source = imported[0] if imported else ""
-            for name in names:
-                if name != source:
-                    self.ctr("images", "tag", "--force", source, name)
+        """Load an image archive into the node's containerd (as a node image's preload would); each of ``names``
+        must then be there (the names the archive carries)."""
+        self.ctr("images", "import", "--all-platforms", str(tar))
+        present = set(self.ctr("images", "ls", "-q").split())
+        missing = [n for n in names if n not in present]
+        if missing:
+            raise NodeError(f"{tar} gave {self.name} {sorted(present)}, not {missing}")
 
     def containerd_pid(self) -> int:
         """containerd's main pid, as the node sees it (changes with every restart)."""
