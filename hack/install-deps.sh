@@ -7,6 +7,7 @@
 #                                   kube-controller-manager, kube-scheduler, containerd 2.x (into .cache/bin/containerd2)
 #                                   built from the Go module proxy
 #   hack/install-deps.sh --node     the same without the control plane (enough for hack/demo.sh)
+#   hack/install-deps.sh --with-image   everything, and the regmirror image for the cluster tests (hack/test.sh)
 #
 # Already-present pieces are skipped; each stage prints what it cost.
 set -euo pipefail
@@ -53,6 +54,27 @@ go_binaries() {
   fi
 }
 
-stage "apt packages (containerd, docker-registry, skopeo, docker.io)" apt_packages "${1:-}"
+# The image of the shipped Dockerfile (tests/cluster/image.py: a debootstrapped Debian base, then `docker build`),
+# into .cache/image for the cluster tests. It waits mostly on the network, the Go builds on the CPU: it runs beside
+# them, and its cost is printed when it is done.
+image_in_background() {
+  mkdir -p .cache
+  image_t0=$SECONDS
+  python3 -m tests.cluster.image >.cache/image-build.log 2>&1 &
+  image_pid=$!
+}
+image_wait() {
+  local status=0
+  wait "$image_pid" || status=$?
+  cat .cache/image-build.log
+  echo "== [install] regmirror image (beside the Go builds): $((SECONDS - image_t0))s (exit $status)"
+  return $status
+}
+
+mode=${1:-}
+stage "apt packages (containerd, docker-registry, skopeo, docker.io)" apt_packages "$mode"
 stage "python package and test dependencies" python_package
-stage "Go-built binaries into .cache/bin" go_binaries "${1:-}"
+[ "$mode" = "--with-image" ] && image_in_background
+stage "Go-built binaries into .cache/bin" go_binaries "$mode"
+[ "$mode" = "--with-image" ] && image_wait
+exit 0

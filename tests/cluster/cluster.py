@@ -19,20 +19,36 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from tests.cluster import sleeper
 from tests.cluster.node import SANDBOX_IMAGES, KubeletNode, NodeError
 from tests.harness.controlplane import CACHE_BIN, SERVICE_CIDR, ControlPlane, find_binaries
 
+#: Metadata (who, with which credential) of every write of a node's report; nothing else.
+AUDIT_POLICY = """\
+apiVersion: audit.k8s.io/v1
+kind: Policy
+omitStages: [RequestReceived]
+rules:
+  - level: Metadata
+    verbs: [create, patch, update]
+    resources:
+      - group: regmirror.io
+        resources: [registrymirrornodes]
+  - level: None
+"""
 SERVICE_IP = "10.0.0.1"  # the first address of SERVICE_CIDR: the `kubernetes` Service
 assert SERVICE_CIDR.startswith("10.0.0.")
 
@@ -117,16 +133,22 @@ class Cluster:
     nodes: dict[str, KubeletNode] = field(default_factory=dict)
     _service: ServiceAddress | None = None
     _components: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    audit_dir: Path | None = None
 
     def start(self, timeout: float = 120.0) -> Cluster:
         find_binaries()
         for binary in ("kubelet", "kube-controller-manager", "kube-scheduler"):
             if not (CACHE_BIN / binary).is_file():
                 raise RuntimeError(f"{CACHE_BIN / binary} is missing: run hack/build-control-plane.sh")
+        # An audit log of the nodes' report writes: which credential (token id) each request carried.
+        self.audit_dir = Path(tempfile.mkdtemp(prefix="regmirror-audit-"))
+        (self.audit_dir / "policy.yaml").write_text(AUDIT_POLICY)
         self.cp = ControlPlane(
             users={f"system:node:{s.name}": ["system:nodes"] for s in self.specs},
             extra_apiserver_args=["--authorization-mode=Node,RBAC", "--enable-admission-plugins=NodeRestriction",
-                                  "--kubelet-preferred-address-types=InternalIP"])
+                                  "--kubelet-preferred-address-types=InternalIP",
+                                  f"--audit-policy-file={self.audit_dir / 'policy.yaml'}",
+                                  f"--audit-log-path={self.audit_dir / 'audit.log'}"])
         try:
             self._start(timeout)
         except BaseException:
@@ -174,6 +196,15 @@ class Cluster:
             return set()
         return {item["metadata"]["name"] for item in json.loads(out.stdout)["items"]}
 
+    def audit(self) -> list[dict[str, Any]]:
+        """The audit log's events so far (writes of RegistryMirrorNodes, see AUDIT_POLICY)."""
+        assert self.audit_dir is not None, "start() first"
+        try:
+            lines = (self.audit_dir / "audit.log").read_text().splitlines()
+        except FileNotFoundError:
+            return []
+        return [json.loads(line) for line in lines if line.strip()]
+
     def join(self, name: str, timeout: float = 60.0) -> KubeletNode:
         """Start a ``joins_later`` node's kubelet (a node pool scaling up); return once it is registered."""
         node = self.nodes[name]
@@ -202,6 +233,9 @@ class Cluster:
             self._service = None
         if self.cp is not None:
             self.cp.stop()
+        if self.audit_dir is not None:
+            shutil.rmtree(self.audit_dir, ignore_errors=True)
+            self.audit_dir = None
 
     # --- for tests ----------------------------------------------------------------------------------------
 

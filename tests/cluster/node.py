@@ -32,6 +32,7 @@ from pathlib import Path
 import yaml
 
 from tests.harness.containerd import CTR_BIN, flavor_dir
+from tests.harness.controlplane import die_with_parent
 
 HERE = Path(__file__).resolve().parent
 NODE_INIT = HERE / "node_init.py"
@@ -194,7 +195,7 @@ class KubeletNode:
             "authorization": {"mode": "AlwaysAllow"},
             "registerWithTaints": [{"key": t.split(":")[0].split("=")[0], "effect": t.split(":")[1]}
                                    for t in self.taints],
-            "syncFrequency": "5s", "nodeStatusUpdateFrequency": "5s",
+            "nodeStatusUpdateFrequency": "5s",
             "resolvConf": "/etc/resolv.conf",
         }
         (self.dir / "kubelet" / "kubeconfig").write_text(yaml.safe_dump(kubeconfig))
@@ -226,9 +227,12 @@ class KubeletNode:
         log = open(self.log("init"), "ab")  # noqa: SIM115 - the child owns it
         try:
             self._proc = subprocess.Popen(
-                ["unshare", "--mount", "--pid", "--fork", "--mount-proc", sys.executable, str(NODE_INIT),
-                 str(self.dir / "init.json")],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                # --kill-child: the node's PID 1 dies with unshare, and with it everything in the node; unshare
+                # itself dies with this process (a killed pytest leaves no node running).
+                ["unshare", "--mount", "--pid", "--fork", "--mount-proc", "--kill-child", sys.executable,
+                 str(NODE_INIT), str(self.dir / "init.json")],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                preexec_fn=die_with_parent())  # noqa: PLW1509 - set only from the main thread
         finally:
             log.close()
         deadline = time.monotonic() + timeout
@@ -277,9 +281,10 @@ class KubeletNode:
             raise NodeError(f"systemctl {action} {unit} on {self.name}: {reply}")
         return reply.removeprefix("ok").strip()
 
-    def run(self, *argv: str, timeout: float = 60, check: bool = True) -> subprocess.CompletedProcess[str]:
+    def run(self, *argv: str, timeout: float = 60, check: bool = True,
+            input: str | None = None) -> subprocess.CompletedProcess[str]:
         """A command in the node's namespaces (its files, its containerd), as root on that host."""
-        done = subprocess.run(["nsenter", "-t", str(self.init_pid), "-m", "-p", "--", *argv],
+        done = subprocess.run(["nsenter", "-t", str(self.init_pid), "-m", "-p", "--", *argv], input=input,
                               capture_output=True, text=True, timeout=timeout, check=False)
         if check and done.returncode != 0:
             raise NodeError(f"{' '.join(argv)} on {self.name} exited {done.returncode}: {done.stderr or done.stdout}")

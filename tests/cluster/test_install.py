@@ -19,6 +19,7 @@ the end) for the closing note.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import subprocess
@@ -41,7 +42,7 @@ REPO = Path(__file__).resolve().parents[2]
 NS = "regmirror-system"
 PENDING = "regmirror.io/mirrors-pending"
 WORKLOAD_IMAGE = "quay.io/regmirror-test/sleeper:1"
-NEW_TAG = "test-rev2"
+NEW_TAG = f"{images.DEFAULT_TAG}-r2"  # the second revision test_image.py builds too
 FIGURES: dict[str, Any] = {}
 #: Where the figures go for hack/test.sh to print (pytest keeps a passing test's output to itself).
 FIGURES_FILE = REPO / ".cache" / "figures" / "cluster.json"
@@ -185,7 +186,7 @@ def test_1_the_install_runs_on_every_node_before_any_cni(world: World) -> None:
     def ready() -> bool:
         ds = world.get("daemonset", "regmirror-agent", "-n", NS)["status"]
         op = world.get("deployment", "regmirror-operator", "-n", NS)["status"]
-        return ds.get("numberReady") == ds.get("desiredNumberScheduled") == 2 and op.get("availableReplicas") == 1
+        return bool(ds.get("numberReady") == ds.get("desiredNumberScheduled") == 2 and op.get("availableReplicas") == 1)
 
     world.wait("the DaemonSet and the operator to be Ready", ready)
     FIGURES["apply_to_daemonset_ready_seconds"] = round(time.monotonic() - t0, 1)
@@ -299,7 +300,15 @@ def test_6_the_agent_survives_its_pod_and_the_apiserver_restarting_and_stays_sma
     assert world.reports()["node-b"]["metadata"]["resourceVersion"] == version
     assert world.cluster.cp is not None
     all_starts = {k: n.containerd_starts() for k, n in world.nodes.items()}
+    all_files = {k: (node_files(n), node_stamps(n)) for k, n in world.nodes.items()}
+    versions = {n: o["metadata"]["resourceVersion"] for n, o in world.reports().items()}
     world.cluster.cp.restart_apiserver(5)
+    time.sleep(10)  # the agents' watches break and are made again
+    assert {k: (node_files(n), node_stamps(n)) for k, n in world.nodes.items()} == all_files
+    assert {n: o["metadata"]["resourceVersion"] for n, o in world.reports().items()} == versions
+    restarts = {p["metadata"]["name"]: p["status"]["containerStatuses"][0]["restartCount"]
+                for p in world.agents().values()}
+    assert set(restarts.values()) == {0}, restarts
     # After the outage every agent still follows changes: a second mirror URL reaches every node's hosts.toml
     # (hosts mode: no containerd restart).
     second_url = world.registry.url.replace("127.0.0.1", "localhost")
@@ -312,6 +321,44 @@ def test_6_the_agent_survives_its_pod_and_the_apiserver_restarting_and_stays_sma
     memory = _agent_memory(world, node)
     FIGURES["agent_memory_in_pod_cgroup"] = memory
     assert memory["rss_mib"] < memory["limit_mib"], memory
+
+
+def test_6b_the_agent_uses_its_rotated_token(world: World) -> None:
+    """The kubelet rotates a projected token by writing a new one (atomically: a new timestamped folder, then the
+    ``..data`` link renamed over). It does so at 80% of the token's life, an hour here; the test writes a newly
+    issued token for the same Pod exactly that way and then changes a RegistryMirror: the agent's report write
+    must carry the new token (the audit log names each request's credential by its JWT id)."""
+    node = world.nodes["node-b"]
+    pod = world.agents()["node-b"]
+    name, uid = pod["metadata"]["name"], pod["metadata"]["uid"]
+    token = world.kubectl("create", "token", "regmirror-agent", "-n", NS, "--bound-object-kind=Pod",
+                          f"--bound-object-name={name}", f"--bound-object-uid={uid}", "--duration=1h").stdout.strip()
+    jti = _jwt_id(token)
+    assert jti not in {_credential(e) for e in world.cluster.audit()}, "a token nobody has used yet"
+    folder = f"/var/lib/kubelet/pods/{uid}/volumes/kubernetes.io~projected"
+    node.run("sh", "-c", f"""set -e
+        cd {folder}/*/
+        mkdir ..rotated && cp ..data/ca.crt ..data/namespace ..rotated/
+        cat > ..rotated/token
+        ln -s ..rotated ..data_new && mv -T ..data_new ..data""", input=token)
+    world.kubectl("patch", "registrymirror", "quay-io", "--type=merge", "-p", json.dumps(
+        {"spec": {"mirrors": [{"url": world.registry.url}]}}))
+
+    def used() -> bool:
+        return any(_credential(e) == jti and e["objectRef"].get("name") == "node-b"
+                   and e["responseStatus"]["code"] == 200 for e in world.cluster.audit())
+
+    world.wait("a report write of node-b's agent with the rotated token", used, timeout=60)
+
+
+def _jwt_id(token: str) -> str:
+    payload = token.split(".")[1]
+    return str(json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))["jti"])
+
+
+def _credential(event: dict[str, Any]) -> str:
+    ids = event.get("user", {}).get("extra", {}).get("authentication.kubernetes.io/credential-id", [])
+    return ids[0].removeprefix("JTI=") if ids else ""
 
 
 def test_7_the_documented_uninstall_gives_every_node_back_byte_for_byte(world: World) -> None:
