@@ -416,7 +416,7 @@ class ControlPlane:
             # A session of its own: Ctrl-C in a terminal reaches only us, and we stop the children in order.
             return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                     cwd=self.workdir, start_new_session=True,
-                                    preexec_fn=_die_with_parent())  # noqa: PLW1509 - set only from the main thread
+                                    preexec_fn=die_with_parent())  # noqa: PLW1509 - set only from the main thread
         finally:
             log.close()
 
@@ -512,7 +512,7 @@ class _PortTaken(ControlPlaneError):
     pass
 
 
-def _die_with_parent() -> Any:
+def die_with_parent() -> Any:
     """A preexec_fn asking Linux to SIGKILL the child when its parent dies (a killed pytest leaves no etcd).
 
     PR_SET_PDEATHSIG fires when the *thread* that forked exits, so it is only set from the main thread.
