@@ -11,6 +11,11 @@ at rest but their watches):
   ``regmirror.io/mirrors-pending`` (``taints``), and one JSON patch removing it if it is there. A node without
   the taint, or once it is removed, costs no request for it again.
 
+Every ``probe_seconds`` (jittered) the agent probes the mirrors its node uses, from the node, with no request
+to the apiserver (``probing``, ``mirrorhealth``): a mirror that stops answering is left out of the node's
+configuration, and put back when it answers again, each change applied and reported like any other. New mirrors
+are probed right before their first apply, so a dead one is left out from the start.
+
 Every ``resync`` seconds the agent reconciles again without asking the apiserver anything: that puts back
 managed files someone edited by hand (drift). No ConfigMap, or no ``desired.json`` in it: nothing has been
 published yet, so the node stays as it is. The apiserver going away changes nothing on the node; the watches
@@ -22,13 +27,14 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import random
 import signal
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from regmirror_agent import engine, taints
+from regmirror_agent import engine, mirrorhealth, probing, taints
 from regmirror_agent.kubeapi import METADATA_ONLY, METADATA_ONLY_LIST, ApiError, Client, load_config
 from regmirror_agent.reporting import Reporter
 from regmirror_agent.runtimes import hoststoml
@@ -42,6 +48,8 @@ NODES = "/api/v1/nodes"
 
 #: Applies the RegistryMirrors that select this node; the engine on the host, or a stand-in in benchmarks.
 ApplyMirrors = Callable[[Sequence[models.RegistryMirror]], engine.Outcome]
+#: Probes mirrors from this node: url -> alive (``probing.probe_all``, or a stand-in in tests).
+ProbeMirrors = Callable[[Sequence[models.Mirror], float], Mapping[str, bool]]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,16 +64,30 @@ class AgentSettings:
     """Seconds without a byte after which a watch is given up: only for a server that never ends it (TCP
     keepalive finds a dead connection within about two minutes)."""
     max_backoff: float = 30.0
+    probe_seconds: float = 0.0
+    """Seconds between probes of the node's mirrors (jittered by 20%); 0 turns probing off. The command sets
+    it from ``REGMIRROR_PROBE_SECONDS`` (default 30)."""
+    probe_timeout: float = 3.0
+    """Seconds a probe waits to connect, then for an answer."""
+    probe_rules: mirrorhealth.Rules = dataclasses.field(default_factory=mirrorhealth.Rules)
 
 
 class Agent:
     def __init__(self, settings: AgentSettings, client: Client, stop: threading.Event | None = None,
-                 apply_mirrors: ApplyMirrors | None = None) -> None:
+                 apply_mirrors: ApplyMirrors | None = None, probe_mirrors: ProbeMirrors | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.settings = settings
         self.client = client
         self.reporter = Reporter(client, settings.node)
         self.stop = stop or threading.Event()
         self.apply_mirrors = apply_mirrors or self._apply_on_node
+        self.probe_mirrors = probe_mirrors or probing.probe_all
+        self.clock = clock
+        self.board = mirrorhealth.Board(settings.probe_rules)
+        """Which mirrors answer from this node (only the agent's loop thread touches it)."""
+        self._left_out: dict[str, frozenset[str]] = {}
+        """What the current apply leaves out, per registry (read by ``_apply_on_node``)."""
+        self.probes = 0
         self.wake = threading.Event()
         self._lock = threading.Lock()
         self.data: str | None = None
@@ -93,7 +115,31 @@ class Agent:
         ]
 
     def _apply_on_node(self, mirrors: Sequence[models.RegistryMirror]) -> engine.Outcome:
-        return engine.apply(mirrors, self.settings.engine, log.info)
+        return engine.apply(mirrors, self.settings.engine, log.info, left_out=self._left_out)
+
+    # --- probing (no apiserver request) ------------------------------------------------------------------
+
+    def _probe(self, mirrors: Sequence[models.RegistryMirror], *, first: bool) -> bool:
+        """Probe the mirrors of ``mirrors`` (those not known yet when ``first``); True if the out set changed."""
+        targets = [m for rm in mirrors for m in rm.mirrors if not (first and self.board.known(m.url))]
+        if not targets:
+            return False
+        results = self.probe_mirrors(targets, self.settings.probe_timeout)
+        self.probes += 1
+        before = self.board.out()
+        changed = self.board.record(results, now=self.clock(), first=results if first else ())
+        after = self.board.out()
+        for url in sorted(after - before):
+            log.warning("mirror %s does not answer from this node: left out until it answers again", url)
+        for url in sorted(before - after):
+            log.info("mirror %s answers again from this node: back in", url)
+        return changed
+
+    def probe_round(self) -> bool:
+        """One periodic probe of every mirror the node runs; True if the out set changed (then reconcile)."""
+        applied = list(self._applied.values())
+        self.board.forget_except(mirrorhealth.mirror_urls(applied))
+        return self._probe(applied, first=False)
 
     # --- fed by the watches (their threads) ---------------------------------------------------------------
 
@@ -147,6 +193,12 @@ class Agent:
                 reports[entry.name] = contract.Report(entry.name, entry.generation, contract.STATE_FAILED,
                                                       str(exc), uid=entry.uid)
         previous = self.reporter.previous()
+        wanted = [m for _, m in mirrors]
+        if self.settings.probe_seconds > 0:
+            self._probe(wanted, first=True)  # before a new mirror's first apply: a dead one is out from the start
+            self.board.forget_except(mirrorhealth.mirror_urls(wanted))
+        out = self.board.out()
+        self._left_out = mirrorhealth.out_by_registry(wanted, out)
         held: set[str] = set()
         while True:
             try:
@@ -157,14 +209,15 @@ class Agent:
                     log.error("applying failed, node unchanged: %s", exc)
                     for entry, m in mirrors:
                         reports[m.name] = contract.Report(m.name, m.generation, contract.STATE_FAILED, str(exc),
-                                                          uid=entry.uid)
+                                                          uid=entry.uid, out=mirrorhealth.left_out(m, out))
                     break
                 # One registry's own file cannot be written (an immutable hosts.toml, say): that one fails, with
                 # the reason, and the rest are applied while it keeps what the node runs for it (or, if the node
                 # never ran it, without it).
                 entry, m = culprit
                 log.error("applying %s failed, applying the others without its change: %s", m.name, exc)
-                reports[m.name] = contract.Report(m.name, m.generation, contract.STATE_FAILED, str(exc), uid=entry.uid)
+                reports[m.name] = contract.Report(m.name, m.generation, contract.STATE_FAILED, str(exc), uid=entry.uid,
+                                                  out=mirrorhealth.left_out(m, out))
                 kept = self._applied.get(m.name)
                 mirrors = [(entry, kept) if pair is culprit and kept not in (None, m) else pair
                            for pair in mirrors if pair is not culprit or kept not in (None, m)]
@@ -182,7 +235,7 @@ class Agent:
                     before.get("generation") == m.generation and before.get("uid", "") == entry.uid
                     and before.get("state") == contract.STATE_APPLIED and before.get("restarted"))
                 reports[m.name] = contract.Report(m.name, m.generation, contract.STATE_APPLIED, "; ".join(drift),
-                                                  restarted, uid=entry.uid)
+                                                  restarted, uid=entry.uid, out=mirrorhealth.left_out(m, out))
             if outcome.changed:
                 log.info("node now has %d mirror set(s)%s", len(mirrors),
                          ", runtime restarted" if outcome.restarted else "")
@@ -238,10 +291,11 @@ class Agent:
         for watch in self.watches:
             watch.start()
         resync_at = time.monotonic() + self.settings.resync
+        probe_at = time.monotonic() + self._probe_interval() if self.settings.probe_seconds > 0 else None
         retry_at: float | None = None
         backoff = 1.0
         while not self.stop.is_set():
-            due = min(resync_at, retry_at) if retry_at is not None else resync_at
+            due = min(t for t in (resync_at, retry_at, probe_at) if t is not None)
             woke = self.wake.wait(timeout=max(0.0, due - time.monotonic()))
             if woke:
                 self.wake.clear()
@@ -250,10 +304,17 @@ class Agent:
             if not self.ready():
                 resync_at = time.monotonic() + self.settings.resync
                 continue
+            probed = False
+            if probe_at is not None and time.monotonic() >= probe_at:
+                probed = self.probe_round()
+                probe_at = time.monotonic() + self._probe_interval()
+                if not probed and not woke and retry_at is None and time.monotonic() < resync_at:
+                    continue  # every mirror as it was: nothing to apply, nothing to report
             try:
                 # Only the retry timer: the node is as applied, the apiserver still owes us the report or the
                 # untaint. (A failed first read of the report needs the whole reconcile again.)
-                if retry_at is not None and not woke and time.monotonic() < resync_at and self.reporter.read:
+                if (retry_at is not None and not woke and not probed and time.monotonic() < resync_at
+                        and self.reporter.read):
                     self.send_report()
                 else:
                     self.reconcile()
@@ -266,6 +327,9 @@ class Agent:
             # The next look without a change comes a full period after this one ended: an apply that fails
             # slowly (a runtime that does not come back) is not retried back to back.
             resync_at = time.monotonic() + self.settings.resync
+
+    def _probe_interval(self) -> float:
+        return self.settings.probe_seconds * random.uniform(0.8, 1.2)
 
 
 def _culprit(exc: RegmirrorError, mirrors: Sequence[tuple[contract.Entry, models.RegistryMirror]]
@@ -291,13 +355,25 @@ def main(argv: Sequence[str] | None = None, *, install_signals: bool = True,
     parser.add_argument("--resync", type=int, default=int(os.environ.get("REGMIRROR_RESYNC_SECONDS", "300")))
     parser.add_argument("--health-timeout", type=float,
                         default=float(os.environ.get("REGMIRROR_HEALTH_TIMEOUT", "60")))
+    parser.add_argument("--probe-seconds", type=float,
+                        default=float(os.environ.get("REGMIRROR_PROBE_SECONDS", "30")),
+                        help="seconds between probes of the node's mirrors, 0 for none ($REGMIRROR_PROBE_SECONDS)")
+    parser.add_argument("--probe-timeout", type=float,
+                        default=float(os.environ.get("REGMIRROR_PROBE_TIMEOUT", "3")),
+                        help="seconds a mirror has to answer a probe ($REGMIRROR_PROBE_TIMEOUT)")
+    parser.add_argument("--probe-min-out", type=float,
+                        default=float(os.environ.get("REGMIRROR_PROBE_MIN_OUT_SECONDS", "60")),
+                        help="seconds a mirror that stopped answering stays out at least "
+                             "($REGMIRROR_PROBE_MIN_OUT_SECONDS)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=os.environ.get("REGMIRROR_LOG_LEVEL", "INFO"),
                         format="%(asctime)s %(levelname)s %(message)s")
     if not args.node:
         parser.error("the node name is required: --node or $NODE_NAME (downward API spec.nodeName)")
     settings = AgentSettings(node=args.node, resync=args.resync, engine=engine.Settings(
-        root=args.root, restart=args.restart, runtime=args.runtime, health_timeout=args.health_timeout))
+        root=args.root, restart=args.restart, runtime=args.runtime, health_timeout=args.health_timeout),
+        probe_seconds=args.probe_seconds, probe_timeout=args.probe_timeout,
+        probe_rules=mirrorhealth.Rules(min_out_seconds=args.probe_min_out))
     stop = threading.Event()
     client = make_client() if make_client else Client(load_config())
     agent = Agent(settings, client, stop)

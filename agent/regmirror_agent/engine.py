@@ -18,7 +18,7 @@ import posixpath
 import re
 import tempfile
 import tomllib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 from regmirror_agent import applying, observing, ownership
 from regmirror_agent.nodefiles import NodeRoot, UnsafePath
@@ -99,22 +99,30 @@ def detect_runtime(node: NodeView, settings: Settings, state: ownership.State) -
     return containerd.RUNTIME
 
 
+#: registry -> mirror URLs that do not answer from this node (``mirrorhealth``); hosts mode leaves them out.
+LeftOut = Mapping[str, frozenset[str]]
+
+
 def _plan(desired: Sequence[models.RegistryMirror], settings: Settings, node: NodeView, host: Host,
-          state: ownership.State, runtime: str) -> Plan:
+          state: ownership.State, runtime: str, left_out: LeftOut) -> Plan:
     if runtime == docker.RUNTIME:
         return docker.plan_docker(desired, node, state, docker.Options(settings.daemon_json, settings.state_path))
     version = functools.cache(lambda: containerd_version(host))
     return containerd.plan_containerd(desired, node, state, containerd.Options(
         mode=settings.mode, config_file=settings.config_file, containerd_version=version,
-        state_path=settings.state_path))
+        state_path=settings.state_path, left_out=dict(left_out)))
 
 
-def request_key(desired: Sequence[models.RegistryMirror], settings: Settings) -> str:
+def request_key(desired: Sequence[models.RegistryMirror], settings: Settings, left_out: LeftOut | None = None) -> str:
     specs = [{"name": m.name, "generation": m.generation, **m.to_spec()} for m in sorted(desired, key=lambda m: m.name)]
-    return observing.request_key([specs, settings.request_settings()])
+    parts: list[object] = [specs, settings.request_settings()]
+    if left_out:  # absent when nothing is left out: the key of an apply without probing stays what it was
+        parts.append({registry: sorted(urls) for registry, urls in sorted(left_out.items())})
+    return observing.request_key(parts)
 
 
-def plan(desired: Sequence[models.RegistryMirror], settings: Settings, request: str | None = None) -> tuple[Plan, str]:
+def plan(desired: Sequence[models.RegistryMirror], settings: Settings, request: str | None = None,
+         left_out: LeftOut | None = None) -> tuple[Plan, str]:
     """The plan for this node, without writing anything. Raises InvalidSpec (bad input) or EngineError.
 
     ``request`` identifies the request for the fast path (see ``observing``); by default, the desired set."""
@@ -128,12 +136,12 @@ def plan(desired: Sequence[models.RegistryMirror], settings: Settings, request: 
             raise EngineError(f"this node's regmirror state belongs to {state.runtime}, not {runtime}; "
                               f"run `regmirror reset --runtime {state.runtime}` first")
         usable, aside, aside_notes = _set_aside_unusable(state, node.inner)
-        planned = _plan(desired, settings, node, host, usable, runtime)
+        planned = _plan(desired, settings, node, host, usable, runtime, left_out or {})
         if usable != state:
             planned = _with_set_aside(planned, node.read(settings.state_path), aside, aside_notes)
         elif state != recorded:  # planned without the mounted folder's record: the file still holds it
             planned = dataclasses.replace(planned, state_before=node.read(settings.state_path))
-        return dataclasses.replace(planned, request=request or request_key(desired, settings),
+        return dataclasses.replace(planned, request=request or request_key(desired, settings, left_out),
                                    observed=node.observations()), runtime
     except (containerd.NodeRefused, docker.DockerRefused, UnsafePath, ownership.CorruptState) as exc:
         raise EngineError(str(exc)) from exc
@@ -395,14 +403,15 @@ def _roll_back(plan_: Plan, runtime: str, settings: Settings, host: Host, node: 
 UNCHANGED = Outcome("", Plan(runtime="", changes=(), restart=False))
 
 
-def apply(desired: Sequence[models.RegistryMirror], settings: Settings, log: Log = _quiet) -> Outcome:
+def apply(desired: Sequence[models.RegistryMirror], settings: Settings, log: Log = _quiet,
+          left_out: LeftOut | None = None) -> Outcome:
     """Apply; answered without planning when the last successful apply was this same request and nothing
-    it read has changed since (``UNCHANGED``)."""
+    it read has changed since (``UNCHANGED``). ``left_out``: mirrors that do not answer from this node."""
     with locked(settings):
         if not settings.dry_run and observing.already_applied(NodeRoot(settings.root), settings.state_dir,
-                                                              request_key(desired, settings)):
+                                                              request_key(desired, settings, left_out)):
             return UNCHANGED
-        plan_, runtime = plan(desired, settings)
+        plan_, runtime = plan(desired, settings, left_out=left_out)
         return execute(plan_, runtime, settings, log)
 
 

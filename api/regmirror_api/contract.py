@@ -140,10 +140,18 @@ class Report:
     message: str = ""
     restarted: bool = False
     uid: str = ""
+    out: tuple[str, ...] = ()
+    """Mirror URLs that do not answer from this node, in spec order (the agent's ``mirrorhealth``): left out of
+    the node's configuration in containerd's hosts mode, only reported elsewhere. Absent from the body when
+    empty, so a report written before this field existed reads the same and causes no write."""
 
     def body(self) -> dict[str, Any]:
-        return {"name": self.name, "uid": self.uid, "generation": self.generation, "state": self.state,
-                "message": self.message[:MAX_REPORT_MESSAGE], "restarted": self.restarted}
+        body: dict[str, Any] = {"name": self.name, "uid": self.uid, "generation": self.generation,
+                                "state": self.state, "message": self.message[:MAX_REPORT_MESSAGE],
+                                "restarted": self.restarted}
+        if self.out:
+            body["out"] = list(self.out[:models.MAX_MIRRORS])
+        return body
 
 
 def report_content(reports: Iterable[Report]) -> list[dict[str, Any]]:
@@ -185,6 +193,12 @@ def parse_node_report(obj: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
         if isinstance(item, Mapping) and isinstance(item.get("name"), str):
             found[item["name"]] = dict(item)
     return found
+
+
+def out_mirrors(report: Mapping[str, Any] | None) -> frozenset[str]:
+    """The mirror URLs one node's report on one RegistryMirror names as out (none in a report from before)."""
+    out = (report or {}).get("out")
+    return frozenset(u for u in out if isinstance(u, str)) if isinstance(out, list) else frozenset()
 
 
 def same_reports(obj: Mapping[str, Any] | None, reports: Iterable[Report], node_uid: str = "") -> bool:

@@ -41,7 +41,12 @@ MAX_MIRRORS = 10
 MAX_REGISTRY_LENGTH = 253
 MAX_URL_LENGTH = 2048
 MAX_CA_BUNDLE_LENGTH = 65536
-SPEC_FIELDS = ("registry", "mirrors", "nodeSelector")
+SPEC_FIELDS = ("registry", "mirrors", "nodeSelector", "upstream")
+#: ``spec.upstream``: whether the upstream registry may serve when no mirror answers (OpenShift calls ``Never``
+#: NeverContactSource). Only containerd in hosts mode can do ``Never``; Docker always falls back to Docker Hub.
+UPSTREAM_FALLBACK = "Fallback"
+UPSTREAM_NEVER = "Never"
+UPSTREAM_VALUES = (UPSTREAM_FALLBACK, UPSTREAM_NEVER)
 #: The node selection is the operator's and the agent's business (``regmirror_api.contract``), not the mirror's.
 CAPABILITIES = ("pull", "resolve", "push")
 DEFAULT_CAPABILITIES = ("pull", "resolve")
@@ -118,9 +123,14 @@ class RegistryMirror:
     registry: str
     mirrors: tuple[Mirror, ...]
     generation: int = 0
+    upstream: str = UPSTREAM_FALLBACK
+    """``Fallback``: the upstream registry serves when no mirror does; ``Never``: it is never contacted."""
 
     def to_spec(self) -> dict[str, Any]:
-        return {"registry": self.registry, "mirrors": [m.to_spec() for m in self.mirrors]}
+        spec: dict[str, Any] = {"registry": self.registry, "mirrors": [m.to_spec() for m in self.mirrors]}
+        if self.upstream != UPSTREAM_FALLBACK:  # the default is left out: published bytes stay as they were
+            spec["upstream"] = self.upstream
+        return spec
 
 
 def check_registry(registry: object, where: str = "registry") -> list[str]:
@@ -282,6 +292,11 @@ def parse_spec(name: str, spec: object, generation: int = 0, where: str = "spec"
         problems.append(f"{where}: unknown field(s) {', '.join(map(repr, unknown))}; expected "
                         f"{', '.join(SPEC_FIELDS)}")
     problems += check_node_selector(spec.get("nodeSelector"), f"{where}.nodeSelector")
+    upstream = spec.get("upstream", UPSTREAM_FALLBACK)
+    if upstream not in UPSTREAM_VALUES:
+        problems.append(f"{where}.upstream: {_show(upstream)} is not one of {', '.join(UPSTREAM_VALUES)} "
+                        f"(Fallback: the upstream registry serves when no mirror answers; Never: it is never "
+                        f"contacted)")
     raw_mirrors = spec.get("mirrors")
     mirrors: list[Mirror] = []
     if not isinstance(raw_mirrors, list) or not raw_mirrors:
@@ -299,7 +314,8 @@ def parse_spec(name: str, spec: object, generation: int = 0, where: str = "spec"
         problems.append(f"{where}.mirrors: {dup!r} is listed more than once")
     if problems:
         raise InvalidSpec(problems)
-    return RegistryMirror(name=name, registry=str(spec["registry"]), mirrors=tuple(mirrors), generation=generation)
+    return RegistryMirror(name=name, registry=str(spec["registry"]), mirrors=tuple(mirrors), generation=generation,
+                          upstream=str(upstream))
 
 
 def parse_document(doc: object, index: int = 0) -> RegistryMirror:

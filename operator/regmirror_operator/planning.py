@@ -40,6 +40,8 @@ REASON_NODES_FAILED = "NodesFailed"
 REASON_INVALID = "Invalid"
 REASON_CONFLICT = "Conflict"
 REASON_TOO_LARGE = "DocumentTooLarge"
+REASON_MIRROR_UNREACHABLE = "MirrorUnreachable"
+REASON_MIRROR_REACHABLE = "MirrorReachable"
 
 #: The most ``desired.json`` may hold. A ConfigMap holds at most 1 MiB (data and metadata together, and the
 #: apiserver refuses more); the rest is room for its metadata and managedFields.
@@ -228,9 +230,17 @@ def plan_status(body: Mapping[str, Any], verdict: Verdict, nodes: Mapping[str, M
     selector_ok = not models.check_node_selector(selector)
     selected = sorted(n for n, labels in nodes.items() if selector_ok and contract.selects(selector, labels))
     applied, failing = 0, []
+    urls = _spec_urls(spec)
+    unreachable = dict.fromkeys(urls, 0)
+    reporting = 0
     for node in selected:
         report = _report_of(reports.get(node), name, uid)
-        if report is None or report.get("generation") != generation:
+        if report is None:
+            continue
+        reporting += 1
+        for url in contract.out_mirrors(report) & unreachable.keys():
+            unreachable[url] += 1
+        if report.get("generation") != generation:
             continue
         if report.get("state") == contract.STATE_APPLIED:
             applied += 1
@@ -271,7 +281,16 @@ def plan_status(body: Mapping[str, Any], verdict: Verdict, nodes: Mapping[str, M
         "nodes": {"selected": len(selected), "applied": applied, "failed": len(failing)},
         "failingNodes": [{"name": n, "reason": _clip(why, MAX_FAILING_REASON)}
                          for n, why in failing[:MAX_FAILING_NODES]],
+        "mirrors": [{"url": u, "reachable": reporting - unreachable[u], "unreachable": unreachable[u]} for u in urls],
     }
+
+
+def _spec_urls(spec: Mapping[str, Any]) -> list[str]:
+    """The mirror URLs of a spec, in order (a shorthand string counts; anything malformed is skipped)."""
+    raw = spec.get("mirrors")
+    urls = [m if isinstance(m, str) else m.get("url") if isinstance(m, Mapping) else None
+            for m in (raw if isinstance(raw, list) else [])[:models.MAX_MIRRORS]]
+    return list(dict.fromkeys(u for u in urls if isinstance(u, str)))
 
 
 def plan_status_patch(current: Mapping[str, Any] | None, status: Mapping[str, Any]) -> dict[str, Any] | None:
@@ -279,7 +298,7 @@ def plan_status_patch(current: Mapping[str, Any] | None, status: Mapping[str, An
     current = current or {}
     changed: dict[str, Any] = {}
     for key, value in status.items():
-        old = current.get(key, [] if key == "failingNodes" else None)
+        old = current.get(key, [] if key in ("failingNodes", "mirrors") else None)
         if old != value:
             changed[key] = value
     return {"status": changed} if changed else None
@@ -321,6 +340,21 @@ def plan_notices(body: Mapping[str, Any], status: Mapping[str, Any]) -> list[Not
         sample = "; ".join(f"{f['name']}: {f['reason'] or 'no reason given'}" for f in fresh)
         notices.append(Notice(name, uid, "Warning", REASON_NODES_FAILED, _clip(
             f"{_nodes(failed)} failed generation {status['observedGeneration']}; newly failing: {sample}")))
+
+    # A mirror that stops answering from its first node, and one that answers again from every node: one Event
+    # for the whole cluster at each edge, never one per node.
+    was_unreachable = {m.get("url"): m.get("unreachable") or 0 for m in old.get("mirrors") or []
+                       if isinstance(m, Mapping)}
+    for mirror in status.get("mirrors") or []:
+        before, now_out = was_unreachable.get(mirror["url"], 0), mirror["unreachable"]
+        total = mirror["reachable"] + now_out
+        if now_out and not before:
+            notices.append(Notice(name, uid, "Warning", REASON_MIRROR_UNREACHABLE, _clip(
+                f"mirror {mirror['url']} does not answer from {now_out} of {_nodes(total)}; those nodes leave it "
+                f"out until it answers again")))
+        elif before and not now_out and mirror["url"] in was_unreachable:
+            notices.append(Notice(name, uid, "Normal", REASON_MIRROR_REACHABLE, _clip(
+                f"mirror {mirror['url']} answers again from every node ({total}); it is back in use")))
 
     ready, was_ready = new_conditions[READY], old_conditions.get(READY) or {}
     if ready["status"] == "True" and (was_ready.get("status") != "True" or not same_generation):

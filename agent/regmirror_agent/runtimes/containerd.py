@@ -36,7 +36,7 @@ import tomlkit
 import tomlkit.container
 import tomlkit.items
 
-from regmirror_agent import ownership
+from regmirror_agent import mirrorhealth, ownership
 from regmirror_agent.defaults import CONFIG_FILE, DEFAULT_STATE_DIR, MODES, STATE_FILE
 from regmirror_agent.nodeviews import NodeView
 from regmirror_agent.plans import Plan
@@ -79,6 +79,9 @@ class Options:
         v = self.containerd_version
         return v() if callable(v) else v
     state_path: str = f"{DEFAULT_STATE_DIR}/{STATE_FILE}"
+    left_out: Mapping[str, frozenset[str]] = dataclasses.field(default_factory=dict)
+    """registry -> mirror URLs that do not answer from this node (``mirrorhealth``): hosts mode leaves them out
+    of that registry's hosts.toml; inline mode would need a restart for it, so there they stay."""
 
 
 # --- reading config.toml ------------------------------------------------------------------------------
@@ -259,11 +262,21 @@ def ca_file_name(pem: str) -> str:
 
 
 def hosts_from_desired(mirror: models.RegistryMirror, node_tls: Mapping[str, TLS],
-                       server_tls: TLS) -> tuple[HostsFile, dict[str, str]]:
-    """A RegistryMirror as a hosts.toml spec plus the CA files it needs (name -> PEM, beside hosts.toml)."""
+                       server_tls: TLS, out: frozenset[str] = frozenset()) -> tuple[HostsFile, dict[str, str]]:
+    """A RegistryMirror as a hosts.toml spec plus the CA files it needs (name -> PEM, beside hosts.toml).
+
+    ``out``: mirror URLs that do not answer from this node (``mirrorhealth``), left out of the file. When that
+    leaves none, the upstream serves: it is written as an explicit ``[host]`` too, because containerd 1.6 and
+    1.7 before 1.7.32 refuse a hosts.toml without any ``[host]`` table (containerd #10027). ``*`` has no one
+    upstream to name, so there its mirrors are kept (containerd tries the image's own registry after them).
+    ``upstream: Never`` makes the last kept mirror the ``server`` as well: containerd tries ``server`` last, and
+    with a mirror there no request ever goes to the upstream registry."""
+    kept = mirrorhealth.kept_mirrors(mirror, out)
+    if not kept and mirror.registry == models.ANY_REGISTRY:
+        kept = mirror.mirrors
     hosts = []
     ca_files: dict[str, str] = {}
-    for m in mirror.mirrors:
+    for m in kept:
         ca: tuple[str, ...] = ()
         if m.ca_bundle:
             name = ca_file_name(m.ca_bundle)
@@ -271,8 +284,14 @@ def hosts_from_desired(mirror: models.RegistryMirror, node_tls: Mapping[str, TLS
             ca = (name,)
         tls = TLS(skip_verify=m.skip_verify, ca=ca).merged_under(node_tls.get(_endpoint_host(m.url), TLS()))
         hosts.append(Host(url=m.url, capabilities=m.capabilities, tls=tls, override_path=m.override_path))
+    upstream = hoststoml.upstream_server(mirror.registry)
+    if not hosts and upstream:
+        hosts.append(Host(url=upstream, capabilities=models.DEFAULT_CAPABILITIES, tls=server_tls))
+    never = mirror.upstream == models.UPSTREAM_NEVER
     origin = f"RegistryMirror {mirror.name!r}" + (f" generation {mirror.generation}" if mirror.generation else "")
-    return HostsFile(registry=mirror.registry, hosts=tuple(hosts), server_tls=server_tls, origin=origin), ca_files
+    left_out = tuple(m.url for m in mirror.mirrors if m not in kept)
+    return HostsFile(registry=mirror.registry, hosts=tuple(hosts), server_tls=server_tls, origin=origin,
+                     server_host=hosts[-1] if never else None, left_out=left_out), ca_files
 
 
 # --- editing config.toml ------------------------------------------------------------------------------
@@ -512,7 +531,8 @@ def _plan_hosts_mode(doc: tomlkit.TOMLDocument, keys: Sequence[str], desired: Se
             own(posixpath.join(config_dir, hoststoml.registry_dir(mirror.registry), "hosts.toml")))
         server_tls = own_server.merged_under(inherited.server_tls) if inherited else own_server
         host_tls = {**node_tls, **{h: t.merged_under(node_tls.get(h, TLS())) for h, t in own_hosts.items()}}
-        spec, ca_files = hosts_from_desired(mirror, host_tls, server_tls)
+        spec, ca_files = hosts_from_desired(mirror, host_tls, server_tls,
+                                            options.left_out.get(mirror.registry, frozenset()))
         specs[mirror.registry] = spec
         for name, pem in ca_files.items():
             out.files[posixpath.join(config_dir, hoststoml.registry_dir(mirror.registry), name)] = pem
@@ -533,6 +553,10 @@ def _plan_inline_mode(doc: tomlkit.TOMLDocument, keys: Sequence[str], desired: S
                       out: _Desired, path: str) -> None:
     tls_by_host: dict[str, dict[str, Any]] = {}
     for mirror in desired:
+        if mirror.upstream == models.UPSTREAM_NEVER:
+            # containerd's CRI plugin always appends the registry itself after inline endpoints.
+            raise NodeRefused(f"RegistryMirror {mirror.name!r}: upstream: Never needs hosts mode (containerd 1.5 "
+                              f"or later); inline mirrors always fall back to {mirror.registry!r} itself")
         for m in mirror.mirrors:
             if m.capabilities != models.DEFAULT_CAPABILITIES:
                 raise NodeRefused(f"mirror {m.url!r}: inline mirrors always pull and resolve; capabilities "

@@ -64,6 +64,9 @@ def check_docker_mirrors(desired: Sequence[models.RegistryMirror]) -> list[str]:
             problems.append(f"registry {mirror.registry!r} ({mirror.name}): Docker mirrors only Docker Hub "
                             f"(docker.io); other registries need containerd (or renaming images)")
             continue
+        if mirror.upstream == models.UPSTREAM_NEVER:
+            problems.append(f"RegistryMirror {mirror.name!r}: upstream: Never cannot be done by Docker: dockerd "
+                            f"always falls back to Docker Hub after its registry-mirrors; it needs containerd")
         for m in mirror.mirrors:
             parts = urlsplit(m.url)
             if parts.path not in ("", "/") or m.override_path:

@@ -60,6 +60,14 @@ class HostsFile:
     server_tls: TLS = TLS()
     origin: str = ""
     """Why the file exists, for its header comment (a RegistryMirror's name, or the inline config it replaces)."""
+    server_host: Host | None = None
+    """``upstream: Never``: this mirror is written as ``server`` (with its settings at the top level), so that
+    containerd, which tries ``server`` last, has no upstream to fall back to. ``server_tls`` is then unused."""
+    left_out: tuple[str, ...] = ()
+    """Mirrors left out because they do not answer from this node (``mirrorhealth``), named in a comment."""
+
+    def server(self) -> str | None:
+        return self.server_host.url if self.server_host else upstream_server(self.registry)
 
 
 def _q(text: str) -> str:
@@ -89,10 +97,20 @@ def render_hosts_toml(spec: HostsFile) -> str:
         "# regmirror puts this file back if it is edited; `regmirror reset` (or deleting the RegistryMirror)",
         "# gives the node its own configuration for this registry again.",
     ]
-    server = upstream_server(spec.registry)
+    if spec.left_out:
+        lines.append(f"# Left out while they do not answer from this node: {', '.join(spec.left_out)}.")
+    server = spec.server()
+    if spec.server_host:
+        lines.append("# upstream: Never: the last mirror is the server, so the upstream registry is never contacted.")
     if server:
         lines.append(f"server = {_q(server)}")
-    lines += _tls_lines(spec.server_tls, "")
+    if spec.server_host:
+        lines.append(f"capabilities = [{', '.join(map(_q, spec.server_host.capabilities))}]")
+        lines += _tls_lines(spec.server_host.tls, "")
+        if spec.server_host.override_path:
+            lines.append("override_path = true")
+    else:
+        lines += _tls_lines(spec.server_tls, "")
     for host in spec.hosts:
         lines += ["", f"[host.{_q(host.url)}]", f"  capabilities = [{', '.join(map(_q, host.capabilities))}]"]
         lines += _tls_lines(host.tls, "  ")
@@ -107,7 +125,7 @@ def check_hosts_toml(text: str, spec: HostsFile) -> None:
     """Parse what was rendered and confirm containerd will see the same hosts in the same order."""
     parsed = tomllib.loads(text)
     hosts = parsed.get("host", {})
-    if list(hosts) != [h.url for h in spec.hosts] or parsed.get("server") != upstream_server(spec.registry):
+    if list(hosts) != [h.url for h in spec.hosts] or parsed.get("server") != spec.server():
         raise AssertionError(f"hosts.toml for {spec.registry!r} does not read back as rendered:\n{text}")
 
 
