@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# Build kube-apiserver, kube-controller-manager, kube-scheduler, kubelet, kubectl, etcd, crictl and containerd 2.x from the Go module proxy into a cache folder.
+# Build kube-apiserver, kube-controller-manager, kube-scheduler, kubelet, kubectl, etcd, crictl, containerd 2.x and helm from the Go module proxy into a cache folder.
 #
 # Why a script and not `go install`: k8s.io/kubernetes replaces its k8s.io/* staging modules with local
 # paths, so `go install k8s.io/kubernetes/cmd/kube-apiserver@vX` refuses. We make a tiny module that
 # requires k8s.io/kubernetes and points every staging module at its published v0.x twin.
 #
 # Usage: hack/build-control-plane.sh [OUT_DIR]    (default: .cache/bin; skips binaries already there)
-#        REGMIRROR_BUILD="crictl" hack/build-control-plane.sh   builds only what is named (crictl etcd kube containerd2)
+#        REGMIRROR_BUILD="crictl" hack/build-control-plane.sh   builds only what is named (crictl etcd kube containerd2 helm)
 #
 # containerd 2.x (config version 3) goes to OUT_DIR/containerd2/ (`containerd`, `ctr`, and its runc shim, which a
 # kubelet node on 2.x runs Pods with), a folder of its own: it must
@@ -17,6 +17,7 @@ K8S_VERSION=${REGMIRROR_K8S_VERSION:-v1.37.2}
 ETCD_VERSION=${REGMIRROR_ETCD_VERSION:-v3.6.16}
 CRICTL_VERSION=${REGMIRROR_CRICTL_VERSION:-v1.37.0}
 CONTAINERD2_VERSION=${REGMIRROR_CONTAINERD2_VERSION:-v2.3.7}
+HELM_VERSION=${REGMIRROR_HELM_VERSION:-v4.3.2}
 
 here=$(cd "$(dirname "$0")/.." && pwd)
 out=${1:-$here/.cache/bin}
@@ -32,6 +33,13 @@ stage() { local t0=$SECONDS; "$@"; echo "[build-control-plane] $1 ${*:2}: $((SEC
 build_crictl() {
   [ -x "$out/crictl" ] && return 0
   GOBIN=$out go install "sigs.k8s.io/cri-tools/cmd/crictl@$CRICTL_VERSION"
+}
+
+build_helm() {
+  [ -x "$out/helm" ] && return 0
+  # helm's go.mod has no replace directives: a plain `go install`, version stamped as helm's Makefile does.
+  GOBIN=$out go install -trimpath -ldflags "-s -X helm.sh/helm/v4/internal/version.version=$HELM_VERSION" \
+    "helm.sh/helm/v4/cmd/helm@$HELM_VERSION"
 }
 
 build_containerd2() {
@@ -112,7 +120,7 @@ GO
   done
 }
 
-for what in ${REGMIRROR_BUILD:-crictl etcd kube containerd2}; do
+for what in ${REGMIRROR_BUILD:-crictl etcd kube containerd2 helm}; do
   stage "build_$what"
 done
 ls -la "$out"

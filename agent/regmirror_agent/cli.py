@@ -134,6 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
     _common(reset)
     reset.add_argument("--dry-run", action="store_true", help="print the diff of every file it would change")
     sub.add_parser("agent", help="run as the cluster agent (DaemonSet): regmirror agent --help")
+    sub.add_parser("uninstall", help="delete every RegistryMirror and wait until every node has its own "
+                                     "configuration back (before deleting the install): regmirror uninstall --help")
     show = sub.add_parser("show", help="what this node's runtime uses, per registry")
     _common(show)
     show.add_argument("-o", "--output", choices=("text", "json"), default="text")
@@ -339,6 +341,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from regmirror_agent import agent
 
         return agent.main(argv[1:])
+    if argv[:1] == ["uninstall"]:  # the cluster's uninstall: every RegistryMirror, then wait for every node
+        from regmirror_agent import uninstalling
+
+        return uninstalling.main(argv[1:])
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as exc:  # argparse said what was wrong (exit 2) or printed --help (exit 0)
