@@ -1,0 +1,321 @@
+"""Dead mirrors kept out of the way, per node (issue 10, item 3), on real components.
+
+Two simulated nodes (containerd 1.6, and 2.x when its binaries are built), each with its own agent process
+(Pod-bound token, probing every 2 s), the real kopf operator and the real kube-apiserver. Mirrors placed first:
+one that refuses connections (a closed port) and one that accepts and never answers (a listening socket that
+never replies); then the harness's real registry. Each dead one is left out on every node, `crictl pull` of the
+original name goes through the real registry, the RegistryMirror's status counts per mirror and an Event says a
+mirror went out; the dead ones then answer (a TCP forwarder to the registry on their ports) and come back after
+the hysteresis, with an Event, without a containerd restart; `upstream: Never` keeps dead mirrors in.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import tomllib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from regmirror_api import contract, models
+from tests.e2e.test_system import PYTHONPATH, Cluster, SimNode, _token_kubeconfig
+from tests.harness import controlplane as cp
+from tests.harness.containerd import ContainerdNode, flavor_dir
+from tests.harness.controlplane import REPO
+from tests.harness.fixtures import require_crictl
+from tests.harness.proofs import QUAY_IMAGE
+from tests.harness.registry import Registry, free_port
+from tests.harness.waiting import wait_for
+
+pytestmark = [pytest.mark.controlplane, pytest.mark.integration]
+
+NS = contract.NAMESPACE
+PROBE_ENV = {"REGMIRROR_PROBE_SECONDS": "2", "REGMIRROR_PROBE_TIMEOUT": "1", "REGMIRROR_PROBE_MIN_OUT_SECONDS": "8"}
+FIGURES: dict[str, Any] = {}
+
+
+class Blackhole:
+    """A port that accepts connections and never answers (the kernel completes the handshake; nobody reads)."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(128)
+        self.port: int = self.sock.getsockname()[1]
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class Forwarder:
+    """A TCP forwarder from ``port`` to the real registry: the mirror on that port answers again."""
+
+    def __init__(self, port: int, target: int) -> None:
+        self.target = target
+        self.server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.server.bind(("127.0.0.1", port))
+        self.server.listen(64)
+        self.stopped = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while not self.stopped:
+            try:
+                client, _ = self.server.accept()
+            except OSError:
+                return
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self.target), timeout=5)
+            except OSError:
+                client.close()
+                continue
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        self.stopped = True
+        self.server.close()
+
+
+def _apply(cluster: Cluster, name: str, registry: str, urls: list[str], upstream: str | None = None) -> None:
+    spec: dict[str, Any] = {"registry": registry, "mirrors": [{"url": u} for u in urls]}
+    if upstream:
+        spec["upstream"] = upstream
+    cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump({
+        "apiVersion": f"{models.API_GROUP}/{models.API_VERSION}", "kind": models.KIND,
+        "metadata": {"name": name}, "spec": spec}))
+
+
+def _hosts(node: SimNode, registry: str) -> dict[str, Any] | None:
+    path = node.containerd.certs_dir / registry / "hosts.toml"
+    try:
+        return tomllib.loads(path.read_text())
+    except (FileNotFoundError, tomllib.TOMLDecodeError):
+        return None
+
+
+def _host_urls(node: SimNode, registry: str) -> list[str] | None:
+    parsed = _hosts(node, registry)
+    return None if parsed is None else list(parsed.get("host", {}))
+
+
+def _events(cluster: Cluster, name: str) -> list[tuple[str, str]]:
+    items = cluster.get("events", "-n", "default", "--field-selector", f"involvedObject.name={name}")["items"]
+    return [(e["reason"], e["message"]) for e in items]
+
+
+@pytest.fixture(scope="module")
+def cluster(controlplane: cp.ControlPlane, installed: str, registry: Registry,
+            tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    require_crictl()
+    work = tmp_path_factory.mktemp("dead")
+    nodes: dict[str, SimNode] = {}
+    operator: subprocess.Popen[str] | None = None
+    saved = {k: os.environ.get(k) for k in PROBE_ENV}
+    os.environ.update(PROBE_ENV)  # SimNode.start_agent passes the environment on to the agent process
+    controlplane.kubectl("delete", "registrymirrors", "--all", "--wait", "--timeout=30s")
+    controlplane.kubectl("patch", "configmap", contract.CONFIGMAP, "-n", NS, "--type=json",
+                         "-p", '[{"op": "remove", "path": "/data"}]', check=False)
+    two = flavor_dir("2.x")
+    flavors = {"dead-a": (None, 1), "dead-b": (two, 3) if (two / "containerd").exists() else (None, 2)}
+    try:
+        for name, (binaries, version) in flavors.items():
+            controlplane.kubectl("apply", "--server-side", "-f", "-", input=json.dumps({
+                "apiVersion": "v1", "kind": "Node", "metadata": {"name": name, "labels": {
+                    "kubernetes.io/os": "linux", "kubernetes.io/hostname": name}}}))
+            pod = f"regmirror-agent-{name}"
+            controlplane.kubectl("apply", "--server-side", "-f", "-", input=json.dumps({
+                "apiVersion": "v1", "kind": "Pod", "metadata": {"name": pod, "namespace": NS},
+                "spec": {"serviceAccountName": "regmirror-agent", "nodeName": name,
+                         "containers": [{"name": "agent", "image": "regmirror:0.1.0"}]}}))
+            kubeconfig = _token_kubeconfig(controlplane, work / f"{name}.kubeconfig", "regmirror-agent", "-n", NS,
+                                           "--bound-object-kind=Pod", f"--bound-object-name={pod}", user=name)
+            state = Path(tempfile.mkdtemp(prefix="rmd-", dir="/tmp"))
+            node = ContainerdNode(work / name, state, name=name, binaries_dir=binaries)
+            node.write_config(version)
+            node.start()
+            nodes[name] = SimNode(name, node, kubeconfig)
+        op_kubeconfig = _token_kubeconfig(controlplane, work / "operator.kubeconfig", "regmirror-operator", "-n", NS,
+                                          user="regmirror-operator")
+        deployment = json.loads(controlplane.kubectl("get", "deployment", "regmirror-operator", "-n", NS,
+                                                     "-o", "json").stdout)
+        command = deployment["spec"]["template"]["spec"]["containers"][0]["command"]
+        args = [a if not a.startswith("--liveness=") else f"--liveness=http://127.0.0.1:{cp.free_port()}/healthz"
+                for a in command[1:]]
+        operator_log = work / "operator.log"
+        env = {**os.environ, "KUBECONFIG": str(op_kubeconfig), "PYTHONPATH": PYTHONPATH}
+        operator = subprocess.Popen([sys.executable, "-m", "kopf", *args], cwd=REPO, text=True, env=env,
+                                    stdout=operator_log.open("w"), stderr=subprocess.STDOUT)
+        for node in nodes.values():
+            node.start_agent()
+        yield Cluster(controlplane, registry, nodes, operator, operator_log)
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        procs = [n.agent for n in nodes.values() if n.agent] + ([operator] if operator else [])
+        for proc in procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in procs:
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        for node in nodes.values():
+            node.containerd.stop()
+            shutil.rmtree(node.containerd.state_dir, ignore_errors=True)
+        controlplane.kubectl("delete", "registrymirrors", "--all", "--wait=false", check=False)
+        for name in nodes:
+            controlplane.kubectl("delete", "pod", f"regmirror-agent-{name}", "-n", NS, "--grace-period=0",
+                                 "--force", "--ignore-not-found", check=False)
+            controlplane.kubectl("delete", "node", name, "--ignore-not-found", "--wait=false", check=False)
+        controlplane.kubectl("patch", "configmap", contract.CONFIGMAP, "-n", NS, "--type=json",
+                             "-p", '[{"op": "remove", "path": "/data"}]', check=False)
+        print("\nregmirror dead-mirror figures: " + json.dumps(FIGURES))
+
+
+def _pull_with_mirrors_left_in(tmp: Path, urls: list[str], limit: float = 120.0) -> dict[str, Any]:
+    """The same pull on a containerd 1.6 node whose hosts.toml lists ``urls`` as given (no regmirror, no probes):
+    how long it takes, or that it did not finish within ``limit`` seconds."""
+    node = ContainerdNode(tmp / f"left-in-{len(urls)}", Path(tempfile.mkdtemp(prefix="rmi-", dir="/tmp")),
+                          name="left-in")
+    try:
+        node.write_config(2, config_path="/etc/containerd/certs.d")
+        folder = node.certs_dir / "quay.io"
+        folder.mkdir(parents=True, exist_ok=True)
+        hosts = "".join(f'\n[host."{u}"]\n  capabilities = ["pull", "resolve"]\n' for u in urls)
+        (folder / "hosts.toml").write_text('server = "https://quay.io"\n' + hosts)
+        node.start()
+        t0 = time.monotonic()
+        try:
+            pulled = node.crictl_pull(QUAY_IMAGE, timeout=limit)
+        except subprocess.TimeoutExpired:
+            return {"seconds": None, "result": f"still waiting after {limit:g} s (killed)"}
+        if "timed out" in pulled.stderr:  # the harness's crictl wrapper reports its own timeout this way
+            return {"seconds": None, "result": f"still waiting after {limit:g} s (crictl killed)"}
+        result = "pulled" if pulled.returncode == 0 else f"failed: {pulled.stderr.strip()[-200:]}"
+        return {"seconds": round(time.monotonic() - t0, 2), "result": result}
+    finally:
+        node.stop()
+        shutil.rmtree(node.state_dir, ignore_errors=True)
+
+
+def test_dead_mirrors_are_left_out_pulls_go_through_and_they_come_back(
+        cluster: Cluster, tmp_path: Path) -> None:
+    good = cluster.registry.url
+    dead_port, hole = free_port(), Blackhole()
+    dead, hang = f"http://127.0.0.1:{dead_port}", f"http://127.0.0.1:{hole.port}"
+    forwarders: list[Forwarder] = []
+    try:
+        t0 = time.monotonic()
+        _apply(cluster, "quay-dead", "quay.io", [dead, hang, good])
+        for node in cluster.nodes.values():
+            wait_for(f"{node.name}: only the working mirror in hosts.toml",
+                     lambda node=node: _host_urls(node, "quay.io") == [good], timeout=60)
+        FIGURES["apply_to_dead_left_out_on_all_seconds"] = round(time.monotonic() - t0, 2)
+        cluster.kubectl("wait", "--for=condition=Ready", "registrymirror/quay-dead", "--timeout=60s")
+        for node in cluster.nodes.values():
+            parsed = _hosts(node, "quay.io")
+            assert parsed is not None and parsed["server"] == "https://quay.io"
+            reports = cluster.node_reports("quay-dead")
+            assert reports[node.name]["out"] == [dead, hang], reports
+        counts = wait_for("per-mirror counts in the status", lambda: (
+            m if (m := cluster.status("quay-dead").get("mirrors")) == [
+                {"url": dead, "reachable": 0, "unreachable": 2}, {"url": hang, "reachable": 0, "unreachable": 2},
+                {"url": good, "reachable": 2, "unreachable": 0}] else None), timeout=30)
+        assert counts
+        wait_for("an Event for each mirror going out", lambda: sum(
+            r == "MirrorUnreachable" for r, _ in _events(cluster, "quay-dead")) == 2, timeout=30)
+
+        pids = {n: node.containerd.pid for n, node in cluster.nodes.items()}
+        since = cluster.registry.mark()
+        times = {}
+        for name, node in cluster.nodes.items():
+            t0 = time.monotonic()
+            pulled = node.containerd.crictl_pull(QUAY_IMAGE, timeout=60)
+            times[name] = round(time.monotonic() - t0, 2)
+            assert pulled.returncode == 0, f"{name}: {pulled.stderr}{node.containerd.log_tail()}"
+            assert times[name] < 20, times
+        FIGURES["pull_seconds_dead_mirrors_left_out"] = times
+        assert cluster.registry.requests_for("/v2/k8scsi/csi-resizer/manifests/", since=since,
+                                             agent="containerd") >= 2, "the pulls did not go through the mirror"
+        FIGURES["pull_dead_mirrors_left_in"] = _pull_with_mirrors_left_in(tmp_path, [dead, hang, good])
+        FIGURES["pull_refusing_mirror_left_in"] = _pull_with_mirrors_left_in(tmp_path, [dead, good])
+
+        # They answer again: the real registry behind both ports. Back after 2 good probes and the minimum 8 s.
+        hole.close()
+        forwarders += [Forwarder(dead_port, cluster.registry.port), Forwarder(hole.port, cluster.registry.port)]
+        t0 = time.monotonic()
+        for node in cluster.nodes.values():
+            wait_for(f"{node.name}: both mirrors back in hosts.toml, in order",
+                     lambda node=node: _host_urls(node, "quay.io") == [dead, hang, good], timeout=60)
+        FIGURES["answering_again_to_back_on_all_seconds"] = round(time.monotonic() - t0, 2)
+        # Two good probes in a row at least (2 s apart, jittered by 20%): the hysteresis.
+        assert FIGURES["answering_again_to_back_on_all_seconds"] >= 1.5
+        wait_for("an Event for each mirror back on every node", lambda: sum(
+            r == "MirrorReachable" for r, _ in _events(cluster, "quay-dead")) == 2, timeout=30)
+        assert all(m["unreachable"] == 0 for m in cluster.status("quay-dead")["mirrors"])
+        assert all("out" not in r for r in cluster.node_reports("quay-dead").values())
+
+        # One goes down again later: out after two failed probes, again with no restart.
+        forwarders.pop(0).close()
+        for node in cluster.nodes.values():
+            wait_for(f"{node.name}: the refusing mirror left out again",
+                     lambda node=node: _host_urls(node, "quay.io") == [hang, good], timeout=30)
+        assert {n: node.containerd.pid for n, node in cluster.nodes.items()} == pids, "containerd restarted"
+        cluster.alive()
+    finally:
+        hole.close()
+        for f in forwarders:
+            f.close()
+
+
+def test_upstream_never_keeps_dead_mirrors_in(cluster: Cluster) -> None:
+    hole = Blackhole()
+    dead, hang = f"http://127.0.0.1:{free_port()}", f"http://127.0.0.1:{hole.port}"
+    try:
+        _apply(cluster, "k8s-never", "registry.k8s.io", [dead, hang], upstream="Never")
+        for node in cluster.nodes.values():
+            parsed = wait_for(f"{node.name}: hosts.toml for registry.k8s.io",
+                              lambda node=node: _hosts(node, "registry.k8s.io"), timeout=60)
+            assert list(parsed["host"]) == [dead, hang] and parsed["server"] == hang, parsed
+        wait_for("both reported unreachable on both nodes", lambda: all(
+            m["unreachable"] == 2 for m in cluster.status("k8s-never").get("mirrors") or [{"unreachable": 0}]),
+            timeout=30)
+        for node in cluster.nodes.values():  # still both, a few probes later: nothing is left out
+            assert _host_urls(node, "registry.k8s.io") == [dead, hang]
+            text = (node.containerd.certs_dir / "registry.k8s.io" / "hosts.toml").read_text()
+            assert "https://registry.k8s.io" not in text, text
+        cluster.alive()
+    finally:
+        hole.close()
