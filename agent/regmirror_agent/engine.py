@@ -29,6 +29,7 @@ from regmirror_agent.restarting import (
     RestartFailed,
     containerd_version,
     restart_runtime,
+    server_pid,
     wait_cri_healthy,
     wait_docker_mirrors,
 )
@@ -287,10 +288,18 @@ def _socket(settings: Settings, node: NodeRoot) -> str:
     return str(doc.get("grpc", {}).get("address") or DEFAULT_CONTAINERD_ADDRESS)
 
 
-def _restart_and_check(settings: Settings, host: Host, node: NodeRoot, runtime: str) -> str:
-    """Restart (containerd) or reload (Docker); return '' when the runtime is healthy on the new files, else why."""
+def _restart_and_check(settings: Settings, host: Host, node: NodeRoot, runtime: str, *,
+                       must_be_new: bool = True) -> str:
+    """Restart (containerd) or reload (Docker); return '' when the runtime is healthy on the new files, else why.
+
+    containerd reads config.toml only when it starts, so a restart command that returns 0 without restarting it
+    (a wrong unit, a no-op wrapper) would leave the old configuration in force while the node reports Applied.
+    So the process serving the socket must be a new one (``must_be_new``; not for a rollback, whose previous
+    files are in force either way)."""
+    address = _socket(settings, node) if runtime != docker.RUNTIME else ""
+    before = server_pid(host, address) if address else None
     try:
-        restart_runtime(host, runtime, settings.restart)
+        command = restart_runtime(host, runtime, settings.restart)
     except RestartFailed as exc:
         return str(exc)
     if runtime == docker.RUNTIME:
@@ -299,8 +308,14 @@ def _restart_and_check(settings: Settings, host: Host, node: NodeRoot, runtime: 
         if expected is None:
             return ""  # dockerd keeps what it had; nothing to confirm (see docker.removal_bridge)
         return wait_docker_mirrors(host, settings.docker_host, list(expected), min(settings.health_timeout, 30))
-    ok, detail = wait_cri_healthy(host, _socket(settings, node), settings.health_timeout)
-    return "" if ok else detail
+    ok, detail = wait_cri_healthy(host, address, settings.health_timeout)
+    if not ok:
+        return detail
+    after = server_pid(host, address)
+    if must_be_new and before is not None and after == before:
+        return (f"{command!r} returned, but containerd was not restarted: the same process ({before}) still "
+                f"serves {address} with the configuration it read when it started, so the change is not in force")
+    return ""
 
 
 def execute(plan_: Plan, runtime: str, settings: Settings, log: Log = _quiet) -> Outcome:
@@ -393,7 +408,7 @@ def _roll_back(plan_: Plan, runtime: str, settings: Settings, host: Host, node: 
     except (applying.Conflict, applying.WriteFailed, UnsafePath) as exc:
         raise EngineError(f"{runtime} did not come back healthy after the change: {reason}; and putting the "
                           f"previous files back failed: {exc}") from exc
-    again = _restart_and_check(settings, host, node, runtime)
+    again = _restart_and_check(settings, host, node, runtime, must_be_new=False)
     after = "it is healthy again on the previous files" if not again else f"it is still unhealthy: {again}"
     verb = "reloaded" if runtime == docker.RUNTIME else "restarted"
     raise EngineError(f"{runtime} did not come back healthy after the change: {reason}. regmirror put the "

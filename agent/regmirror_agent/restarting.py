@@ -16,6 +16,8 @@ import json
 import os
 import re
 import shutil
+import socket
+import struct
 import subprocess
 import time
 
@@ -59,6 +61,22 @@ class Host:
             return subprocess.CompletedProcess(argv, 127, "", str(exc))
         except subprocess.TimeoutExpired as exc:
             return subprocess.CompletedProcess(argv, 124, "", f"timed out after {timeout:.0f}s: {exc}")
+
+
+def server_pid(host: Host, address: str) -> int | None:
+    """The pid of the process serving the unix socket ``address`` on the node (``SO_PEERCRED``), or None when
+    it cannot be told. From a pod, the node's paths are seen through ``/proc/1/root`` (PID 1 is the host's with
+    ``hostPID``), and the pid is the host's."""
+    path = f"/proc/1/root{address}" if host.nsenter else address
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+            conn.settimeout(5)
+            conn.connect(path)
+            creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    except OSError:
+        return None
+    pid = int(struct.unpack("3i", creds)[0])
+    return pid or None  # 0: the server is in a PID namespace we cannot see
 
 
 def containerd_version(host: Host) -> tuple[int, ...] | None:

@@ -132,6 +132,27 @@ def test_failed_restart_command_changes_nothing(containerd_node_factory, registr
     assert contents(node.node_root, node_files) == before
 
 
+def test_a_restart_command_that_restarts_nothing_is_caught_and_rolled_back(containerd_node_factory,
+                                                                          registry: Registry) -> None:
+    """Seen with a restart command that does nothing: it exits 0, the CRI plugin answers ok, and the node said
+    Applied while containerd kept its old configuration (config_path unset) and pulls bypassed the mirror.
+    containerd reads config.toml only at start, so a restart that left the same process serving its socket is
+    refused and the files are put back."""
+    node = containerd_node_factory(2, start=True)
+
+    def node_files(p: Path) -> bool:
+        return p.name != "containerd.log"
+
+    before, pid = contents(node.node_root, node_files), node.pid
+    result = regmirror("apply", "--root", str(node.node_root), "--restart", "command:true",
+                       "--mirror", f"quay.io={registry.url}")
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "containerd was not restarted: the same process" in result.stderr, result.stderr
+    assert "put the previous files back" in result.stderr
+    assert contents(node.node_root, node_files) == before
+    assert node.pid == pid
+
+
 def test_dry_run_prints_the_diff_and_writes_nothing(containerd_node_factory, registry: Registry) -> None:
     node = containerd_node_factory(2)
     before = snapshot(node.node_root)
