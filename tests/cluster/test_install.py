@@ -36,6 +36,7 @@ from tests.cluster import image as images
 from tests.cluster import sleeper
 from tests.cluster.cluster import Cluster, NodeSpec
 from tests.cluster.node import KubeletNode
+from tests.cluster.test_chart import CHART, helm_binary
 from tests.harness.registry import SKOPEO_BIN, Registry
 
 REPO = Path(__file__).resolve().parents[2]
@@ -413,3 +414,45 @@ def _task_pid(node: KubeletNode, container_id: str) -> int:
             return int(fields[1])
     raise AssertionError(f"no task {container_id} on {node.name}")
 
+
+
+def test_8_the_helm_chart_installs_and_upgrades_without_touching_a_node(world: World) -> None:
+    helm = [str(helm_binary()), "--kubeconfig", str(world.cluster.cp.kubeconfig)]  # type: ignore[union-attr]
+    t0 = time.monotonic()
+    _run(*helm, "install", "regmirror", str(CHART), "--namespace", "default",
+         "--set", f"image.tag={images.DEFAULT_TAG}", "--wait", "--timeout", "3m")
+    FIGURES["helm_install_seconds"] = round(time.monotonic() - t0, 1)
+    world.kubectl("apply", "--server-side", "-f", "-", input=seed_mirrors(world.registry.url))
+    world.wait("both RegistryMirrors 3/3 through the chart",
+               lambda: world.ready_column() == {"docker-io": "3/3", "quay-io": "3/3"})
+    files = {n: node_files(node) for n, node in world.nodes.items()}
+    stamps = {n: node_stamps(node) for n, node in world.nodes.items()}
+    starts = {n: node.containerd_starts() for n, node in world.nodes.items()}
+    versions = {n: o["metadata"]["resourceVersion"] for n, o in world.reports().items()}
+    _run(*helm, "upgrade", "regmirror", str(CHART), "--namespace", "default", "--set", f"image.tag={NEW_TAG}",
+         "--wait", "--timeout", "4m")
+    world.wait("every agent on the new image", lambda: len(agents := world.agents()) == 3 and all(
+        p["spec"]["containers"][0]["image"] == f"regmirror:{NEW_TAG}" for p in agents.values()))
+    time.sleep(5)
+    assert {n: node_files(node) for n, node in world.nodes.items()} == files
+    assert {n: node_stamps(node) for n, node in world.nodes.items()} == stamps
+    assert {n: node.containerd_starts() for n, node in world.nodes.items()} == starts
+    assert {n: o["metadata"]["resourceVersion"] for n, o in world.reports().items()} == versions
+
+
+def test_9_helm_uninstall_gives_every_node_back_byte_for_byte(world: World) -> None:
+    helm = [str(helm_binary()), "--kubeconfig", str(world.cluster.cp.kubeconfig)]  # type: ignore[union-attr]
+    t0 = time.monotonic()
+    out = _run(*helm, "uninstall", "regmirror", "--namespace", "default", "--wait", "--timeout", "5m")
+    FIGURES["helm_uninstall_seconds"] = round(time.monotonic() - t0, 1)
+    assert "uninstalled" in out, out
+    assert world.get("registrymirrors")["items"] == []  # the pre-delete hook removed them first
+    assert world.kubectl("get", "namespace", NS, check=False).returncode != 0
+    for name, node in world.nodes.items():
+        assert node_files(node) == world.before[name], name
+
+
+def _run(*argv: str) -> str:
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 0, f"{' '.join(argv[3:])}:\n{done.stderr}{done.stdout}"
+    return done.stdout
