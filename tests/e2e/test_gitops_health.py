@@ -9,7 +9,7 @@
 The live states are driven as in tests/e2e/test_operator.py: the operator as a real ``kopf run`` process with
 its service account's token, node reports written as RegistryMirrorNode objects with Node-bound agent tokens.
 Each captured object is checked at once; to refresh the check's ``testdata/`` (and the live cases of
-``health_test.yaml``) from them::
+``health_test.yaml``; ``testdata/hand-*.yaml`` are written by hand and kept) from them::
 
     python -m tests.e2e.test_gitops_health --capture            # into argocd/.../testdata
     python -m tests.e2e.test_gitops_health --capture DIR        # objects only, into DIR
@@ -60,6 +60,7 @@ FAILURE = "containerd did not come back; rolled back"
 #: Reconciling=True and Stalled=False while nodes fail, and kstatus fails only on Stalled=True.
 KSTATUS = {
     "unseen": "Current",  # no status at all: kstatus has nothing to wait for (see test_unseen_...)
+    "hand-status-defaulted": "InProgress",  # what a CRD default of status.observedGeneration: 0 would change
     "reconciling": "InProgress",
     "failing-nodes": "InProgress",
     "ready": "Current",

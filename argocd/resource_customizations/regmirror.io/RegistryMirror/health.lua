@@ -28,7 +28,8 @@ end
 
 local generation = obj.metadata.generation
 local status = obj.status
-if status == nil or status.observedGeneration == nil then
+-- observedGeneration 0: a status defaulted by the apiserver, which the operator has not written yet.
+if status == nil or status.observedGeneration == nil or status.observedGeneration == 0 then
   hs.status = "Progressing"
   hs.message = "Waiting for the operator to observe generation " .. tostring(generation)
   return hs
