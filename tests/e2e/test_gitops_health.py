@@ -44,6 +44,7 @@ SNIPPET = REPO / "argocd" / "argocd-cm-patch.yaml"
 SNIPPET_KEY = "resource.customizations.health.regmirror.io_RegistryMirror"
 FLUX_EXAMPLES = REPO / "examples" / "flux"
 CAPTURE_ENV = "REGMIRROR_GITOPS_CAPTURE"
+FIGURES_FILE = REPO / ".cache" / "figures" / "gitops.json"
 #: Flux's own CRDs for the example's kinds, read from the controllers' Go modules (through the module proxy).
 FLUX_CRDS = {
     "github.com/fluxcd/kustomize-controller@v1.10.1":
@@ -205,8 +206,12 @@ def operator(controlplane: cp.ControlPlane, installed: str, nodes: list[str],
             print("\n[gitops] state" + " " * (width - 5) + "  Argo CD      kstatus")
             for state, argo, kstat in VERDICTS:
                 print(f"[gitops] {state:{width}}  {argo:11}  {kstat}")
-        if "build" in statuscheck.FIGURES:
-            print(f"[gitops] built the status checkers in {statuscheck.FIGURES['build']:.1f} s")
+            # For hack/test.sh to print (pytest keeps a passing test's output to itself).
+            figures = {"verdicts": {s: {"argocd": a, "kstatus": k} for s, a, k in VERDICTS}}
+            if "build" in statuscheck.FIGURES:
+                figures["status_checkers_build_seconds"] = round(statuscheck.FIGURES["build"], 1)
+            FIGURES_FILE.parent.mkdir(parents=True, exist_ok=True)
+            FIGURES_FILE.write_text(json.dumps(figures, indent=2) + "\n")
 
 
 @pytest.fixture
