@@ -319,3 +319,30 @@ def test_upstream_never_keeps_dead_mirrors_in(cluster: Cluster) -> None:
         cluster.alive()
     finally:
         hole.close()
+
+
+def test_every_mirror_out_the_upstream_serves_through_an_explicit_host(cluster: Cluster,
+                                                                       tls_registry: Registry) -> None:
+    """containerd 1.6 and 1.7 before 1.7.32 refuse a hosts.toml without any [host] table (#10027), so with every
+    mirror out the upstream is written as an explicit [host] as well as the server: a real pull proves both
+    containerds take it. The upstream is the harness's HTTPS registry, trusted through the node's own hosts.toml
+    CA, which regmirror's file keeps for the upstream."""
+    upstream = tls_registry.url
+    assert tls_registry.ca_pem is not None
+    for node in cluster.nodes.values():  # the node's own file for that registry, naming its private CA
+        node.containerd.write_hosts_toml(tls_registry.host, upstream, server=upstream, ca_pem=tls_registry.ca_pem)
+    dead = f"http://127.0.0.1:{free_port()}"
+    _apply(cluster, "all-dead", tls_registry.host, [dead])
+    for node in cluster.nodes.values():
+        parsed = wait_for(f"{node.name}: the upstream alone in hosts.toml", lambda node=node: (
+            p if (p := _hosts(node, tls_registry.host)) and list(p.get("host", {})) == [upstream] else None),
+            timeout=60)
+        assert parsed["server"] == upstream and parsed["host"][upstream]["ca"] == "mirror-ca.crt", parsed
+    since = tls_registry.mark()
+    for name, node in cluster.nodes.items():
+        pulled = node.containerd.crictl_pull(f"{tls_registry.host}/k8scsi/csi-resizer:v0.5.0", timeout=60)
+        assert pulled.returncode == 0, f"{name}: {pulled.stderr}{node.containerd.log_tail()}"
+    assert tls_registry.requests_for("/v2/k8scsi/csi-resizer/manifests/", since=since, agent="containerd") >= 2
+    wait_for("both nodes report the mirror out", lambda: [r.get("out") for r in cluster.node_reports(
+        "all-dead").values()] == [[dead], [dead]], timeout=30)
+    cluster.alive()
