@@ -60,7 +60,9 @@ FAILURE = "containerd did not come back; rolled back"
 #: What kstatus says of each testdata object. failing-nodes is InProgress, not Failed: the operator keeps
 #: Reconciling=True and Stalled=False while nodes fail, and kstatus fails only on Stalled=True.
 KSTATUS = {
-    "unseen": "Current",  # no status at all: kstatus has nothing to wait for (see test_unseen_...)
+    # The CRD defaults status.observedGeneration to 0, so before the operator writes anything kstatus sees a
+    # generation not yet observed: InProgress (with no status at all it would have said Current).
+    "unseen": "InProgress",
     "hand-status-defaulted": "InProgress",  # what a CRD default of status.observedGeneration: 0 would change
     "reconciling": "InProgress",
     "failing-nodes": "InProgress",
@@ -281,9 +283,7 @@ def test_unseen_and_reconciling_registrymirrors_are_progressing(controlplane: cp
     try:
         operator_e2e.apply(controlplane, "gitops-quay", "quay.io", "https://quay.tencentcloudcr.com")
         unseen = captured(controlplane, "gitops-quay")
-        assert "status" not in unseen
-        # kstatus finds no observedGeneration and no condition, so nothing to wait for: Current. Flux's first
-        # poll normally comes after the operator's first status (written at once, see test_operator.py).
+        assert unseen["status"] == {"observedGeneration": 0}, "the CRD's default, before the operator's first write"
         judge("unseen", unseen, {"status": "Progressing",
                                  "message": "Waiting for the operator to observe generation 1"})
     finally:
