@@ -4,8 +4,12 @@ A mirror is alive when it gives any HTTP answer (401 from a registry that wants 
 would go on to authenticate); it is dead when the connection is refused or reset, the TLS handshake fails, or no
 answer comes within ``timeout`` seconds (connect, then each read). The path is the one containerd asks for
 (RUNTIME-NOTES, containerd's docs/hosts.md): ``/v2`` is appended to the mirror URL unless its path already ends
-in ``/v2`` or ``overridePath`` is set (then the URL is used as it is). TLS follows the mirror's own settings:
-its ``caBundle`` (else the system's CAs) and ``skipVerify``.
+in ``/v2`` or ``overridePath`` is set (then the URL is used as it is).
+
+The probe asks "does it answer?", not "is it trusted?": it does not verify the mirror's certificate. The agent runs
+in its image, whose CAs are not the node's, and a company mirror is often trusted only through a CA installed on
+the nodes; verifying here would call such a mirror dead and take it out of every node's configuration, sending
+every pull past it. Whether containerd trusts the certificate is containerd's business (and its pull says so).
 
 Probes run in parallel on a small thread pool, so one mirror that hangs costs one timeout, not one per mirror.
 Nothing here talks to the apiserver; what the results mean is decided by ``mirrorhealth``.
@@ -34,13 +38,11 @@ def probe_path(mirror: models.Mirror) -> str:
     return path + "/v2/"
 
 
-def _context(mirror: models.Mirror) -> ssl.SSLContext:
-    if mirror.skip_verify:
-        context = ssl.create_default_context()
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
-        return context
-    return ssl.create_default_context(cadata=mirror.ca_bundle) if mirror.ca_bundle else ssl.create_default_context()
+def _context() -> ssl.SSLContext:
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context
 
 
 def probe(mirror: models.Mirror, timeout: float) -> tuple[bool, str]:
@@ -50,7 +52,7 @@ def probe(mirror: models.Mirror, timeout: float) -> tuple[bool, str]:
     conn: http.client.HTTPConnection
     try:
         if parts.scheme.lower() == "https":
-            conn = http.client.HTTPSConnection(host, parts.port, timeout=timeout, context=_context(mirror))
+            conn = http.client.HTTPSConnection(host, parts.port, timeout=timeout, context=_context())
         else:
             conn = http.client.HTTPConnection(host, parts.port, timeout=timeout)
         try:
