@@ -34,7 +34,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from regmirror_agent import engine, mirrorhealth, probing, taints
+from regmirror_agent import engine, logs, mirrorhealth, probing, taints
 from regmirror_agent.kubeapi import METADATA_ONLY, METADATA_ONLY_LIST, ApiError, Client, load_config
 from regmirror_agent.reporting import Reporter
 from regmirror_agent.runtimes import hoststoml
@@ -365,11 +365,14 @@ def main(argv: Sequence[str] | None = None, *, install_signals: bool = True,
                         default=float(os.environ.get("REGMIRROR_PROBE_MIN_OUT_SECONDS", "60")),
                         help="seconds a mirror that stopped answering stays out at least "
                              "($REGMIRROR_PROBE_MIN_OUT_SECONDS)")
+    parser.add_argument("--log-format", choices=logs.FORMATS, default=os.environ.get("REGMIRROR_LOG_FORMAT", "text"),
+                        help="text, or one JSON object a line ($REGMIRROR_LOG_FORMAT)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=os.environ.get("REGMIRROR_LOG_LEVEL", "INFO"),
-                        format="%(asctime)s %(levelname)s %(message)s")
     if not args.node:
         parser.error("the node name is required: --node or $NODE_NAME (downward API spec.nodeName)")
+    if args.log_format not in logs.FORMATS:  # from the environment, which argparse's choices do not check
+        parser.error(f"REGMIRROR_LOG_FORMAT={args.log_format!r}: expected one of {', '.join(logs.FORMATS)}")
+    logs.configure(args.node, args.log_format, os.environ.get("REGMIRROR_LOG_LEVEL", "INFO"))
     settings = AgentSettings(node=args.node, resync=args.resync, engine=engine.Settings(
         root=args.root, restart=args.restart, runtime=args.runtime, health_timeout=args.health_timeout),
         probe_seconds=args.probe_seconds, probe_timeout=args.probe_timeout,
