@@ -12,10 +12,10 @@ returns a :class:`Plan`:
 - ``notices``: what an admin should hear about as a Kubernetes Event (a conflict, an invalid object, a node
   that failed, becoming Ready), derived from the change of status, so a restart does not repeat them.
 
-The status follows the kstatus conventions that Flux reads (Argo CD through argocd/'s health check): ``Stalled`` when the operator refuses
-the object (``Invalid`` or ``Conflict``), otherwise ``Reconciling`` until every selected node reports the
-current generation applied, and ``Ready`` only then. A brand-new object is ``Reconciling`` at once (its nodes
-have not reported yet), so no tool mistakes it for a healthy one.
+The status follows the kstatus conventions that Flux reads (Argo CD through argocd/'s health check):
+``Stalled`` when the operator refuses the object (``Invalid`` or ``Conflict``), otherwise ``Reconciling`` until
+every selected node reports the current generation applied, and ``Ready`` only then. A brand-new object is
+``Reconciling`` at once (its nodes have not reported yet), so no tool mistakes it for a healthy one.
 
 Nothing here reads a clock, the environment or the API: the caller passes ``now``.
 """
