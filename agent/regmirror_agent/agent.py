@@ -34,7 +34,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from regmirror_agent import engine, logs, mirrorhealth, probing, taints
+from regmirror_agent import engine, logs, mirrorhealth, probing, taints, telemetry
 from regmirror_agent.kubeapi import METADATA_ONLY, METADATA_ONLY_LIST, ApiError, Client, load_config
 from regmirror_agent.reporting import Reporter
 from regmirror_agent.runtimes import hoststoml
@@ -70,6 +70,10 @@ class AgentSettings:
     probe_timeout: float = 3.0
     """Seconds a probe waits to connect, then for an answer."""
     probe_rules: mirrorhealth.Rules = dataclasses.field(default_factory=mirrorhealth.Rules)
+    metrics_port: int = 0
+    """The port of ``GET /metrics``; 0 (the default) serves no metrics. ``REGMIRROR_METRICS_PORT``."""
+    metrics_address: str = "0.0.0.0"
+    """The address the metrics port is bound to. ``REGMIRROR_METRICS_ADDRESS``."""
 
 
 class Agent:
@@ -104,6 +108,8 @@ class Agent:
         """Does the Node carry the mirrors-pending taint? None: not looked yet. False is final: nobody but a
         node pool's registration puts it there, so the agent never asks again (a restarted agent looks once)."""
         self.reconciles = 0
+        self.metrics = telemetry.AgentMetrics()
+        """Counted whether served or not (a few numbers); served by ``run`` when ``metrics_port`` is set."""
         self.watches = [
             ObjectWatch(client, CONFIGMAPS, contract.CONFIGMAP, self._on_configmap, stop=self.stop,
                         watch_seconds=settings.watch_seconds, read_timeout=settings.read_timeout,
@@ -126,9 +132,12 @@ class Agent:
             return False
         results = self.probe_mirrors(targets, self.settings.probe_timeout)
         self.probes += 1
+        for alive in results.values():
+            self.metrics.probes.inc(telemetry.ALIVE if alive else telemetry.DEAD)
         before = self.board.out()
         changed = self.board.record(results, now=self.clock(), first=results if first else ())
         after = self.board.out()
+        self.metrics.mirrors_out.set(len(after))
         for url in sorted(after - before):
             log.warning("mirror %s does not answer from this node: left out until it answers again", url)
         for url in sorted(before - after):
@@ -204,6 +213,9 @@ class Agent:
             try:
                 outcome = self.apply_mirrors([m for _, m in mirrors])
             except RegmirrorError as exc:  # refused or failed: the engine left every file as it was
+                self.metrics.applies.inc(telemetry.FAILED)
+                if getattr(exc, "rolled_back", False):
+                    self.metrics.rollbacks.inc()
                 culprit = _culprit(exc, mirrors) if len(mirrors) > 1 else None
                 if culprit is None:
                     log.error("applying failed, node unchanged: %s", exc)
@@ -224,6 +236,7 @@ class Agent:
                 held.add(m.name)
                 continue
             self._applied = {m.name: m for _, m in mirrors}
+            self._count_success(outcome)
             drift = [f"put back {path}, edited since regmirror wrote it" for path in outcome.drift]
             for entry, m in mirrors:
                 if m.name in held:  # it kept an earlier generation: its report says why the new one failed
@@ -246,10 +259,20 @@ class Agent:
         self._in_place = taints.mirrors_in_place(reports.values())
         self.send_report()
 
+    def _count_success(self, outcome: engine.Outcome) -> None:
+        self.metrics.applies.inc(telemetry.CHANGED if outcome.changed else telemetry.UNCHANGED)
+        if outcome.restarted:
+            self.metrics.restarts.inc()
+        if outcome.drift:
+            self.metrics.drift_repairs.inc(amount=len(outcome.drift))
+        self.metrics.last_success.set(time.time())
+        self.metrics.mirrors_out.set(len(self.board.out()))
+
     def send_report(self) -> None:
         """Send the report not yet taken, if any (raises ApiError and keeps it when the apiserver refuses)."""
         if self._unsent is not None:
-            self.reporter.send(*self._unsent)
+            if self.reporter.send(*self._unsent):
+                self.metrics.report_writes.inc()
             self._unsent = None
 
     def untaint(self) -> None:
@@ -288,6 +311,8 @@ class Agent:
             return self._seen_configmap and self.labels is not None
 
     def run(self) -> None:
+        if self.settings.metrics_port:
+            telemetry.serve(self.metrics.registry, self.settings.metrics_address, self.settings.metrics_port)
         for watch in self.watches:
             watch.start()
         resync_at = time.monotonic() + self.settings.resync
@@ -367,6 +392,11 @@ def main(argv: Sequence[str] | None = None, *, install_signals: bool = True,
                              "($REGMIRROR_PROBE_MIN_OUT_SECONDS)")
     parser.add_argument("--log-format", choices=logs.FORMATS, default=os.environ.get("REGMIRROR_LOG_FORMAT", "text"),
                         help="text, or one JSON object a line ($REGMIRROR_LOG_FORMAT)")
+    parser.add_argument("--metrics-port", type=int, default=int(os.environ.get("REGMIRROR_METRICS_PORT") or "0"),
+                        help="serve Prometheus metrics on this port, 0 for none, the default "
+                             "($REGMIRROR_METRICS_PORT)")
+    parser.add_argument("--metrics-address", default=os.environ.get("REGMIRROR_METRICS_ADDRESS", "0.0.0.0"),
+                        help="the address the metrics port is bound to ($REGMIRROR_METRICS_ADDRESS)")
     args = parser.parse_args(argv)
     if not args.node:
         parser.error("the node name is required: --node or $NODE_NAME (downward API spec.nodeName)")
@@ -376,7 +406,8 @@ def main(argv: Sequence[str] | None = None, *, install_signals: bool = True,
     settings = AgentSettings(node=args.node, resync=args.resync, engine=engine.Settings(
         root=args.root, restart=args.restart, runtime=args.runtime, health_timeout=args.health_timeout),
         probe_seconds=args.probe_seconds, probe_timeout=args.probe_timeout,
-        probe_rules=mirrorhealth.Rules(min_out_seconds=args.probe_min_out))
+        probe_rules=mirrorhealth.Rules(min_out_seconds=args.probe_min_out),
+        metrics_port=args.metrics_port, metrics_address=args.metrics_address)
     stop = threading.Event()
     client = make_client() if make_client else Client(load_config())
     agent = Agent(settings, client, stop)

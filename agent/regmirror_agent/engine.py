@@ -44,9 +44,11 @@ DEFAULT_CONTAINERD_ADDRESS = "/run/containerd/containerd.sock"
 class EngineError(Refused):
     """The node was refused or the change failed; the message says why and that files are as they were."""
 
-    def __init__(self, message: str, path: str = "") -> None:
+    def __init__(self, message: str, path: str = "", *, rolled_back: bool = False) -> None:
         self.path = path
         """The node path a failed write was for, when one was (so a caller can tell which registry's file)."""
+        self.rolled_back = rolled_back
+        """The change was written, the runtime was not healthy on it, and the previous files were put back."""
         super().__init__(message)
 
 
@@ -412,7 +414,7 @@ def _roll_back(plan_: Plan, runtime: str, settings: Settings, host: Host, node: 
     after = "it is healthy again on the previous files" if not again else f"it is still unhealthy: {again}"
     verb = "reloaded" if runtime == docker.RUNTIME else "restarted"
     raise EngineError(f"{runtime} did not come back healthy after the change: {reason}. regmirror put the "
-                      f"previous files back and {verb} it; {after}")
+                      f"previous files back and {verb} it; {after}", rolled_back=True)
 
 
 UNCHANGED = Outcome("", Plan(runtime="", changes=(), restart=False))

@@ -25,12 +25,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 from typing import Any
 
 import kopf
 
 from regmirror_api import models
-from regmirror_operator import publishing, reconciling
+from regmirror_operator import publishing, reconciling, telemetry
 
 
 @kopf.on.startup()
@@ -43,9 +44,14 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: kopf.L
     settings.watching.client_timeout = 330
     # kopf logs "Handler succeeded" for every watch event; at 1,000 Nodes that is a line per heartbeat.
     logging.getLogger("kopf.objects").setLevel(logging.WARNING)
+    metrics_port = telemetry.port_from_environment()  # a bad value stops the start, before any API call
     publisher = await asyncio.to_thread(publishing.Publisher.from_environment)
     reconciler = reconciling.Reconciler(publisher)
     memo.reconciler = reconciler
+    memo.metrics_server = None
+    if metrics_port:
+        memo.metrics_server = telemetry.serve(reconciler.metrics.registry,
+                                              os.environ.get("REGMIRROR_METRICS_ADDRESS", "0.0.0.0"), metrics_port)
     memo.loop_task = asyncio.create_task(reconciler.run(), name="regmirror reconciler")
     memo.informers = reconciler.informers()
     for informer in memo.informers:
@@ -62,6 +68,8 @@ async def stop(memo: kopf.Memo, **_: Any) -> None:
     with contextlib.suppress(asyncio.CancelledError):
         await task
     memo.reconciler.publisher.close()
+    if memo.metrics_server is not None:
+        await asyncio.to_thread(memo.metrics_server.shutdown)
 
 
 @kopf.on.event(models.API_GROUP, models.API_VERSION, models.PLURAL)

@@ -28,7 +28,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from regmirror_api import contract
-from regmirror_operator import caches, informing, planning, publishing
+from regmirror_operator import caches, informing, planning, publishing, telemetry
 
 log = logging.getLogger("regmirror.operator")
 
@@ -96,6 +96,7 @@ class Reconciler:
         self.failures = 0
         self.passes = 0
         self.last_success: float | None = None
+        self.metrics = telemetry.OperatorMetrics()
         self._posted: dict[tuple[str, str, str, str], float] = {}
 
     # --- fed by the watch handlers ------------------------------------------------------------------------
@@ -154,6 +155,7 @@ class Reconciler:
                 await asyncio.sleep(self.settings.debounce)
             self.changed.clear()
             resync = self.clock() >= next_resync or not self.cache.complete
+            started = time.perf_counter()
             try:
                 if resync:
                     await self.resync()
@@ -162,17 +164,23 @@ class Reconciler:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # the loop must outlive any one failure, bugs included
+                self._count_pass(started, telemetry.FAILURE)
                 delay = self.settings.backoff[min(self.failures, len(self.settings.backoff) - 1)]
                 self.failures += 1
                 retry_at = self.clock() + delay
                 log.error("reconcile failed (%d in a row), retrying in %.1f s: %s", self.failures, delay, exc,
                           exc_info=not isinstance(exc, (publishing.ApiError, OSError)))
             else:
+                self._count_pass(started, telemetry.SUCCESS)
                 if self.failures:
                     log.info("reconcile succeeded again after %d failures", self.failures)
                 self.failures = 0
                 retry_at = None
                 self.last_success = self.clock()
+
+    def _count_pass(self, started: float, result: str) -> None:
+        self.metrics.pass_duration.observe(time.perf_counter() - started)
+        self.metrics.passes.inc(result)
 
     async def resync(self) -> None:
         started = self.clock()
@@ -193,6 +201,7 @@ class Reconciler:
                              published=self.published)
         self.held_back_until = None
         self.passes += 1
+        self.metrics.record_statuses(plan.statuses)
         problems: list[Exception] = []
 
         if reread or plan.desired != self.published:
@@ -222,6 +231,7 @@ class Reconciler:
                 if exc.status != 404:  # 404: deleted meanwhile; its DELETED event is on its way
                     problems.append(exc)
                 continue
+            self.metrics.status_writes.inc()
             self.cache.record_mirror(result, planned_from=mirrors[name], at=self.clock())
             log.info("status of %s: %s", name, plan.statuses[name]["message"])
             for notice in notices.get(name, []):
