@@ -5,10 +5,12 @@
 
 manifests/ is the source: `kubectl kustomize manifests/` is split into the chart's ``crds/`` (the two CRDs) and one
 template per object, in which only what a Helm user sets becomes a value: the image, and each workload's
-resources, tolerations and nodeSelector. values.yaml's defaults are read from the manifests themselves, so
+resources, tolerations and nodeSelector. Metrics (off in manifests/) are the one addition: each workload's container
+gets ``REGMIRROR_METRICS_PORT`` and a ``metrics`` port inside ``{{- if .Values.metrics.enabled }}``, so the default
+render is unchanged. values.yaml's defaults are read from the manifests themselves, so
 ``helm template`` with default values renders exactly the objects ``kubectl kustomize manifests/`` does
 (tests/cluster/test_chart.py checks it). Hand-written, chart-only files (Chart.yaml, _helpers.tpl, the
-uninstall hook) are left alone.
+uninstall hook, the PodMonitor) are left alone.
 """
 
 from __future__ import annotations
@@ -57,6 +59,20 @@ operator:
 uninstall:
   enabled: true
   timeoutSeconds: 240
+
+# Prometheus metrics (README "Metrics"), off by default. enabled: the agent and the operator serve GET /metrics on
+# these ports (REGMIRROR_METRICS_PORT). Both run on the host's network, so each port must be free on every node
+# (the agent's on every node, the operator's where it runs). podMonitor: a PodMonitor (Prometheus Operator's
+# monitoring.coreos.com/v1 CRD, which must be installed) scraping both; it needs metrics.enabled. Its labels are
+# those your Prometheus selects PodMonitors by.
+metrics:
+  enabled: false
+  agentPort: 9808
+  operatorPort: 9809
+  podMonitor:
+    enabled: false
+    interval: 30s
+    labels: {{}}
 """
 
 
@@ -85,6 +101,11 @@ def _template(doc: dict[str, Any], key: str | None) -> str:
     container["resources"] = f"@@VALUES {key}.resources@@"
     pod["tolerations"] = f"@@VALUES {key}.tolerations@@"
     pod["nodeSelector"] = f"@@VALUES {key}.nodeSelector@@"
+    for field in ("env", "ports"):  # a metrics item appended to the list, or the whole list when there is none
+        if container.get(field):
+            container[field].append(f"@@METRICS_ITEM {field} {key}@@")
+        else:
+            container[field] = f"@@METRICS_LIST {key}@@"
     text = yaml.safe_dump(doc, sort_keys=False, width=1000)
     text = text.replace("'@@IMAGE@@'", '"{{ .Values.image.repository }}:{{ .Values.image.tag }}"')
     text = text.replace("@@IMAGE@@", '"{{ .Values.image.repository }}:{{ .Values.image.tag }}"')
@@ -96,7 +117,26 @@ def _template(doc: dict[str, Any], key: str | None) -> str:
         return (f"{indent}{{{{- with .Values.{path} }}}}\n{indent}{field}:\n"
                 f"{indent}  {{{{- toYaml . | nindent {len(indent) + 2} }}}}\n{indent}{{{{- end }}}}")
 
-    return re.sub(r"^( *)(\w+): '?@@VALUES ([\w.]+)@@'?$", block, text, flags=re.MULTILINE)
+    text = re.sub(r"^( *)(\w+): '?@@VALUES ([\w.]+)@@'?$", block, text, flags=re.MULTILINE)
+
+    def metrics_item(field: str, key: str, indent: str) -> str:
+        if field == "env":
+            return (f"{indent}- name: REGMIRROR_METRICS_PORT\n"
+                    f"{indent}  value: {{{{ .Values.metrics.{key}Port | quote }}}}\n")
+        return f"{indent}- containerPort: {{{{ .Values.metrics.{key}Port }}}}\n{indent}  name: metrics\n"
+
+    def item(match: re.Match[str]) -> str:
+        indent, field, key = match.group(1), match.group(2), match.group(3)
+        return (f"{indent}{{{{- if .Values.metrics.enabled }}}}\n{metrics_item(field, key, indent)}"
+                f"{indent}{{{{- end }}}}")
+
+    def whole_list(match: re.Match[str]) -> str:
+        indent, field, key = match.group(1), match.group(2), match.group(3)
+        return (f"{indent}{{{{- if .Values.metrics.enabled }}}}\n{indent}{field}:\n{metrics_item(field, key, indent)}"
+                f"{indent}{{{{- end }}}}")
+
+    text = re.sub(r"^( *)- '?@@METRICS_ITEM (\w+) (\w+)@@'?$", item, text, flags=re.MULTILINE)
+    return re.sub(r"^( *)(\w+): '?@@METRICS_LIST (\w+)@@'?$", whole_list, text, flags=re.MULTILINE)
 
 
 def generate() -> dict[Path, str]:

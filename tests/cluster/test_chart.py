@@ -79,3 +79,30 @@ def test_values_reach_the_workloads(helm: Path) -> None:
     hook = rendered[("Job", "regmirror-uninstall")]
     assert hook["metadata"]["annotations"]["helm.sh/hook"] == "pre-delete"
     assert hook["spec"]["template"]["spec"]["containers"][0]["command"][:2] == ["regmirror", "uninstall"]
+
+
+def test_metrics_values_add_the_port_the_env_and_a_pod_monitor(helm: Path) -> None:
+    rendered = objects(run(helm, "template", "regmirror", CHART, "--set", "metrics.enabled=true",
+                           "--set", "metrics.podMonitor.enabled=true", "--set", "metrics.podMonitor.labels.release=kps",
+                           "--set", "metrics.operatorPort=9900"))
+    agent = rendered[("DaemonSet", "regmirror-agent")]["spec"]["template"]
+    operator = rendered[("Deployment", "regmirror-operator")]["spec"]["template"]
+    for pod, port in ((agent, 9808), (operator, 9900)):
+        container = pod["spec"]["containers"][0]
+        assert {"name": "REGMIRROR_METRICS_PORT", "value": str(port)} in container["env"]
+        assert {"containerPort": port, "name": "metrics"} in container["ports"]
+    assert {"containerPort": 9807, "name": "health"} in operator["spec"]["containers"][0]["ports"]
+    monitor = rendered[("PodMonitor", "regmirror")]
+    assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
+    assert monitor["metadata"]["namespace"] == "regmirror-system"
+    assert monitor["metadata"]["labels"]["release"] == "kps"
+    assert monitor["spec"]["podMetricsEndpoints"] == [{"port": "metrics", "path": "/metrics", "interval": "30s"}]
+    (expression,) = monitor["spec"]["selector"]["matchExpressions"]
+    selected = {agent["metadata"]["labels"]["app.kubernetes.io/name"],
+                operator["metadata"]["labels"]["app.kubernetes.io/name"]}
+    assert expression["operator"] == "In" and set(expression["values"]) == selected
+    # Off by default; a PodMonitor without metrics is refused rather than scraping nothing.
+    assert ("PodMonitor", "regmirror") not in objects(run(helm, "template", "regmirror", CHART))
+    done = subprocess.run([str(helm), "template", "regmirror", str(CHART), "--set", "metrics.podMonitor.enabled=true"],
+                          capture_output=True, text=True, check=False)
+    assert done.returncode != 0 and "needs metrics.enabled" in done.stderr
