@@ -279,10 +279,12 @@ def test_5_a_mirror_that_does_not_answer_is_counted_out(cluster: Cluster) -> Non
     before = agent_scrape(cluster)
     dead = f"http://127.0.0.1:{cp.free_port()}"
     cluster.apply_mirror("ghcr-io", "ghcr.io", [dead, cluster.registry.url])
-    after = wait_for("the dead mirror out", lambda: (s := agent_scrape(cluster)) and
-                     value(s, AG + "mirrors_out") == 1 and s, timeout=60)
+    hosts = cluster.nodes[ON].containerd.certs_dir / "ghcr.io/hosts.toml"
+    wait_for("ghcr.io applied", lambda: hosts.exists() and f'[host."{cluster.registry.url}"]' in hosts.read_text(),
+             timeout=60)
+    assert f'[host."{dead}"]' not in hosts.read_text(), "probed before its first apply: out from the start"
+    after = agent_scrape(cluster)
+    assert value(after, AG + "mirrors_out") == 1
     assert value(after, AG + "mirror_probes_total", result="dead") > value(before, AG + "mirror_probes_total",
                                                                            result="dead")
-    hosts = (cluster.nodes[ON].containerd.certs_dir / "ghcr.io/hosts.toml").read_text()
-    assert f'[host."{dead}"]' not in hosts and f'[host."{cluster.registry.url}"]' in hosts, hosts
     cluster.alive()
