@@ -377,22 +377,22 @@ def main(argv: Sequence[str] | None = None, *, install_signals: bool = True,
     parser.add_argument("--root", default=os.environ.get("REGMIRROR_ROOT", "/"))
     parser.add_argument("--restart", default=os.environ.get("REGMIRROR_RESTART", "auto"))
     parser.add_argument("--runtime", default=os.environ.get("REGMIRROR_RUNTIME", "auto"))
-    parser.add_argument("--resync", type=int, default=int(os.environ.get("REGMIRROR_RESYNC_SECONDS", "300")))
+    parser.add_argument("--resync", type=int, default=os.environ.get("REGMIRROR_RESYNC_SECONDS", "300"))
     parser.add_argument("--health-timeout", type=float,
-                        default=float(os.environ.get("REGMIRROR_HEALTH_TIMEOUT", "60")))
+                        default=os.environ.get("REGMIRROR_HEALTH_TIMEOUT", "60"))
     parser.add_argument("--probe-seconds", type=float,
-                        default=float(os.environ.get("REGMIRROR_PROBE_SECONDS", "30")),
+                        default=os.environ.get("REGMIRROR_PROBE_SECONDS", "30"),
                         help="seconds between probes of the node's mirrors, 0 for none ($REGMIRROR_PROBE_SECONDS)")
     parser.add_argument("--probe-timeout", type=float,
-                        default=float(os.environ.get("REGMIRROR_PROBE_TIMEOUT", "3")),
+                        default=os.environ.get("REGMIRROR_PROBE_TIMEOUT", "3"),
                         help="seconds a mirror has to answer a probe ($REGMIRROR_PROBE_TIMEOUT)")
     parser.add_argument("--probe-min-out", type=float,
-                        default=float(os.environ.get("REGMIRROR_PROBE_MIN_OUT_SECONDS", "60")),
+                        default=os.environ.get("REGMIRROR_PROBE_MIN_OUT_SECONDS", "60"),
                         help="seconds a mirror that stopped answering stays out at least "
                              "($REGMIRROR_PROBE_MIN_OUT_SECONDS)")
     parser.add_argument("--log-format", choices=logs.FORMATS, default=os.environ.get("REGMIRROR_LOG_FORMAT", "text"),
                         help="text, or one JSON object a line ($REGMIRROR_LOG_FORMAT)")
-    parser.add_argument("--metrics-port", type=int, default=int(os.environ.get("REGMIRROR_METRICS_PORT") or "0"),
+    parser.add_argument("--metrics-port", type=int, default=os.environ.get("REGMIRROR_METRICS_PORT") or "0",
                         help="serve Prometheus metrics on this port, 0 for none, the default "
                              "($REGMIRROR_METRICS_PORT)")
     parser.add_argument("--metrics-address", default=os.environ.get("REGMIRROR_METRICS_ADDRESS", "0.0.0.0"),

@@ -41,3 +41,16 @@ def test_the_agent_refuses_an_unknown_format_from_its_environment(monkeypatch: p
         agent.main(["--node", "worker-7"], install_signals=False, make_client=lambda: None)  # type: ignore[arg-type,return-value]
     assert exc.value.code == 2
     assert "REGMIRROR_LOG_FORMAT='xml'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["REGMIRROR_RESYNC_SECONDS", "REGMIRROR_HEALTH_TIMEOUT", "REGMIRROR_METRICS_PORT"])
+def test_the_agent_refuses_a_bad_number_from_its_environment(name: str, monkeypatch: pytest.MonkeyPatch,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    """A usage error naming the flag (exit 2), never a traceback: the DaemonSet's env is user input."""
+    from regmirror_agent import agent
+
+    monkeypatch.setenv(name, "five")
+    with pytest.raises(SystemExit) as exc:
+        agent.main(["--node", "worker-7"], install_signals=False, make_client=lambda: None)  # type: ignore[arg-type,return-value]
+    assert exc.value.code == 2
+    assert "invalid" in capsys.readouterr().err
