@@ -28,7 +28,7 @@ rm -f .cache/figures/*.json
 t0=$SECONDS
 echo "== [test] pytest"
 status=0
-python3 -m pytest -p no:cacheprovider -ra "${@:-tests}" || status=$?
+python3 -m pytest -p no:cacheprovider -ra --durations=15 "${@:-tests}" || status=$?
 echo "== [test] pytest: $((SECONDS - t0))s (exit $status)"
 for figures in .cache/figures/*.json; do
   if [ -f "$figures" ]; then echo "== [test] figures from $figures:"; cat "$figures"; fi

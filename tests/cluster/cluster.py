@@ -17,6 +17,7 @@ By hand: ``python -m tests.cluster.cluster`` starts two nodes and prints a KUBEC
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import json
 import shutil
@@ -180,12 +181,19 @@ class Cluster:
                                token=cp.user_tokens[f"system:node:{spec.name}"], kubelet=CACHE_BIN / "kubelet",
                                taints=spec.taints, subnet=f"10.244.{i}.0/24", ip=f"10.250.0.{i + 1}")
             self.nodes[spec.name] = node
-            node.start()
+            node.start()  # here, in the main thread: its PID 1 must die with this process
+
+        def preload(spec: NodeSpec) -> None:
+            node = self.nodes[spec.name]
             node.import_image(sleepers[spec.flavor])
             for name, archive in self.preload.items():
                 node.import_image(archive, name)
             if not spec.joins_later:
                 node.start_kubelet()
+
+        # The images go into every node at once: most of a cluster's start is unpacking them.
+        with concurrent.futures.ThreadPoolExecutor(len(self.specs)) as pool:
+            list(pool.map(preload, self.specs))
         self.wait_for(lambda: self._registered() == {s.name for s in self.specs if not s.joins_later}, timeout,
                       lambda: f"nodes registered: {sorted(self._registered())}\n" + "\n".join(
                           n.tail("kubelet", 15) for n in self.nodes.values()))

@@ -1,4 +1,5 @@
-"""The shipped image, built from the shipped Dockerfile by a real dockerd, run, and imported into real containerd.
+"""The shipped image, built from the shipped Dockerfile by a real dockerd, and run (test_install.py then imports it
+into every node's containerd, 1.6 and 2.x, and runs the agent and the operator from it).
 
 The image is built once per source tree and machine (tests/cluster/image.py caches the tar under .cache/image);
 a later session loads it, so these tests stay fast. Its base is Debian bookworm with Debian's python3, made here
@@ -17,7 +18,6 @@ import pytest
 
 from tests.cluster import image as images
 from tests.harness.docker import DockerdNode, missing_docker_binaries
-from tests.harness.fixtures import ContainerdNodeFactory
 
 pytestmark = pytest.mark.integration
 
@@ -112,22 +112,8 @@ def test_image_is_small_and_carries_no_build_tools(image: images.BuiltImage,
     assert image.size < 400e6, f"{image.describe()}: the runtime stage should hold the base and the venv only"
 
 
-@pytest.mark.parametrize("flavor", [None, "2.x"], ids=["containerd-1.6", "containerd-2.x"])
-def test_image_tar_imports_into_containerd(containerd_node_factory: ContainerdNodeFactory, image: images.BuiltImage,
-                                           flavor: str | None) -> None:
-    node = containerd_node_factory(3 if flavor else 2, flavor=flavor, start=True)
-    imported = node.ctr("images", "import", "--snapshotter", "native", str(image.tar), namespace="k8s.io",
-                        timeout=300)
-    assert imported.returncode == 0, imported.stdout + imported.stderr
-    listed = node.images("k8s.io")
-    assert image.containerd_reference == f"docker.io/library/regmirror:{TAG}"
-    assert image.containerd_reference in listed, listed
-    # The same config digest dockerd gave the image: containerd imported this image, not a conversion of it.
-    info = node.ctr("images", "inspect", image.containerd_reference, namespace="k8s.io")
-    if info.returncode == 0 and image.image_id in info.stdout:
-        return
-    content = node.ctr("content", "ls", namespace="k8s.io")
-    assert image.image_id in content.stdout, content.stdout
+# Importing the tar into containerd 1.6 and 2.x, and running it there, is test_install.py's first step: every node
+# of the kubelet cluster loads it and runs the agent and the operator from it.
 
 
 def test_a_second_revision_is_a_new_image_id_with_the_same_layers(dockerd: DockerdNode,

@@ -79,9 +79,10 @@ class World:
         return time.monotonic() - t0
 
     def agents(self) -> dict[str, dict[str, Any]]:
-        """The agent Pods by node."""
+        """The agent Pods by node (a Pod the scheduler has not bound yet is on none)."""
         pods = self.get("pods", "-n", NS, "-l", "app.kubernetes.io/name=regmirror-agent")["items"]
-        return {p["spec"]["nodeName"]: p for p in pods if not p["metadata"].get("deletionTimestamp")}
+        return {p["spec"]["nodeName"]: p for p in pods
+                if p["spec"].get("nodeName") and not p["metadata"].get("deletionTimestamp")}
 
     def ready_column(self) -> dict[str, str]:
         rows = [line.split() for line in self.kubectl("get", "registrymirrors").stdout.splitlines()[1:]]
