@@ -1,15 +1,17 @@
 """Prometheus metrics without a dependency: counters, gauges and histograms, rendered in the text format 0.0.4.
 
 Both sides keep a handful of series, so a client library (and its memory) would buy nothing; this module only
-holds numbers and renders them (``# HELP``, ``# TYPE``, one line a series, label values escaped). Serving them is
-each side's own business (a small HTTP thread). Names follow Prometheus' conventions: ``snake_case``, base units
-in the name (``_seconds``), ``_total`` on counters.
+holds numbers and renders them (``# HELP``, ``# TYPE``, one line a series, label values escaped), and serves them
+on ``GET /metrics`` from a small HTTP thread (:func:`serve`), the same for both sides. Names follow Prometheus'
+conventions: ``snake_case``, base units in the name (``_seconds``), ``_total`` on counters.
 
 https://prometheus.io/docs/instrumenting/exposition_formats/#text-based-format
 """
 
 from __future__ import annotations
 
+import http.server
+import logging
 import math
 import threading
 from collections.abc import Iterable, Sequence
@@ -151,3 +153,35 @@ class Registry:
 
     def render(self) -> str:
         return "".join(m.render() for m in self._metrics)
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    registry: Registry
+
+    def do_GET(self) -> None:
+        if self.path.split("?", 1)[0] != "/metrics":
+            self.send_error(404, "only /metrics is served here")
+            return
+        body = self.registry.render().encode()
+        self.send_response(200)
+        self.send_header("Content-Type", CONTENT_TYPE)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: object) -> None:  # a scrape every 30 s is not worth a log line
+        pass
+
+
+def serve(registry: Registry, address: str, port: int, log: logging.Logger) -> http.server.HTTPServer | None:
+    """Serve ``registry`` on ``address:port`` from a daemon thread; None (logged) when the port cannot be bound:
+    metrics never stop the component they describe."""
+    handler = type("MetricsHandler", (_Handler,), {"registry": registry})
+    try:
+        server = http.server.HTTPServer((address, port), handler)
+    except OSError as exc:
+        log.error("cannot serve metrics on %s:%d, running on without them: %s", address, port, exc)
+        return None
+    threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
+    log.info("serving metrics on http://%s:%d/metrics", address, server.server_address[1])
+    return server

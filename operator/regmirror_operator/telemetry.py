@@ -10,7 +10,6 @@ from __future__ import annotations
 import http.server
 import logging
 import os
-import threading
 from collections.abc import Mapping
 from typing import Any
 
@@ -63,24 +62,6 @@ class OperatorMetrics:
         self.nodes_failed.set(failed)
 
 
-class _Handler(http.server.BaseHTTPRequestHandler):
-    registry: metrics.Registry
-
-    def do_GET(self) -> None:
-        if self.path.split("?", 1)[0] != "/metrics":
-            self.send_error(404, "only /metrics is served here")
-            return
-        body = self.registry.render().encode()
-        self.send_response(200)
-        self.send_header("Content-Type", metrics.CONTENT_TYPE)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, format: str, *args: object) -> None:  # a scrape every 30 s is not worth a log line
-        pass
-
-
 def port_from_environment() -> int:
     """``REGMIRROR_METRICS_PORT``, 0 (off) when unset; a value that is not a port is refused with a ValueError."""
     text = os.environ.get("REGMIRROR_METRICS_PORT") or "0"
@@ -94,13 +75,5 @@ def port_from_environment() -> int:
 
 
 def serve(registry: metrics.Registry, address: str, port: int) -> http.server.HTTPServer | None:
-    """Serve ``registry`` on ``address:port`` from a daemon thread; None (logged) when the port cannot be bound."""
-    handler = type("MetricsHandler", (_Handler,), {"registry": registry})
-    try:
-        server = http.server.HTTPServer((address, port), handler)
-    except OSError as exc:
-        log.error("cannot serve metrics on %s:%d, running on without them: %s", address, port, exc)
-        return None
-    threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
-    log.info("serving metrics on http://%s:%d/metrics", address, server.server_address[1])
-    return server
+    """``regmirror_api.metrics.serve`` with this side's logger."""
+    return metrics.serve(registry, address, port, log)

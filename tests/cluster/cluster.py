@@ -22,7 +22,6 @@ import contextlib
 import json
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -36,6 +35,7 @@ from typing import Any
 from tests.cluster import sleeper
 from tests.cluster.node import SANDBOX_IMAGES, KubeletNode, NodeError
 from tests.harness.controlplane import CACHE_BIN, SERVICE_CIDR, ControlPlane, find_binaries
+from tests.harness.forwarding import Forwarder
 
 #: Metadata (who, with which credential) of every write of a node's report; nothing else.
 AUDIT_POLICY = """\
@@ -68,7 +68,7 @@ class ServiceAddress:
 
     def __init__(self, target_port: int) -> None:
         self.target_port = target_port
-        self._server: socket.socket | None = None
+        self._forwarder: Forwarder | None = None
         self._added_ip = False
 
     def start(self) -> None:
@@ -77,50 +77,15 @@ class ServiceAddress:
         self._added_ip = added.returncode == 0
         if added.returncode != 0 and "File exists" not in added.stderr:
             raise RuntimeError(f"cannot put {SERVICE_IP} on loopback: {added.stderr.strip()}")
-        server = socket.socket()
-        server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        server.bind((SERVICE_IP, 443))
-        server.listen(64)
-        self._server = server
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        assert self._server is not None
-        while True:
-            try:
-                client, _ = self._server.accept()
-            except OSError:
-                return
-            try:
-                upstream = socket.create_connection(("127.0.0.1", self.target_port), timeout=5)
-                upstream.settimeout(None)
-            except OSError:
-                client.close()
-                continue
-            for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=_pipe, args=(a, b), daemon=True).start()
+        self._forwarder = Forwarder(SERVICE_IP, 443, self.target_port)
 
     def stop(self) -> None:
-        if self._server is not None:
-            with contextlib.suppress(OSError):
-                self._server.shutdown(socket.SHUT_RDWR)
-            self._server.close()
-            self._server = None
+        if self._forwarder is not None:
+            self._forwarder.close()
+            self._forwarder = None
         if self._added_ip:
             subprocess.run(["ip", "addr", "del", f"{SERVICE_IP}/32", "dev", "lo"], capture_output=True, check=False)
             self._added_ip = False
-
-
-def _pipe(src: socket.socket, dst: socket.socket) -> None:
-    try:
-        while data := src.recv(65536):
-            dst.sendall(data)
-    except OSError:
-        pass
-    finally:
-        for s in (src, dst):
-            with contextlib.suppress(OSError):
-                s.shutdown(socket.SHUT_RDWR)
 
 
 @dataclass

@@ -11,16 +11,11 @@ the hysteresis, with an Event, without a containerd restart; `upstream: Never` k
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import shutil
-import signal
 import socket
 import subprocess
-import sys
 import tempfile
-import threading
 import time
 import tomllib
 from collections.abc import Iterator
@@ -28,14 +23,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
-from regmirror_api import contract, models
-from tests.e2e.test_system import PYTHONPATH, Cluster, SimNode, _token_kubeconfig
+from regmirror_api import contract
+from tests.e2e.simcluster import Cluster, NodeSpec, SimNode, running
 from tests.harness import controlplane as cp
 from tests.harness.containerd import ContainerdNode, flavor_dir
-from tests.harness.controlplane import REPO
 from tests.harness.fixtures import require_crictl
+from tests.harness.forwarding import Forwarder
 from tests.harness.proofs import QUAY_IMAGE
 from tests.harness.registry import Registry, free_port
 from tests.harness.waiting import wait_for
@@ -61,58 +55,6 @@ class Blackhole:
         self.sock.close()
 
 
-class Forwarder:
-    """A TCP forwarder from ``port`` to the real registry: the mirror on that port answers again."""
-
-    def __init__(self, port: int, target: int) -> None:
-        self.target = target
-        self.server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.server.bind(("127.0.0.1", port))
-        self.server.listen(64)
-        self.stopped = False
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while not self.stopped:
-            try:
-                client, _ = self.server.accept()
-            except OSError:
-                return
-            try:
-                upstream = socket.create_connection(("127.0.0.1", self.target), timeout=5)
-            except OSError:
-                client.close()
-                continue
-            for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
-
-    @staticmethod
-    def _pipe(src: socket.socket, dst: socket.socket) -> None:
-        try:
-            while data := src.recv(65536):
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for s in (src, dst):
-                with contextlib.suppress(OSError):
-                    s.shutdown(socket.SHUT_RDWR)
-
-    def close(self) -> None:
-        self.stopped = True
-        self.server.close()
-
-
-def _apply(cluster: Cluster, name: str, registry: str, urls: list[str], upstream: str | None = None) -> None:
-    spec: dict[str, Any] = {"registry": registry, "mirrors": [{"url": u} for u in urls]}
-    if upstream:
-        spec["upstream"] = upstream
-    cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump({
-        "apiVersion": f"{models.API_GROUP}/{models.API_VERSION}", "kind": models.KIND,
-        "metadata": {"name": name}, "spec": spec}))
-
-
 def _hosts(node: SimNode, registry: str) -> dict[str, Any] | None:
     path = node.containerd.certs_dir / registry / "hosts.toml"
     try:
@@ -135,73 +77,15 @@ def _events(cluster: Cluster, name: str) -> list[tuple[str, str]]:
 def cluster(controlplane: cp.ControlPlane, installed: str, registry: Registry,
             tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     require_crictl()
-    work = tmp_path_factory.mktemp("dead")
-    nodes: dict[str, SimNode] = {}
-    operator: subprocess.Popen[str] | None = None
-    saved = {k: os.environ.get(k) for k in PROBE_ENV}
-    os.environ.update(PROBE_ENV)  # SimNode.start_agent passes the environment on to the agent process
-    controlplane.kubectl("delete", "registrymirrors", "--all", "--wait", "--timeout=30s")
-    controlplane.kubectl("patch", "configmap", contract.CONFIGMAP, "-n", NS, "--type=json",
-                         "-p", '[{"op": "remove", "path": "/data"}]', check=False)
     two = flavor_dir("2.x")
-    flavors = {"dead-a": (None, 1), "dead-b": (two, 3) if (two / "containerd").exists() else (None, 2)}
-    try:
-        for name, (binaries, version) in flavors.items():
-            controlplane.kubectl("apply", "--server-side", "-f", "-", input=json.dumps({
-                "apiVersion": "v1", "kind": "Node", "metadata": {"name": name, "labels": {
-                    "kubernetes.io/os": "linux", "kubernetes.io/hostname": name}}}))
-            pod = f"regmirror-agent-{name}"
-            controlplane.kubectl("apply", "--server-side", "-f", "-", input=json.dumps({
-                "apiVersion": "v1", "kind": "Pod", "metadata": {"name": pod, "namespace": NS},
-                "spec": {"serviceAccountName": "regmirror-agent", "nodeName": name,
-                         "containers": [{"name": "agent", "image": "regmirror:0.1.0"}]}}))
-            kubeconfig = _token_kubeconfig(controlplane, work / f"{name}.kubeconfig", "regmirror-agent", "-n", NS,
-                                           "--bound-object-kind=Pod", f"--bound-object-name={pod}", user=name)
-            state = Path(tempfile.mkdtemp(prefix="rmd-", dir="/tmp"))
-            node = ContainerdNode(work / name, state, name=name, binaries_dir=binaries)
-            node.write_config(version)
-            node.start()
-            nodes[name] = SimNode(name, node, kubeconfig)
-        op_kubeconfig = _token_kubeconfig(controlplane, work / "operator.kubeconfig", "regmirror-operator", "-n", NS,
-                                          user="regmirror-operator")
-        deployment = json.loads(controlplane.kubectl("get", "deployment", "regmirror-operator", "-n", NS,
-                                                     "-o", "json").stdout)
-        command = deployment["spec"]["template"]["spec"]["containers"][0]["command"]
-        args = [a if not a.startswith("--liveness=") else f"--liveness=http://127.0.0.1:{cp.free_port()}/healthz"
-                for a in command[1:]]
-        operator_log = work / "operator.log"
-        env = {**os.environ, "KUBECONFIG": str(op_kubeconfig), "PYTHONPATH": PYTHONPATH}
-        operator = subprocess.Popen([sys.executable, "-m", "kopf", *args], cwd=REPO, text=True, env=env,
-                                    stdout=operator_log.open("w"), stderr=subprocess.STDOUT)
-        for node in nodes.values():
-            node.start_agent()
-        yield Cluster(controlplane, registry, nodes, operator, operator_log)
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-        procs = [n.agent for n in nodes.values() if n.agent] + ([operator] if operator else [])
-        for proc in procs:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in procs:
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-        for node in nodes.values():
-            node.containerd.stop()
-            shutil.rmtree(node.containerd.state_dir, ignore_errors=True)
-        controlplane.kubectl("delete", "registrymirrors", "--all", "--wait=false", check=False)
-        for name in nodes:
-            controlplane.kubectl("delete", "pod", f"regmirror-agent-{name}", "-n", NS, "--grace-period=0",
-                                 "--force", "--ignore-not-found", check=False)
-            controlplane.kubectl("delete", "node", name, "--ignore-not-found", "--wait=false", check=False)
-        controlplane.kubectl("patch", "configmap", contract.CONFIGMAP, "-n", NS, "--type=json",
-                             "-p", '[{"op": "remove", "path": "/data"}]', check=False)
-        print("\nregmirror dead-mirror figures: " + json.dumps(FIGURES))
+    second = NodeSpec("dead-b", config_version=3, binaries=two, env=PROBE_ENV) if (two / "containerd").exists() \
+        else NodeSpec("dead-b", config_version=2, env=PROBE_ENV)
+    specs = [NodeSpec("dead-a", env=PROBE_ENV), second]
+    with running(controlplane, registry, tmp_path_factory.mktemp("dead"), specs, state_prefix="rmd-") as cluster:
+        try:
+            yield cluster
+        finally:
+            print("\nregmirror dead-mirror figures: " + json.dumps(FIGURES))
 
 
 def _pull_with_mirrors_left_in(tmp: Path, urls: list[str], limit: float = 30.0) -> dict[str, Any]:
@@ -239,7 +123,7 @@ def test_dead_mirrors_are_left_out_pulls_go_through_and_they_come_back(
     forwarders: list[Forwarder] = []
     try:
         t0 = time.monotonic()
-        _apply(cluster, "quay-dead", "quay.io", [dead, hang, good])
+        cluster.apply_mirror("quay-dead", "quay.io", [dead, hang, good])
         for node in cluster.nodes.values():
             wait_for(f"{node.name}: only the working mirror in hosts.toml",
                      lambda node=node: _host_urls(node, "quay.io") == [good], timeout=60)
@@ -275,7 +159,7 @@ def test_dead_mirrors_are_left_out_pulls_go_through_and_they_come_back(
 
         # They answer again: the real registry behind both ports. Back after 2 good probes and the minimum 8 s.
         hole.close()
-        forwarders += [Forwarder(dead_port, cluster.registry.port), Forwarder(hole.port, cluster.registry.port)]
+        forwarders += [Forwarder("127.0.0.1", port, cluster.registry.port) for port in (dead_port, hole.port)]
         t0 = time.monotonic()
         for node in cluster.nodes.values():
             wait_for(f"{node.name}: both mirrors back in hosts.toml, in order",
@@ -305,7 +189,7 @@ def test_upstream_never_keeps_dead_mirrors_in(cluster: Cluster) -> None:
     hole = Blackhole()
     dead, hang = f"http://127.0.0.1:{free_port()}", f"http://127.0.0.1:{hole.port}"
     try:
-        _apply(cluster, "k8s-never", "registry.k8s.io", [dead, hang], upstream="Never")
+        cluster.apply_mirror("k8s-never", "registry.k8s.io", [dead, hang], upstream="Never")
         for node in cluster.nodes.values():
             parsed = wait_for(f"{node.name}: hosts.toml for registry.k8s.io",
                               lambda node=node: _hosts(node, "registry.k8s.io"), timeout=60)
@@ -333,7 +217,7 @@ def test_every_mirror_out_the_upstream_serves_through_an_explicit_host(cluster: 
     for node in cluster.nodes.values():  # the node's own file for that registry, naming its private CA
         node.containerd.write_hosts_toml(tls_registry.host, upstream, server=upstream, ca_pem=tls_registry.ca_pem)
     dead = f"http://127.0.0.1:{free_port()}"
-    _apply(cluster, "all-dead", tls_registry.host, [dead])
+    cluster.apply_mirror("all-dead", tls_registry.host, [dead])
     for node in cluster.nodes.values():
         parsed = wait_for(f"{node.name}: the upstream alone in hosts.toml", lambda node=node: (
             p if (p := _hosts(node, tls_registry.host)) and list(p.get("host", {})) == [upstream] else None),

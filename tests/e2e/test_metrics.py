@@ -10,26 +10,17 @@ default), so their resident memory compares metrics on and off after the same wo
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import signal
-import subprocess
-import sys
-import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from regmirror_api import contract
-from tests.e2e.test_system import PYTHONPATH, Cluster, SimNode, _token_kubeconfig
+from tests.e2e.simcluster import Cluster, NodeSpec, running
 from tests.harness import controlplane as cp
-from tests.harness.containerd import ContainerdNode
-from tests.harness.controlplane import REPO
 from tests.harness.fixtures import require_crictl
 from tests.harness.registry import Registry
 from tests.harness.waiting import wait_for
@@ -41,23 +32,6 @@ ON, OFF = "metrics-a", "metrics-b"
 FIGURES: dict[str, Any] = {}
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
-
-
-class MetricsNode(SimNode):
-    metrics_port: int = 0
-
-    def start_agent(self) -> None:
-        self.log = self.containerd.state_dir / "agent.log"
-        env = {**os.environ, "KUBECONFIG": str(self.kubeconfig), "PYTHONPATH": PYTHONPATH,
-               "NODE_NAME": self.name, "REGMIRROR_ROOT": str(self.containerd.node_root),
-               "REGMIRROR_RESYNC_SECONDS": "3", "REGMIRROR_PROBE_SECONDS": "2", "REGMIRROR_HEALTH_TIMEOUT": "8"}
-        env.pop("REGMIRROR_METRICS_PORT", None)
-        if self.metrics_port:
-            env |= {"REGMIRROR_METRICS_PORT": str(self.metrics_port), "REGMIRROR_METRICS_ADDRESS": "127.0.0.1"}
-        self.agent = subprocess.Popen(
-            [sys.executable, "-m", "regmirror_agent.cli", "agent", "--restart",
-             "command:" + self.containerd.ctl_command()],
-            env=env, stdout=self.log.open("a"), stderr=subprocess.STDOUT, text=True)
 
 
 def scrape(port: int) -> Samples:
@@ -76,77 +50,22 @@ def value(samples: Samples, name: str, **labels: str) -> float:
 def cluster(controlplane: cp.ControlPlane, installed: str, registry: Registry,
             tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     require_crictl()
-    work = tmp_path_factory.mktemp("metrics")
-    nodes: dict[str, SimNode] = {}
-    cluster: Cluster | None = None
-    operator: subprocess.Popen[str] | None = None
-    controlplane.kubectl("delete", "registrymirrors", "--all", "--wait", "--timeout=30s")
-    controlplane.kubectl("patch", "configmap", contract.CONFIGMAP, "-n", NS, "--type=json",
-                         "-p", '[{"op": "remove", "path": "/data"}]', check=False)
-    try:
-        for name in (ON, OFF):
-            controlplane.kubectl("apply", "--server-side", "-f", "-", input=json.dumps({
-                "apiVersion": "v1", "kind": "Node", "metadata": {"name": name, "labels": {
-                    "kubernetes.io/os": "linux", "kubernetes.io/hostname": name}}}))
-            pod = f"regmirror-agent-{name}"
-            controlplane.kubectl("apply", "--server-side", "-f", "-", input=json.dumps({
-                "apiVersion": "v1", "kind": "Pod", "metadata": {"name": pod, "namespace": NS},
-                "spec": {"serviceAccountName": "regmirror-agent", "nodeName": name,
-                         "containers": [{"name": "agent", "image": "regmirror:0.1.0"}]}}))
-            kubeconfig = _token_kubeconfig(controlplane, work / f"{name}.kubeconfig", "regmirror-agent", "-n", NS,
-                                           "--bound-object-kind=Pod", f"--bound-object-name={pod}", user=name)
-            containerd = ContainerdNode(work / name, Path(tempfile.mkdtemp(prefix="rmm-", dir="/tmp")), name=name)
-            containerd.write_config(1)
-            containerd.start()
-            node = MetricsNode(name, containerd, kubeconfig)
-            node.metrics_port = cp.free_port() if name == ON else 0
-            nodes[name] = node
-        op_kubeconfig = _token_kubeconfig(controlplane, work / "operator.kubeconfig", "regmirror-operator", "-n", NS,
-                                          user="regmirror-operator")
-        deployment = json.loads(controlplane.kubectl("get", "deployment", "regmirror-operator", "-n", NS,
-                                                     "-o", "json").stdout)
-        command = deployment["spec"]["template"]["spec"]["containers"][0]["command"]
-        args = [a if not a.startswith("--liveness=") else f"--liveness=http://127.0.0.1:{cp.free_port()}/healthz"
-                for a in command[1:]]
-        operator_log = work / "operator.log"
-        operator_command = [sys.executable, "-m", "kopf", *args]
-        operator_env = {**os.environ, "KUBECONFIG": str(op_kubeconfig), "PYTHONPATH": PYTHONPATH,
-                        "REGMIRROR_METRICS_PORT": str(cp.free_port()), "REGMIRROR_METRICS_ADDRESS": "127.0.0.1"}
-        operator = subprocess.Popen(operator_command, cwd=REPO, text=True, env=operator_env,
-                                    stdout=operator_log.open("w"), stderr=subprocess.STDOUT)
-        for node in nodes.values():
-            node.start_agent()
-        cluster = Cluster(controlplane, registry, nodes, operator, operator_log, operator_command, operator_env)
-        yield cluster
-    finally:
-        procs = [n.agent for n in nodes.values() if n.agent] + ([cluster.operator] if cluster else
-                                                                [operator] if operator else [])
-        for proc in procs:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in procs:
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-        for node in nodes.values():
-            node.containerd.stop()
-            shutil.rmtree(node.containerd.state_dir, ignore_errors=True)
-        controlplane.kubectl("delete", "registrymirrors", "--all", "--wait=false", check=False)
-        for name in nodes:
-            controlplane.kubectl("delete", "pod", f"regmirror-agent-{name}", "-n", NS, "--grace-period=0",
-                                 "--force", "--ignore-not-found", check=False)
-            controlplane.kubectl("delete", "node", name, "--ignore-not-found", "--wait=false", check=False)
-        controlplane.kubectl("patch", "configmap", contract.CONFIGMAP, "-n", NS, "--type=json",
-                             "-p", '[{"op": "remove", "path": "/data"}]', check=False)
-        if FIGURES:
-            print("\nregmirror metrics figures: " + json.dumps(FIGURES))
+    args = ("--resync", "3", "--health-timeout", "8")
+    metrics = {"REGMIRROR_METRICS_PORT": str(cp.free_port()), "REGMIRROR_METRICS_ADDRESS": "127.0.0.1"}
+    specs = [NodeSpec(ON, env={"REGMIRROR_PROBE_SECONDS": "2", **metrics}, args=args),
+             NodeSpec(OFF, env={"REGMIRROR_PROBE_SECONDS": "2"}, args=args)]
+    operator_env = {"REGMIRROR_METRICS_PORT": str(cp.free_port()), "REGMIRROR_METRICS_ADDRESS": "127.0.0.1"}
+    with running(controlplane, registry, tmp_path_factory.mktemp("metrics"), specs, operator_env=operator_env,
+                 state_prefix="rmm-") as cluster:
+        try:
+            yield cluster
+        finally:
+            if FIGURES:
+                print("\nregmirror metrics figures: " + json.dumps(FIGURES))
 
 
 def agent_port(cluster: Cluster) -> int:
-    node = cluster.nodes[ON]
-    assert isinstance(node, MetricsNode)
-    return node.metrics_port
+    return int(cluster.nodes[ON].env["REGMIRROR_METRICS_PORT"])
 
 
 def operator_port(cluster: Cluster) -> int:

@@ -12,27 +12,16 @@ The steps run in order and share one cluster (a module fixture): that is how an 
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import signal
-import subprocess
-import sys
-import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
-from regmirror_api import contract, models
+from regmirror_api import contract
+from tests.e2e.simcluster import Cluster, NodeSpec, running
 from tests.harness import controlplane as cp
-from tests.harness.containerd import ContainerdNode
-from tests.harness.controlplane import REPO
 from tests.harness.fixtures import require_crictl
-from tests.harness.product import contents, snapshot
 from tests.harness.proofs import HUB_IMAGE, QUAY_IMAGE
 from tests.harness.registry import Registry
 from tests.harness.waiting import wait_for
@@ -41,178 +30,21 @@ pytestmark = [pytest.mark.controlplane, pytest.mark.integration]
 
 NS = contract.NAMESPACE
 NODES = {"worker-a": "a", "worker-b": "b", "worker-c": "c"}
-PYTHONPATH = os.pathsep.join(str(REPO / d) for d in ("api", "agent", "operator"))
 FIGURES: dict[str, Any] = {}
-
-
-@dataclass
-class SimNode:
-    name: str
-    containerd: ContainerdNode
-    kubeconfig: Path
-    agent: subprocess.Popen[str] | None = None
-    log: Path = field(default_factory=Path)
-
-    def start_agent(self) -> None:
-        self.log = self.containerd.state_dir / "agent.log"
-        env = {**os.environ, "KUBECONFIG": str(self.kubeconfig), "PYTHONPATH": PYTHONPATH,
-               "NODE_NAME": self.name, "REGMIRROR_ROOT": str(self.containerd.node_root)}
-        self.agent = subprocess.Popen(
-            [sys.executable, "-m", "regmirror_agent.cli", "agent", "--restart",
-             "command:" + self.containerd.ctl_command(), "--resync", "5", "--health-timeout", "8"],
-            env=env, stdout=self.log.open("a"), stderr=subprocess.STDOUT, text=True)
-
-    def stop_agent(self) -> None:
-        assert self.agent is not None
-        self.agent.send_signal(signal.SIGTERM)
-        self.agent.wait(timeout=20)
-
-    def files(self) -> dict[str, tuple[bytes, int]]:
-        return snapshot(self.containerd.node_root, lambda p: p.name != "containerd.log")
-
-    def config(self) -> dict[str, bytes]:
-        return contents(self.containerd.etc_dir)
-
-    def rss_kib(self) -> int:
-        assert self.agent is not None
-        for line in Path(f"/proc/{self.agent.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-        raise AssertionError("no VmRSS")
-
-
-@dataclass
-class Cluster:
-    plane: cp.ControlPlane
-    registry: Registry
-    nodes: dict[str, SimNode]
-    operator: subprocess.Popen[str]
-    operator_log: Path
-    operator_command: list[str] = field(default_factory=list)
-    operator_env: dict[str, str] = field(default_factory=dict)
-
-    def kill_operator(self) -> None:
-        """SIGKILL: no cleanup, as when its node dies mid-rollout."""
-        self.operator.kill()
-        self.operator.wait(timeout=10)
-
-    def start_operator(self) -> None:
-        self.operator = subprocess.Popen(self.operator_command, cwd=REPO, text=True, env=self.operator_env,
-                                         stdout=self.operator_log.open("a"), stderr=subprocess.STDOUT)
-
-    def kubectl(self, *args: str, input: str | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
-        return self.plane.kubectl(*args, input=input, check=check)
-
-    def get(self, *args: str) -> Any:
-        return json.loads(self.kubectl("get", *args, "-o", "json").stdout)
-
-    def apply_mirror(self, name: str, registry: str, urls: list[str], selector: dict[str, Any] | None = None) -> None:
-        spec: dict[str, Any] = {"registry": registry, "mirrors": [{"url": u} for u in urls]}
-        if selector:
-            spec["nodeSelector"] = selector
-        self.kubectl("apply", "-f", "-", input=yaml.safe_dump({
-            "apiVersion": f"{models.API_GROUP}/{models.API_VERSION}", "kind": models.KIND,
-            "metadata": {"name": name}, "spec": spec}))
-
-    def status(self, name: str) -> dict[str, Any]:
-        obj = self.get("registrymirror", name)
-        return {"generation": obj["metadata"]["generation"], **(obj.get("status") or {})}
-
-    def node_reports(self, name: str) -> dict[str, dict[str, Any]]:
-        """Each node's report on RegistryMirror ``name``, from the nodes' RegistryMirrorNode objects."""
-        items = self.get("registrymirrornodes")["items"]
-        return {o["metadata"]["name"]: r for o in items for r in o.get("status", {}).get("mirrors", [])
-                if r["name"] == name}
-
-    def converged(self, name: str, ready: str) -> dict[str, Any] | None:
-        s = self.status(name)
-        conditions = {c["type"]: c["status"] for c in s.get("conditions", [])}
-        ok = (s.get("observedGeneration") == s["generation"] and s.get("ready") == ready
-              and conditions.get("Ready") == "True")
-        return s if ok else None
-
-    def alive(self) -> None:
-        assert self.operator.poll() is None, f"the operator exited:\n{self.operator_log.read_text()[-3000:]}"
-        for node in self.nodes.values():
-            assert node.agent is not None and node.agent.poll() is None, \
-                f"{node.name}'s agent exited:\n{node.log.read_text()[-3000:]}"
-
-
-def _token_kubeconfig(plane: cp.ControlPlane, path: Path, *args: str, user: str) -> Path:
-    token = plane.kubectl("create", "token", *args, "--duration=2h").stdout.strip()
-    return plane.write_kubeconfig(path, token=token, user=user, namespace=NS)
 
 
 @pytest.fixture(scope="module")
 def cluster(controlplane: cp.ControlPlane, installed: str, registry: Registry,
             tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     require_crictl()
-    work = tmp_path_factory.mktemp("system")
-    nodes: dict[str, SimNode] = {}
-    operator: subprocess.Popen[str] | None = None
-    cluster: Cluster | None = None
-    # A clean slate: objects other tests left behind would be published to these nodes (or win a registry).
-    controlplane.kubectl("delete", "registrymirrors", "--all", "--wait", "--timeout=30s")
-    controlplane.kubectl("patch", "configmap", contract.CONFIGMAP, "-n", NS, "--type=json",
-                         "-p", '[{"op": "remove", "path": "/data"}]', check=False)
-    try:
-        for name, pool in NODES.items():
-            controlplane.kubectl("apply", "--server-side", "-f", "-", input=json.dumps({
-                "apiVersion": "v1", "kind": "Node", "metadata": {"name": name, "labels": {
-                    "kubernetes.io/os": "linux", "kubernetes.io/hostname": name, "pool": pool}}}))
-            pod = f"regmirror-agent-{name}"
-            controlplane.kubectl("apply", "--server-side", "-f", "-", input=json.dumps({
-                "apiVersion": "v1", "kind": "Pod", "metadata": {"name": pod, "namespace": NS},
-                "spec": {"serviceAccountName": "regmirror-agent", "nodeName": name,
-                         "containers": [{"name": "agent", "image": "regmirror:0.1.0"}]}}))
-            kubeconfig = _token_kubeconfig(controlplane, work / f"{name}.kubeconfig", "regmirror-agent", "-n", NS,
-                                           "--bound-object-kind=Pod", f"--bound-object-name={pod}", user=name)
-            state = Path(tempfile.mkdtemp(prefix="rms-", dir="/tmp"))
-            containerd = ContainerdNode(work / name, state, name=name)
-            containerd.write_config(1)  # the seed's own format: no version key, [plugins.cri]
-            containerd.start()
-            nodes[name] = SimNode(name, containerd, kubeconfig)
-        op_kubeconfig = _token_kubeconfig(controlplane, work / "operator.kubeconfig", "regmirror-operator", "-n", NS,
-                                          user="regmirror-operator")
-        deployment = json.loads(controlplane.kubectl("get", "deployment", "regmirror-operator", "-n", NS,
-                                                     "-o", "json").stdout)
-        command = deployment["spec"]["template"]["spec"]["containers"][0]["command"]
-        args = [a if not a.startswith("--liveness=") else f"--liveness=http://127.0.0.1:{cp.free_port()}/healthz"
-                for a in command[1:]]
-        operator_log = work / "operator.log"
-        operator_command = [sys.executable, "-m", "kopf", *args]
-        operator_env = {**os.environ, "KUBECONFIG": str(op_kubeconfig), "PYTHONPATH": PYTHONPATH}
-        operator = subprocess.Popen(operator_command, cwd=REPO, text=True, env=operator_env,
-                                    stdout=operator_log.open("w"), stderr=subprocess.STDOUT)
-        for node in nodes.values():
-            node.start_agent()
-        cluster = Cluster(controlplane, registry, nodes, operator, operator_log, operator_command, operator_env)
-        cluster.initial = {n: node.config() for n, node in nodes.items()}  # type: ignore[attr-defined]
-        yield cluster
-    finally:
-        # The operator a test restarted, not only the first one: none may outlive this module and publish.
-        operators = [cluster.operator] if cluster is not None else [operator] if operator else []
-        procs = [n.agent for n in nodes.values() if n.agent] + operators
-        for proc in procs:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in procs:
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-        for node in nodes.values():
-            node.containerd.stop()
-            shutil.rmtree(node.containerd.state_dir, ignore_errors=True)
-        controlplane.kubectl("delete", "registrymirrors", "--all", "--wait=false", check=False)
-        for name in nodes:
-            controlplane.kubectl("delete", "pod", f"regmirror-agent-{name}", "-n", NS, "--grace-period=0",
-                                 "--force", "--ignore-not-found", check=False)
-            controlplane.kubectl("delete", "node", name, "--ignore-not-found", "--wait=false", check=False)
-        controlplane.kubectl("patch", "configmap", contract.CONFIGMAP, "-n", NS, "--type=json",
-                             "-p", '[{"op": "remove", "path": "/data"}]', check=False)
-        if FIGURES:
-            print("\nregmirror e2e figures: " + json.dumps(FIGURES))
+    specs = [NodeSpec(name, labels={"pool": pool}) for name, pool in NODES.items()]
+    with running(controlplane, registry, tmp_path_factory.mktemp("system"), specs) as cluster:
+        cluster.initial = {n: node.config() for n, node in cluster.nodes.items()}  # type: ignore[attr-defined]
+        try:
+            yield cluster
+        finally:
+            if FIGURES:
+                print("\nregmirror e2e figures: " + json.dumps(FIGURES))
 
 
 def test_1_apply_the_seed_example_every_node_is_ready_and_pulls_through_the_mirror(cluster: Cluster) -> None:
