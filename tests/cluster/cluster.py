@@ -26,7 +26,6 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +35,7 @@ from tests.cluster import sleeper
 from tests.cluster.node import SANDBOX_IMAGES, KubeletNode, NodeError
 from tests.harness.controlplane import CACHE_BIN, SERVICE_CIDR, ControlPlane, find_binaries
 from tests.harness.forwarding import Forwarder
+from tests.harness.waiting import wait_for
 
 #: Metadata (who, with which credential) of every write of a node's report; nothing else.
 AUDIT_POLICY = """\
@@ -159,9 +159,10 @@ class Cluster:
         # The images go into every node at once: most of a cluster's start is unpacking them.
         with concurrent.futures.ThreadPoolExecutor(len(self.specs)) as pool:
             list(pool.map(preload, self.specs))
-        self.wait_for(lambda: self._registered() == {s.name for s in self.specs if not s.joins_later}, timeout,
-                      lambda: f"nodes registered: {sorted(self._registered())}\n" + "\n".join(
-                          n.tail("kubelet", 15) for n in self.nodes.values()))
+        first = {s.name for s in self.specs if not s.joins_later}
+        wait_for("every node registered", lambda: self._registered() == first, timeout, every=0.5,
+                 detail=lambda: f"nodes registered: {sorted(self._registered())}\n" + "\n".join(
+                     n.tail("kubelet", 15) for n in self.nodes.values()))
 
     def _registered(self) -> set[str]:
         out = self.kubectl("get", "nodes", "-o", "json", check=False)
@@ -182,7 +183,8 @@ class Cluster:
         """Start a ``joins_later`` node's kubelet (a node pool scaling up); return once it is registered."""
         node = self.nodes[name]
         node.start_kubelet()
-        self.wait_for(lambda: name in self._registered(), timeout, lambda: node.tail("kubelet", 15))
+        wait_for(f"{name} registered", lambda: name in self._registered(), timeout, every=0.5,
+                 detail=lambda: node.tail("kubelet", 15))
         return node
 
     def stop(self) -> None:
@@ -220,16 +222,6 @@ class Cluster:
     def get(self, *args: str) -> dict:  # type: ignore[type-arg]
         return json.loads(self.kubectl("get", *args, "-o", "json").stdout)  # type: ignore[no-any-return]
 
-    @staticmethod
-    def wait_for(predicate: object, timeout: float, describe: object = None, interval: float = 0.5) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
-            if predicate():  # type: ignore[operator]
-                return
-            if time.monotonic() > deadline:
-                detail = describe() if callable(describe) else (describe or "")
-                raise AssertionError(f"not within {timeout:.0f} s: {detail}")
-            time.sleep(interval)
 
     def __enter__(self) -> Cluster:
         return self.start()

@@ -38,6 +38,7 @@ from tests.cluster.cluster import Cluster, NodeSpec
 from tests.cluster.node import KubeletNode
 from tests.cluster.test_chart import CHART, helm_binary
 from tests.harness.registry import SKOPEO_BIN, Registry
+from tests.harness.waiting import wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 NS = "regmirror-system"
@@ -93,7 +94,7 @@ class World:
         return {o["metadata"]["name"]: o for o in self.get("registrymirrornodes")["items"]}
 
     def wait(self, what: str, predicate: Any, timeout: float = 120.0) -> None:
-        self.cluster.wait_for(predicate, timeout, lambda: f"{what}\n{self.debug()}")
+        wait_for(what, predicate, timeout, every=0.5, detail=self.debug)
 
     def debug(self) -> str:
         out = [self.kubectl("get", "pods", "-A", "-o", "wide", check=False).stdout,

@@ -181,39 +181,26 @@ def test_the_flux_example_is_valid_against_fluxs_own_crds(controlplane: cp.Contr
 @pytest.fixture(scope="module")
 def nodes(controlplane: cp.ControlPlane, installed: str) -> Iterator[list[str]]:
     # The counts ("0/3") in the captured objects assume these are the only Nodes.
-    operator_e2e.eventually(lambda: operator_e2e.node_names(controlplane), until=lambda n: not n - set(NODES),
-                            timeout=20, what="no Nodes left by other tests")
-    for name, pool in NODES.items():
-        controlplane.kubectl("apply", "-f", "-", input=json.dumps({
-            "apiVersion": "v1", "kind": "Node",
-            "metadata": {"name": name, "labels": {"pool": pool, "kubernetes.io/os": "linux"}}}))
-    yield list(NODES)
-    controlplane.kubectl("delete", "nodes", *NODES, "--ignore-not-found")
+    with operator_e2e.only_these_nodes(controlplane, NODES) as names:
+        yield names
 
 
 @pytest.fixture(scope="module")
 def operator(controlplane: cp.ControlPlane, installed: str, nodes: list[str],
              tmp_path_factory: pytest.TempPathFactory) -> Iterator[operator_e2e.Operator]:
-    folder = tmp_path_factory.mktemp("operator")
-    token = controlplane.kubectl("create", "token", "regmirror-operator", "-n", NS, "--duration=2h").stdout.strip()
-    op = operator_e2e.Operator(operator_e2e.write_kubeconfig(controlplane, folder / "kubeconfig", token,
-                                                             "regmirror-operator"), folder / "operator.log")
-    try:
-        op.start()
+    with operator_e2e.running_operator(controlplane, tmp_path_factory.mktemp("operator")) as op:
         yield op
-    finally:
-        op.stop()
-        if VERDICTS:
-            width = max(len(s) for s, _, _ in VERDICTS)
-            print("\n[gitops] state" + " " * (width - 5) + "  Argo CD      kstatus")
-            for state, argo, kstat in VERDICTS:
-                print(f"[gitops] {state:{width}}  {argo:11}  {kstat}")
-            # For hack/test.sh to print (pytest keeps a passing test's output to itself).
-            figures = {"verdicts": {s: {"argocd": a, "kstatus": k} for s, a, k in VERDICTS}}
-            if "build" in statuscheck.FIGURES:
-                figures["status_checkers_build_seconds"] = round(statuscheck.FIGURES["build"], 1)
-            FIGURES_FILE.parent.mkdir(parents=True, exist_ok=True)
-            FIGURES_FILE.write_text(json.dumps(figures, indent=2) + "\n")
+    if VERDICTS:
+        width = max(len(s) for s, _, _ in VERDICTS)
+        print("\n[gitops] state" + " " * (width - 5) + "  Argo CD      kstatus")
+        for state, argo, kstat in VERDICTS:
+            print(f"[gitops] {state:{width}}  {argo:11}  {kstat}")
+        # For hack/test.sh to print (pytest keeps a passing test's output to itself).
+        figures = {"verdicts": {s: {"argocd": a, "kstatus": k} for s, a, k in VERDICTS}}
+        if "build" in statuscheck.FIGURES:
+            figures["status_checkers_build_seconds"] = round(statuscheck.FIGURES["build"], 1)
+        FIGURES_FILE.parent.mkdir(parents=True, exist_ok=True)
+        FIGURES_FILE.write_text(json.dumps(figures, indent=2) + "\n")
 
 
 @pytest.fixture

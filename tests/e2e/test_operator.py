@@ -8,6 +8,7 @@ Running the operator with ``kubectl create token regmirror-operator`` proves the
 from __future__ import annotations
 
 import base64
+import contextlib
 import datetime
 import json
 import os
@@ -123,21 +124,35 @@ def node_names(plane: cp.ControlPlane) -> set[str]:
 
 @pytest.fixture(scope="module")
 def nodes(controlplane: cp.ControlPlane, installed: str) -> Iterator[list[str]]:
-    # The counts below ("0/3") assume these are the only Nodes: wait for other tests' Nodes to be gone.
-    eventually(lambda: node_names(controlplane), until=lambda names: not names - set(NODES), timeout=20,
+    with only_these_nodes(controlplane, NODES) as names:
+        yield names
+
+
+@contextlib.contextmanager
+def only_these_nodes(controlplane: cp.ControlPlane, pools: dict[str, str]) -> Iterator[list[str]]:
+    """Node objects named after ``pools`` (label ``pool``), and no other: status counts ("0/3") assume it."""
+    eventually(lambda: node_names(controlplane), until=lambda names: not names - set(pools), timeout=20,
                what="no Nodes left by other tests")
-    for name, pool in NODES.items():
+    for name, pool in pools.items():
         controlplane.kubectl("apply", "-f", "-", input=json.dumps({
             "apiVersion": "v1", "kind": "Node",
             "metadata": {"name": name, "labels": {"pool": pool, "kubernetes.io/os": "linux"}}}))
-    yield list(NODES)
-    controlplane.kubectl("delete", "nodes", *NODES, "--ignore-not-found")
+    try:
+        yield list(pools)
+    finally:
+        controlplane.kubectl("delete", "nodes", *pools, "--ignore-not-found")
 
 
 @pytest.fixture(scope="module")
 def operator(controlplane: cp.ControlPlane, installed: str, nodes: list[str],
              tmp_path_factory: pytest.TempPathFactory) -> Iterator[Operator]:
-    folder = tmp_path_factory.mktemp("operator")
+    with running_operator(controlplane, tmp_path_factory.mktemp("operator")) as op:
+        yield op
+
+
+@contextlib.contextmanager
+def running_operator(controlplane: cp.ControlPlane, folder: Path) -> Iterator[Operator]:
+    """The operator as a ``kopf run`` process with its service account's token; always stopped."""
     token = controlplane.kubectl("create", "token", "regmirror-operator", "-n", NS, "--duration=2h").stdout.strip()
     op = Operator(write_kubeconfig(controlplane, folder / "kubeconfig", token, "regmirror-operator"),
                   folder / "operator.log")

@@ -9,15 +9,18 @@ from collections.abc import Callable
 from typing import Any
 
 
-def wait_for(what: str, probe: Callable[[], Any], timeout: float = 30.0, every: float = 0.2) -> Any:
-    """Call ``probe`` until it returns something truthy; return that, or fail naming ``what``."""
+def wait_for(what: str, probe: Callable[[], Any], timeout: float = 30.0, every: float = 0.2,
+             detail: Callable[[], str] | None = None) -> Any:
+    """Call ``probe`` until it returns something truthy; return that, or fail naming ``what`` (and with what
+    ``detail`` says of the state then: logs, objects)."""
     deadline = time.monotonic() + timeout
     while True:
         value = probe()
         if value:
             return value
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}"
+                                 + (f"\n{detail()}" if detail else ""))
         time.sleep(every)
 
 
