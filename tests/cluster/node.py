@@ -32,7 +32,7 @@ from pathlib import Path
 import yaml
 
 from tests.harness.containerd import CTR_BIN, flavor_dir
-from tests.harness.controlplane import die_with_parent
+from tests.harness.controlplane import die_with_parent, free_port
 
 HERE = Path(__file__).resolve().parent
 NODE_INIT = HERE / "node_init.py"
@@ -93,12 +93,6 @@ CNI_CONFLIST = {
 
 class NodeError(RuntimeError):
     """The node did not start, or a command in it failed."""
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class KubeletNode:
