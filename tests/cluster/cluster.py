@@ -33,7 +33,7 @@ from typing import Any
 
 from tests.cluster import sleeper
 from tests.cluster.node import SANDBOX_IMAGES, KubeletNode, NodeError
-from tests.harness.controlplane import CACHE_BIN, SERVICE_CIDR, ControlPlane, find_binaries
+from tests.harness.controlplane import CACHE_BIN, SERVICE_CIDR, ControlPlane, find_binaries, terminate
 from tests.harness.forwarding import Forwarder
 from tests.harness.waiting import wait_for
 
@@ -196,12 +196,7 @@ class Cluster:
         self.nodes.clear()
         for proc in self._components:
             if proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+                terminate(proc)
         self._components.clear()
         if self._service is not None:
             self._service.stop()

@@ -154,6 +154,22 @@ def token_kubeconfig(plane: cp.ControlPlane, path: Path, *args: str, user: str) 
     return plane.write_kubeconfig(path, token=token, user=user, namespace=NS)
 
 
+@contextlib.contextmanager
+def agent_pod_token(plane: cp.ControlPlane, node: str, pod: str, duration: str = "10m") -> Iterator[str]:
+    """A token of the agent's service account bound to an agent Pod on ``node``, as the kubelet would mount it (the
+    apiserver puts the Pod's node into the user extra authentication.kubernetes.io/node-name). No kubelet runs
+    here to confirm a graceful deletion, so the Pod is removed forcibly afterwards."""
+    plane.kubectl("apply", "--server-side", "-f", "-", input=json.dumps({
+        "apiVersion": "v1", "kind": "Pod", "metadata": {"name": pod, "namespace": NS},
+        "spec": {"serviceAccountName": "regmirror-agent", "nodeName": node,
+                 "containers": [{"name": "agent", "image": "regmirror:0.1.0"}]}}))
+    try:
+        yield plane.kubectl("create", "token", "regmirror-agent", "-n", NS, "--bound-object-kind=Pod",
+                            f"--bound-object-name={pod}", f"--duration={duration}").stdout.strip()
+    finally:
+        plane.kubectl("delete", "pod", pod, "-n", NS, "--grace-period=0", "--force", "--ignore-not-found")
+
+
 def _clean_slate(plane: cp.ControlPlane, *, wait: bool) -> None:
     """No RegistryMirror and no published desired state: what other tests left would reach these nodes."""
     plane.kubectl("delete", "registrymirrors", "--all", *(("--wait", "--timeout=30s") if wait else ("--wait=false",)),

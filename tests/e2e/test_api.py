@@ -18,6 +18,7 @@ import pytest
 import yaml
 
 from regmirror_api import contract, models
+from tests.e2e.simcluster import agent_pod_token
 from tests.harness import controlplane as cp
 from tests.harness.controlplane import REPO
 
@@ -744,17 +745,9 @@ def tainted_nodes(controlplane: cp.ControlPlane, installed: str) -> Iterator[tup
 def token_on_node_a(controlplane: cp.ControlPlane, tainted_nodes: tuple[str, str]) -> Iterator[str]:
     """A token of the agent's service account bound to an agent pod on node A, as the kubelet would mount it (the
     apiserver puts the pod's node into the user extra authentication.kubernetes.io/node-name)."""
-    pod = "e2e-untaint-agent"
-    controlplane.kubectl("apply", "--server-side", "-f", "-", input=json.dumps({
-        "apiVersion": "v1", "kind": "Pod", "metadata": {"name": pod, "namespace": NS},
-        "spec": {"serviceAccountName": "regmirror-agent", "nodeName": NODE_A,
-                 "containers": [{"name": "agent", "image": "regmirror:0.1.0"}]}}))
-    token = controlplane.kubectl("create", "token", "regmirror-agent", "-n", NS, "--bound-object-kind=Pod",
-                                 f"--bound-object-name={pod}", "--duration=10m").stdout.strip()
-    wait_for_node_policy(controlplane)
-    yield token
-    # No kubelet confirms a graceful deletion, so a pod bound to a node must be removed forcibly.
-    controlplane.kubectl("delete", "pod", pod, "-n", NS, "--grace-period=0", "--force", "--ignore-not-found")
+    with agent_pod_token(controlplane, NODE_A, "e2e-untaint-agent") as token:
+        wait_for_node_policy(controlplane)
+        yield token
 
 
 def wait_for_node_policy(controlplane: cp.ControlPlane, timeout: float = 30.0) -> None:

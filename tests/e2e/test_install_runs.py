@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 
 from regmirror_api import contract, models
+from tests.e2e.simcluster import agent_pod_token
 from tests.harness import controlplane as cp
 from tests.harness.controlplane import REPO
 from tests.harness.waiting import stop_process, wait_for
@@ -69,16 +70,8 @@ def mirror(controlplane: cp.ControlPlane, installed: str) -> Iterator[str]:
 @pytest.fixture
 def agent_token(controlplane: cp.ControlPlane, node: str) -> Iterator[str]:
     """A token of the agent's service account bound to an agent pod on ``node``, as the kubelet would mount."""
-    pod = "e2e-agent-pod"
-    controlplane.kubectl("apply", "--server-side", "-f", "-", input=json.dumps({
-        "apiVersion": "v1", "kind": "Pod", "metadata": {"name": pod, "namespace": NS},
-        "spec": {"serviceAccountName": "regmirror-agent", "nodeName": node,
-                 "containers": [{"name": "agent", "image": "regmirror:0.1.0"}]}}))
-    token = controlplane.kubectl("create", "token", "regmirror-agent", "-n", NS, "--bound-object-kind=Pod",
-                                 f"--bound-object-name={pod}", "--duration=10m").stdout.strip()
-    yield token
-    # No kubelet confirms a graceful deletion, so a pod bound to a node must be removed forcibly.
-    controlplane.kubectl("delete", "pod", pod, "-n", NS, "--grace-period=0", "--force", "--ignore-not-found")
+    with agent_pod_token(controlplane, node, "e2e-agent-pod") as token:
+        yield token
 
 
 def test_a_pod_bound_agent_token_does_exactly_the_agents_calls(

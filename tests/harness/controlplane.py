@@ -332,7 +332,7 @@ class ControlPlane:
         the same data: a storage outage as the apiserver sees one."""
         proc = self._etcd
         assert proc is not None, "start() first"
-        _terminate(proc)
+        terminate(proc)
         time.sleep(down_seconds)
         self._start_etcd(self.binaries, ports=self._etcd_ports)
         self._wait_until_usable(deadline=time.monotonic() + self.startup_timeout)
@@ -371,7 +371,7 @@ class ControlPlane:
         port (so every kubeconfig stays valid) and wait until it serves: an outage as clients see one."""
         proc = self._apiserver
         assert proc is not None, "start() first"
-        _terminate(proc)
+        terminate(proc)
         time.sleep(down_seconds)
         self._start_apiserver(self.binaries, port=int(self.server.rsplit(":", 1)[1]))
         self._wait_until_usable(deadline=time.monotonic() + self.startup_timeout)
@@ -498,7 +498,7 @@ class ControlPlane:
             setattr(self, attr, None)
 
 
-def _terminate(proc: subprocess.Popen[bytes]) -> None:
+def terminate(proc: subprocess.Popen[bytes]) -> None:
     """SIGTERM, and SIGKILL after 20 s: how an outage begins."""
     proc.terminate()
     try:
