@@ -20,6 +20,7 @@ the end) for the closing note.
 from __future__ import annotations
 
 import base64
+import datetime
 import json
 import os
 import subprocess
@@ -386,7 +387,7 @@ def _phase(world: World, pod: str) -> str:
 
 
 def _epoch(stamp: str) -> int:
-    return int(time.mktime(time.strptime(stamp, "%Y-%m-%dT%H:%M:%SZ")) - time.timezone)
+    return int(datetime.datetime.fromisoformat(stamp).timestamp())
 
 
 def _agent_token(world: World, name: str) -> str:
