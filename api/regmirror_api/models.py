@@ -41,7 +41,7 @@ MAX_MIRRORS = 10
 MAX_REGISTRY_LENGTH = 253
 MAX_URL_LENGTH = 2048
 MAX_CA_BUNDLE_LENGTH = 65536
-SPEC_FIELDS = ("registry", "mirrors", "nodeSelector", "upstream")
+SPEC_FIELDS = ("registry", "mirrors", "nodeSelector", "upstream", "rewriteImages", "verify")
 #: ``spec.upstream``: whether the upstream registry may serve when no mirror answers (OpenShift calls ``Never``
 #: NeverContactSource). Only containerd in hosts mode can do ``Never``; Docker always falls back to Docker Hub.
 UPSTREAM_FALLBACK = "Fallback"
@@ -125,11 +125,21 @@ class RegistryMirror:
     generation: int = 0
     upstream: str = UPSTREAM_FALLBACK
     """``Fallback``: the upstream registry serves when no mirror does; ``Never``: it is never contacted."""
+    rewrite_images: bool = False
+    """``spec.rewriteImages``: Pods' images of this registry are renamed to the first mirror at admission
+    (``regmirror_operator.rewriting``); see :func:`image_prefix` for the name."""
+    verify_image: str | None = None
+    """``spec.verify.image``: an image of this registry that each node resolves through its runtime's
+    configuration, to prove the mirror answers (``regmirror_agent.verifying``)."""
 
     def to_spec(self) -> dict[str, Any]:
         spec: dict[str, Any] = {"registry": self.registry, "mirrors": [m.to_spec() for m in self.mirrors]}
         if self.upstream != UPSTREAM_FALLBACK:  # the default is left out: published bytes stay as they were
             spec["upstream"] = self.upstream
+        if self.rewrite_images:  # likewise
+            spec["rewriteImages"] = True
+        if self.verify_image:  # likewise
+            spec["verify"] = {"image": self.verify_image}
         return spec
 
 
@@ -312,10 +322,15 @@ def parse_spec(name: str, spec: object, generation: int = 0, where: str = "spec"
     urls = [m.url for m in mirrors]
     for dup in sorted({u for u in urls if urls.count(u) > 1}):
         problems.append(f"{where}.mirrors: {dup!r} is listed more than once")
+    rewrite = spec.get("rewriteImages", False)
+    problems += check_rewrite_images(rewrite, spec.get("registry"), mirrors[:1], f"{where}.rewriteImages")
+    verify = spec.get("verify")
+    problems += check_verify(verify, spec.get("registry"), f"{where}.verify")
     if problems:
         raise InvalidSpec(problems)
     return RegistryMirror(name=name, registry=str(spec["registry"]), mirrors=tuple(mirrors), generation=generation,
-                          upstream=str(upstream))
+                          upstream=str(upstream), rewrite_images=rewrite is True,
+                          verify_image=str(verify["image"]) if isinstance(verify, Mapping) else None)
 
 
 def parse_document(doc: object, index: int = 0) -> RegistryMirror:
@@ -375,3 +390,69 @@ def check_unique_registries(mirrors: Iterable[RegistryMirror]) -> None:
         seen.setdefault(m.registry, m.name)
     if problems:
         raise InvalidSpec(problems)
+
+
+#: One path component of an image name (the distribution spec's ``[a-z0-9]+((\.|_|__|-+)[a-z0-9]+)*``).
+_IMAGE_PATH = re.compile(r"^[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*$")
+
+
+def image_prefix(mirror: Mirror) -> str | None:
+    """The name under which ``mirror`` serves an upstream image: ``host[:port]`` plus, for a mirror whose URL
+    has a path, that path; None when no image name reaches the mirror's URL.
+
+    A runtime pulls ``NAME/REPO`` from ``https://NAME-HOST/v2/NAME-PATH/REPO/...``. A mirror URL without a path
+    is thus reached by ``host[:port]/REPO``, and one with ``overridePath`` and a path ``/v2/P`` (a Harbor proxy
+    project: ``https://harbor.example.com/v2/quay-proxy``) by ``host[:port]/P/REPO``. Without ``overridePath``
+    containerd puts ``/v2`` after the path (``https://h/P/v2/REPO``), which no image name produces.
+    """
+    parts = urlsplit(mirror.url)
+    host = parts.netloc.lower()
+    path = parts.path.rstrip("/")
+    if not path:
+        return host
+    if mirror.override_path and path.startswith("/v2/") and _IMAGE_PATH.match(path[len("/v2/"):]):
+        return f"{host}/{path[len('/v2/'):]}"
+    return None
+
+
+def check_rewrite_images(value: object, registry: object, first: list[Mirror], where: str) -> list[str]:
+    """Problems with ``spec.rewriteImages``: a boolean, for one named registry, whose first mirror serves images
+    under a name (:func:`image_prefix`)."""
+    if not isinstance(value, bool):
+        return [f"{where}: must be true or false, got {_show(value)}"]
+    if not value:
+        return []
+    if registry == ANY_REGISTRY:
+        return [f"{where}: cannot rewrite the images of \"*\" (every registry): an image renamed to one mirror "
+                f"would lose the registry it came from; name the registry"]
+    if first and image_prefix(first[0]) is None:
+        return [f"{where}: the first mirror {first[0].url!r} serves no image name: expected a URL without a path "
+                f"(https://quay.tencentcloudcr.com), or overridePath: true with a path /v2/<project> of lower-case "
+                f"image path characters (https://harbor.example.com/v2/quay-proxy)"]
+    return []
+
+
+MAX_IMAGE_LENGTH = 512
+#: ``spec.verify.image``: ``host[:port]/path[:tag]`` or ``...@sha256:<64 hex>``; the path as the distribution spec
+#: has it, a tag of at most 128 word characters, dots and dashes (the CRD repeats it).
+VERIFY_IMAGE_PATTERN = (r"^[a-z0-9]([a-z0-9.-]*[a-z0-9])?(:[0-9]{1,5})?"
+                        r"(/[a-z0-9]+(([._]|__|-+)[a-z0-9]+)*)+(:[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?"
+                        r"(@sha256:[a-f0-9]{64})?$")
+_VERIFY_IMAGE_RE = re.compile(VERIFY_IMAGE_PATTERN)
+
+
+def check_verify(verify: object, registry: object, where: str = "spec.verify") -> list[str]:
+    """Problems with ``spec.verify`` (``{image: REF}``): a full image reference in the mirrored registry."""
+    if verify is None:
+        return []
+    if not isinstance(verify, Mapping) or set(verify) != {"image"}:
+        return [f"{where}: must be an object with only \"image\", got {_show(verify)}"]
+    image = verify["image"]
+    if not isinstance(image, str) or len(image) > MAX_IMAGE_LENGTH or not _VERIFY_IMAGE_RE.match(image):
+        return [f"{where}.image: {_show(image)} is not a full image reference: expected registry/path[:tag] or "
+                f"registry/path@sha256:<digest> (for example \"quay.io/regmirror-test/sleeper:1\")"]
+    host = image.split("/", 1)[0]
+    if registry != ANY_REGISTRY and host != registry:
+        return [f"{where}.image: {image!r} is in registry {host!r}, not {registry!r}: the image must come from "
+                f"the registry this object mirrors"]
+    return []
