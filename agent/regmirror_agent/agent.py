@@ -28,6 +28,7 @@ import dataclasses
 import logging
 import os
 import random
+import secrets
 import signal
 import threading
 import time
@@ -45,6 +46,7 @@ from regmirror_api.errors import RegmirrorError
 log = logging.getLogger("regmirror.agent")
 CONFIGMAPS = f"/api/v1/namespaces/{contract.NAMESPACE}/configmaps"
 NODES = "/api/v1/nodes"
+SLOT_SOURCES = ("operator", "none")
 
 #: Applies the RegistryMirrors that select this node; the engine on the host, or a stand-in in benchmarks.
 ApplyMirrors = Callable[[Sequence[models.RegistryMirror]], engine.Outcome]
@@ -74,6 +76,11 @@ class AgentSettings:
     """The port of ``GET /metrics``; 0 (the default) serves no metrics. ``REGMIRROR_METRICS_PORT``."""
     metrics_address: str = "0.0.0.0"
     """The address the metrics port is bound to. ``REGMIRROR_METRICS_ADDRESS``."""
+    restart_slots: bool = True
+    """Restart containerd only in a restart slot the operator grants (the cluster's ``maxUnavailable``).
+    ``REGMIRROR_RESTART_SLOTS=none`` restarts at once, for an agent run without the operator."""
+    retry_seconds: float = 30.0
+    """After a change was rolled back, wait this long times the tries so far before asking to try again."""
 
 
 class Agent:
@@ -100,13 +107,26 @@ class Agent:
         self._seen_configmap = False
         self._applied: dict[str, models.RegistryMirror] = {}
         """What the node runs per RegistryMirror after the last successful apply (kept when a change fails)."""
-        self._unsent: tuple[list[contract.Report], str] | None = None
+        self._unsent: tuple[list[contract.Report], str, str] | None = None
         """A report the apiserver did not take yet; a retry sends it again without applying again."""
         self._in_place = False
         """The last reconcile applied a published desired state, and every entry selecting the node is healthy."""
         self._tainted: bool | None = None
         """Does the Node carry the mirrors-pending taint? None: not looked yet. False is final: nobody but a
         node pool's registration puts it there, so the agent never asks again (a restarted agent looks once)."""
+        self.instance = secrets.token_hex(4)
+        """This agent process: a slot granted to an earlier one (dead with it) is never taken for its own."""
+        self.slot = ""
+        """The token of the restart slot the operator grants this node (its Node's annotation), '' for none."""
+        self._asked: tuple[tuple[str, ...], str] | None = None
+        """(the changed generations, the engine's request key) of the last apply that needed a restart."""
+        self._tries: tuple[tuple[str, ...], int, str] = ((), 0, "")
+        """(changed generations, tries rolled back, the last reason) of the change this node keeps failing."""
+        self._retry_after: float | None = None
+        """monotonic time before which the node does not ask to try a rolled-back change again."""
+        self._seed_tries = 0
+        self._changing: tuple[str, ...] = ()
+        """The generations this reconcile changes on the node (``name/uid/generation``)."""
         self.reconciles = 0
         self.metrics = telemetry.AgentMetrics()
         """Counted whether served or not (a few numbers); served by ``run`` when ``metrics_port`` is set."""
@@ -121,7 +141,37 @@ class Agent:
         ]
 
     def _apply_on_node(self, mirrors: Sequence[models.RegistryMirror]) -> engine.Outcome:
-        return engine.apply(mirrors, self.settings.engine, log.info, left_out=self._left_out)
+        return engine.apply(mirrors, self.settings.engine, log.info, left_out=self._left_out,
+                            may_restart=self.may_restart)
+
+    # --- the cluster's restart budget ----------------------------------------------------------------------
+
+    def may_restart(self, plan: Any) -> bool:
+        """Asked by the engine before writing a change that restarts containerd: only in the restart slot the
+        operator granted for this very change (see ``contract.RESTART_SLOT_ANNOTATION``), or on a node still
+        tainted mirrors-pending, which runs no workload to disturb."""
+        self._asked = (self._changing, str(plan.request))
+        if not self.settings.restart_slots:
+            return True
+        self._look_for_taint()
+        if self._tainted:
+            return True
+        return bool(self.slot) and self.slot == self._token()
+
+    def _token(self) -> str:
+        assert self._asked is not None
+        return contract.restart_token(self._asked[1], self._tries_of(self._asked[0]), self.instance)
+
+    def _tries_of(self, changing: tuple[str, ...]) -> int:
+        """Tries of this change already rolled back on this node (remembered in the report across restarts)."""
+        if self._tries[0] != changing:
+            self._tries = (changing, self._seed_tries, "")
+        return self._tries[1]
+
+    def _look_for_taint(self) -> None:
+        """Once per agent: does the Node still carry the mirrors-pending taint? (Then no slot is needed.)"""
+        if self._tainted is None:
+            self._tainted = bool(taints.pending_taints(self.client.get(f"{NODES}/{self.settings.node}")))
 
     # --- probing (no apiserver request) ------------------------------------------------------------------
 
@@ -166,12 +216,14 @@ class Agent:
         meta = (obj or {}).get("metadata") or {}
         labels = {str(k): str(v) for k, v in (meta.get("labels") or {}).items()}
         uid = str(meta.get("uid") or "")
+        token, expires = contract.parse_slot((meta.get("annotations") or {}).get(contract.RESTART_SLOT_ANNOTATION))
+        slot = token if expires != contract.SLOT_EXPIRED else ""
         if obj is None:
             log.warning("Node %s not found: waiting for it", self.settings.node)
         with self._lock:
-            changed = obj is not None and (labels != self.labels or uid != self.node_uid)
+            changed = obj is not None and (labels != self.labels or uid != self.node_uid or slot != self.slot)
             if obj is not None:
-                self.labels, self.node_uid = labels, uid
+                self.labels, self.node_uid, self.slot = labels, uid, slot
         if changed:  # a heartbeat changes the Node's resourceVersion, not its labels: no reconcile for it
             self.wake.set()
 
@@ -208,20 +260,37 @@ class Agent:
             self.board.forget_except(mirrorhealth.mirror_urls(wanted))
         out = self.board.out()
         self._left_out = mirrorhealth.out_by_registry(wanted, out)
+        # What changes on this node: a restart slot is asked for it, and a rolled-back try counts against it.
+        runs = {m.name for entry, m in mirrors if _runs(previous.get(m.name), entry)}
+        self._changing = tuple(sorted(f"{e.name}/{e.uid}/{e.generation}" for e, m in mirrors if m.name not in runs))
+        earlier = [previous[e.name] for e, m in mirrors if m.name not in runs and _same_generation(previous, e)]
+        self._seed_tries = max((int(r.get("rolledBack") or 0) for r in earlier), default=0)
+        self._asked = None
+        request = ""
         held: set[str] = set()
         while True:
             try:
                 outcome = self.apply_mirrors([m for _, m in mirrors])
             except RegmirrorError as exc:  # refused or failed: the engine left every file as it was
                 self.metrics.applies.inc(telemetry.FAILED)
-                if getattr(exc, "rolled_back", False):
+                rolled_back = bool(getattr(exc, "rolled_back", False))
+                if rolled_back:
                     self.metrics.rollbacks.inc()
+                    tries = self._count_try(str(exc), earlier)
                 culprit = _culprit(exc, mirrors) if len(mirrors) > 1 else None
                 if culprit is None:
                     log.error("applying failed, node unchanged: %s", exc)
                     for entry, m in mirrors:
-                        reports[m.name] = contract.Report(m.name, m.generation, contract.STATE_FAILED, str(exc),
-                                                          uid=entry.uid, out=mirrorhealth.left_out(m, out))
+                        if rolled_back and m.name in runs and self._changing:  # still runs it, as before
+                            reports[m.name] = self._applied_report(entry, m, previous, out)
+                        elif rolled_back:
+                            reports[m.name] = contract.Report(
+                                m.name, m.generation, contract.STATE_FAILED,
+                                _tried(tries, desired.restart_attempts, str(exc)), uid=entry.uid,
+                                out=mirrorhealth.left_out(m, out), attempts=tries)
+                        else:
+                            reports[m.name] = contract.Report(m.name, m.generation, contract.STATE_FAILED, str(exc),
+                                                              uid=entry.uid, out=mirrorhealth.left_out(m, out))
                     break
                 # One registry's own file cannot be written (an immutable hosts.toml, say): that one fails, with
                 # the reason, and the rest are applied while it keeps what the node runs for it (or, if the node
@@ -235,29 +304,75 @@ class Agent:
                            for pair in mirrors if pair is not culprit or kept not in (None, m)]
                 held.add(m.name)
                 continue
+            if outcome.held:  # it needs a restart the budget does not allow yet: nothing was written
+                request = self._waiting(mirrors, runs, previous, out, reports, desired.restart_attempts)
+                break
             self._applied = {m.name: m for _, m in mirrors}
             self._count_success(outcome)
+            if self._changing == self._tries[0]:
+                self._tries, self._retry_after = ((), 0, ""), None
             drift = [f"put back {path}, edited since regmirror wrote it" for path in outcome.drift]
             for entry, m in mirrors:
                 if m.name in held:  # it kept an earlier generation: its report says why the new one failed
                     continue
-                # "restarted" answers: did applying this generation restart the runtime? A later apply of the
-                # same generation (another RegistryMirror changed) must not turn that into a no.
-                before = previous.get(m.name) or {}
-                restarted = outcome.restarted or bool(
-                    before.get("generation") == m.generation and before.get("uid", "") == entry.uid
-                    and before.get("state") == contract.STATE_APPLIED and before.get("restarted"))
-                reports[m.name] = contract.Report(m.name, m.generation, contract.STATE_APPLIED, "; ".join(drift),
-                                                  restarted, uid=entry.uid, out=mirrorhealth.left_out(m, out))
+                reports[m.name] = self._applied_report(entry, m, previous, out, "; ".join(drift), outcome.restarted)
             if outcome.changed:
                 log.info("node now has %d mirror set(s)%s", len(mirrors),
                          ", runtime restarted" if outcome.restarted else "")
             for note in outcome.notes:
                 log.warning("%s", note)
             break
-        self._unsent = (list(reports.values()), node_uid)
+        self._unsent = (list(reports.values()), node_uid, request)
         self._in_place = taints.mirrors_in_place(reports.values())
         self.send_report()
+
+    @staticmethod
+    def _applied_report(entry: contract.Entry, m: models.RegistryMirror, previous: Mapping[str, Mapping[str, Any]],
+                        out: frozenset[str], message: str = "", restarted: bool = False) -> contract.Report:
+        # "restarted" answers: did applying this generation restart the runtime? A later apply of the same
+        # generation (another RegistryMirror changed) must not turn that into a no.
+        before = previous.get(m.name) or {}
+        restarted = restarted or bool(_runs(before, entry) and before.get("restarted"))
+        return contract.Report(m.name, m.generation, contract.STATE_APPLIED, message, restarted, uid=entry.uid,
+                               out=mirrorhealth.left_out(m, out))
+
+    def _count_try(self, reason: str, earlier: Sequence[Mapping[str, Any]]) -> int:
+        """A try of the changing generations was rolled back: count it, and pause before the next one."""
+        changing = self._asked[0] if self._asked else self._changing
+        tries = self._tries_of(changing) + 1
+        self._tries = (changing, tries, reason)
+        self._retry_after = self.clock() + self.settings.retry_seconds * tries
+        return tries
+
+    def _waiting(self, mirrors: Sequence[tuple[contract.Entry, models.RegistryMirror]], runs: set[str],
+                 previous: Mapping[str, Mapping[str, Any]], out: frozenset[str],
+                 reports: dict[str, contract.Report], most: int) -> str:
+        """Reports for a change held for a restart slot; returns the token of the slot to ask for ('' for none:
+        the node gave up on this change, or pauses after a rolled-back try)."""
+        assert self._asked is not None
+        tries = self._tries_of(self._asked[0])
+        reason = self._tries[2] or next((str(previous[e.name].get("message") or "") for e, m in mirrors
+                                         if m.name not in runs and e.name in previous), "")
+        gave_up = tries >= most
+        pausing = bool(tries) and self._retry_after is not None and self.clock() < self._retry_after
+        for entry, m in mirrors:
+            if m.name in runs:
+                reports[m.name] = self._applied_report(entry, m, previous, out)
+                continue
+            state = contract.STATE_FAILED if gave_up or pausing else contract.STATE_WAITING
+            if gave_up or pausing:
+                message = _tried(tries, most, _reason(reason))
+            elif tries:
+                message = (f"waiting for a restart slot to try again ({tries + 1} of {most}); try {tries} rolled "
+                           f"back: {_reason(reason)}")
+            else:
+                message = "waiting for a restart slot: only maxUnavailable nodes restart containerd at once"
+            reports[m.name] = contract.Report(m.name, m.generation, state, message, uid=entry.uid,
+                                              out=mirrorhealth.left_out(m, out), attempts=tries)
+        if gave_up or pausing:
+            return ""
+        log.info("the change needs a containerd restart: waiting for a restart slot (%s)", self._token())
+        return self._token()
 
     def _count_success(self, outcome: engine.Outcome) -> None:
         self.metrics.applies.inc(telemetry.CHANGED if outcome.changed else telemetry.UNCHANGED)
@@ -320,10 +435,13 @@ class Agent:
         retry_at: float | None = None
         backoff = 1.0
         while not self.stop.is_set():
-            due = min(t for t in (resync_at, retry_at, probe_at) if t is not None)
+            due = min(t for t in (resync_at, retry_at, probe_at, self._retry_after) if t is not None)
             woke = self.wake.wait(timeout=max(0.0, due - time.monotonic()))
             if woke:
                 self.wake.clear()
+            if self._retry_after is not None and time.monotonic() >= self._retry_after:
+                self._retry_after = None  # the pause after a rolled-back try is over: ask to try again
+                woke = True
             if self.stop.is_set():
                 return
             if not self.ready():
@@ -355,6 +473,39 @@ class Agent:
 
     def _probe_interval(self) -> float:
         return self.settings.probe_seconds * random.uniform(0.8, 1.2)
+
+
+def _runs(report: Mapping[str, Any] | None, entry: contract.Entry) -> bool:
+    """Does the node's report say it runs this very generation of this very object?"""
+    return report is not None and report.get("state") == contract.STATE_APPLIED and _same(report, entry)
+
+
+def _same(report: Mapping[str, Any] | None, entry: contract.Entry) -> bool:
+    return report is not None and report.get("generation") == entry.generation and report.get("uid", "") == entry.uid
+
+
+def _same_generation(previous: Mapping[str, Mapping[str, Any]], entry: contract.Entry) -> bool:
+    return _same(previous.get(entry.name), entry)
+
+
+_GAVE_UP, _PAUSE = "; a new generation is tried again", "; trying again after a pause"
+
+
+def _tried(tries: int, most: int, reason: str) -> str:
+    """What a node says about a change it tried ``tries`` times, each rolled back."""
+    if tries >= most:
+        return f"gave up after {tries} tries, each rolled back: {reason}{_GAVE_UP}"
+    return f"try {tries} of {most} rolled back: {reason}{_PAUSE}"
+
+
+def _reason(text: str) -> str:
+    """A rolled-back try's reason, without what ``_waiting`` put around it in an earlier report (a restarted
+    agent knows the reason only from there)."""
+    if text.startswith(("try ", "waiting for a restart slot to try again", "gave up after ")) and ": " in text:
+        text = text.split(": ", 1)[1]
+    for suffix in (_GAVE_UP, _PAUSE):
+        text = text.removesuffix(suffix)
+    return text or "the runtime was not healthy on the change"
 
 
 def _culprit(exc: RegmirrorError, mirrors: Sequence[tuple[contract.Entry, models.RegistryMirror]]
@@ -390,6 +541,10 @@ def main(argv: Sequence[str] | None = None, *, install_signals: bool = True,
                         default=os.environ.get("REGMIRROR_PROBE_MIN_OUT_SECONDS", "60"),
                         help="seconds a mirror that stopped answering stays out at least "
                              "($REGMIRROR_PROBE_MIN_OUT_SECONDS)")
+    parser.add_argument("--restart-slots", choices=SLOT_SOURCES,
+                        default=os.environ.get("REGMIRROR_RESTART_SLOTS", "operator"),
+                        help="operator: restart containerd only in a slot the operator grants (its maxUnavailable); "
+                             "none: restart at once, for an agent run without the operator ($REGMIRROR_RESTART_SLOTS)")
     parser.add_argument("--log-format", choices=logs.FORMATS, default=os.environ.get("REGMIRROR_LOG_FORMAT", "text"),
                         help="text, or one JSON object a line ($REGMIRROR_LOG_FORMAT)")
     parser.add_argument("--metrics-port", type=int, default=os.environ.get("REGMIRROR_METRICS_PORT") or "0",
@@ -402,12 +557,15 @@ def main(argv: Sequence[str] | None = None, *, install_signals: bool = True,
         parser.error("the node name is required: --node or $NODE_NAME (downward API spec.nodeName)")
     if args.log_format not in logs.FORMATS:  # from the environment, which argparse's choices do not check
         parser.error(f"REGMIRROR_LOG_FORMAT={args.log_format!r}: expected one of {', '.join(logs.FORMATS)}")
+    if args.restart_slots not in SLOT_SOURCES:
+        parser.error(f"REGMIRROR_RESTART_SLOTS={args.restart_slots!r}: expected one of {', '.join(SLOT_SOURCES)}")
     logs.configure(args.node, args.log_format, os.environ.get("REGMIRROR_LOG_LEVEL", "INFO"))
     settings = AgentSettings(node=args.node, resync=args.resync, engine=engine.Settings(
         root=args.root, restart=args.restart, runtime=args.runtime, health_timeout=args.health_timeout),
         probe_seconds=args.probe_seconds, probe_timeout=args.probe_timeout,
         probe_rules=mirrorhealth.Rules(min_out_seconds=args.probe_min_out),
-        metrics_port=args.metrics_port, metrics_address=args.metrics_address)
+        metrics_port=args.metrics_port, metrics_address=args.metrics_address,
+        restart_slots=args.restart_slots == "operator")
     stop = threading.Event()
     client = make_client() if make_client else Client(load_config())
     agent = Agent(settings, client, stop)

@@ -61,6 +61,8 @@ class Outcome:
     """For people: what happened that they may want to know."""
     drift: tuple[str, ...] = ()
     """Node paths of managed files someone edited since regmirror wrote them, and that this apply put back."""
+    held: bool = False
+    """Nothing was written: the plan needs a runtime restart and ``may_restart`` said not now."""
 
     @property
     def changed(self) -> bool:
@@ -420,15 +422,29 @@ def _roll_back(plan_: Plan, runtime: str, settings: Settings, host: Host, node: 
 UNCHANGED = Outcome("", Plan(runtime="", changes=(), restart=False))
 
 
+#: Asked, with the plan, before a change that restarts containerd is written: may it restart now? (The agent
+#: asks the cluster's restart budget; see ``agent``.)
+MayRestart = Callable[[Plan], bool]
+
+
+def needs_restart(plan_: Plan, runtime: str, settings: Settings) -> bool:
+    """Would executing this plan restart containerd? (Docker's reload keeps every container running.)"""
+    return (plan_.changed and plan_.restart and runtime != docker.RUNTIME and settings.restart != "never"
+            and not settings.dry_run)
+
+
 def apply(desired: Sequence[models.RegistryMirror], settings: Settings, log: Log = _quiet,
-          left_out: LeftOut | None = None) -> Outcome:
+          left_out: LeftOut | None = None, may_restart: MayRestart | None = None) -> Outcome:
     """Apply; answered without planning when the last successful apply was this same request and nothing
-    it read has changed since (``UNCHANGED``). ``left_out``: mirrors that do not answer from this node."""
+    it read has changed since (``UNCHANGED``). ``left_out``: mirrors that do not answer from this node.
+    ``may_restart``: when the plan restarts containerd and this says no, nothing is written (``held``)."""
     with locked(settings):
         if not settings.dry_run and observing.already_applied(NodeRoot(settings.root), settings.state_dir,
                                                               request_key(desired, settings, left_out)):
             return UNCHANGED
         plan_, runtime = plan(desired, settings, left_out=left_out)
+        if may_restart is not None and needs_restart(plan_, runtime, settings) and not may_restart(plan_):
+            return Outcome(runtime, plan_, notes=plan_.notes, held=True)
         return execute(plan_, runtime, settings, log)
 
 

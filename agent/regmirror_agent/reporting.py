@@ -42,19 +42,24 @@ class Reporter:
             self.current = None
         self.read = True
 
+    def request(self) -> str:
+        """The restart slot the object asks for ('' for none)."""
+        return contract.restart_request(self.current)
+
     def previous(self) -> dict[str, dict[str, Any]]:
         """What the object says per RegistryMirror (reads it once, after a start)."""
         if not self.read:
             self._read()
         return contract.parse_node_report(self.current or {})
 
-    def send(self, reports: Sequence[contract.Report], node_uid: str) -> bool:
-        """Make the node's object say ``reports``; True if that took a write."""
+    def send(self, reports: Sequence[contract.Report], node_uid: str, request: str = "") -> bool:
+        """Make the node's object say ``reports`` (and ask for the restart slot ``request``, if any); True if
+        that took a write."""
         if not self.read:
             self._read()
-        if contract.same_reports(self.current, reports, node_uid):
+        if contract.same_reports(self.current, reports, node_uid, request):
             return False
-        body = contract.render_node_report(self.node, node_uid, reports, time=_now())
+        body = contract.render_node_report(self.node, node_uid, reports, time=_now(), request=request)
         if self.current is not None:
             try:
                 self.current = self.client.merge_patch(self.path, body)

@@ -30,6 +30,8 @@ CONFIGMAP_KEY = "desired.json"
 DOCUMENT_VERSION = 1
 STATE_APPLIED = "Applied"
 STATE_FAILED = "Failed"
+STATE_WAITING = "Waiting"
+"""The node must restart its runtime for this generation and waits for the operator's restart slot."""
 MAX_REPORT_MESSAGE = 512
 
 
@@ -53,23 +55,32 @@ class Entry:
         return models.parse_spec(self.name, self.spec, self.generation)
 
 
+#: How many times a node tries a change its runtime does not survive (rolled back each time) before it gives up
+#: on that change and the RegistryMirror goes Stalled; a new generation starts again (operator setting).
+DEFAULT_RESTART_ATTEMPTS = 3
+
+
 @dataclasses.dataclass(frozen=True)
 class Desired:
     entries: tuple[Entry, ...]
     hash: str
+    restart_attempts: int = DEFAULT_RESTART_ATTEMPTS
 
 
 def _canonical(value: Any) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
-def render_desired(entries: Iterable[Entry]) -> str:
-    """The ConfigMap value: same entries, same bytes."""
+def render_desired(entries: Iterable[Entry], restart_attempts: int = DEFAULT_RESTART_ATTEMPTS) -> str:
+    """The ConfigMap value: same entries, same bytes. ``restartAttempts`` is written only when it is not the
+    default, so a document from before it existed reads (and hashes) the same."""
     items = [{"name": e.name, "uid": e.uid, "generation": e.generation, "spec": dict(e.spec),
               "nodeSelector": dict(e.node_selector)} for e in sorted(entries, key=lambda e: e.name)]
     digest = hashlib.sha256(_canonical(items).encode()).hexdigest()
-    return json.dumps({"version": DOCUMENT_VERSION, "hash": f"sha256:{digest}", "mirrors": items},
-                      sort_keys=True, indent=1, ensure_ascii=False) + "\n"
+    document: dict[str, Any] = {"version": DOCUMENT_VERSION, "hash": f"sha256:{digest}", "mirrors": items}
+    if restart_attempts != DEFAULT_RESTART_ATTEMPTS:
+        document["restartAttempts"] = restart_attempts
+    return json.dumps(document, sort_keys=True, indent=1, ensure_ascii=False) + "\n"
 
 
 def parse_desired(text: str) -> Desired:
@@ -85,7 +96,10 @@ def parse_desired(text: str) -> Desired:
                               str(m.get("uid") or "")) for m in raw.get("mirrors", []))
     except (KeyError, TypeError, ValueError) as exc:
         raise InvalidDocument(f"{CONFIGMAP_KEY}: malformed entry ({exc})") from exc
-    return Desired(entries=entries, hash=str(raw.get("hash", "")))
+    attempts = raw.get("restartAttempts", DEFAULT_RESTART_ATTEMPTS)
+    if not isinstance(attempts, int) or isinstance(attempts, bool) or attempts < 1:
+        raise InvalidDocument(f"{CONFIGMAP_KEY}: restartAttempts {attempts!r} is not a whole number of at least 1")
+    return Desired(entries=entries, hash=str(raw.get("hash", "")), restart_attempts=attempts)
 
 
 # --- label selectors (metav1.LabelSelector) -----------------------------------------------------------
@@ -144,6 +158,10 @@ class Report:
     """Mirror URLs that do not answer from this node, in spec order (the agent's ``mirrorhealth``): left out of
     the node's configuration in containerd's hosts mode, only reported elsewhere. Absent from the body when
     empty, so a report written before this field existed reads the same and causes no write."""
+    attempts: int = 0
+    """How many times this node tried this generation, restarted its runtime, found it unhealthy and put the
+    previous files back (``rolledBack`` in the body, absent when 0). Non-zero halts the rollout of this
+    generation on every other node: the operator grants no restart slot for it elsewhere."""
 
     def body(self) -> dict[str, Any]:
         body: dict[str, Any] = {"name": self.name, "uid": self.uid, "generation": self.generation,
@@ -151,7 +169,43 @@ class Report:
                                 "restarted": self.restarted}
         if self.out:
             body["out"] = list(self.out[:models.MAX_MIRRORS])
+        if self.attempts:
+            body["rolledBack"] = self.attempts
         return body
+
+
+# --- the restart budget: a node asks in its report, the operator grants on the Node ---------------------------
+
+#: The Node annotation by which the operator gives a node one of the cluster's restart slots (at most
+#: ``maxUnavailable`` nodes hold one at a time). Its value is ``"<token> <expiry, RFC 3339>"``: the token the
+#: node's agent asked for in its report (``restartRequest``), so a slot is only ever used for the very change
+#: it was granted for, and the time after which the operator takes the slot back from an agent that died with
+#: it. A slot taken back is left as ``"<token> expired"``, so that token is not granted again.
+RESTART_SLOT_ANNOTATION = f"{models.API_GROUP}/restart-slot"
+SLOT_EXPIRED = "expired"
+
+
+def restart_token(request: str, attempt: int, instance: str) -> str:
+    """What an agent asks a slot for: one change (``request``, the engine's request key), one try of it, one
+    agent process (so an agent that restarts never takes a dead one's slot for its own)."""
+    return hashlib.sha256(f"{request}\0{attempt}\0{instance}".encode()).hexdigest()[:16]
+
+
+def render_slot(token: str, expires: str) -> str:
+    return f"{token} {expires}"
+
+
+def parse_slot(value: object) -> tuple[str, str]:
+    """``(token, expiry or SLOT_EXPIRED)`` of a slot annotation; ``("", "")`` for none or a malformed one."""
+    token, _, expires = value.partition(" ") if isinstance(value, str) else ("", "", "")
+    return (token, expires) if token and expires else ("", "")
+
+
+def restart_request(obj: Mapping[str, Any] | None) -> str:
+    """The token a node's report asks a restart slot for ('' when it waits for none)."""
+    status = (obj or {}).get("status")
+    value = status.get("restartRequest") if isinstance(status, Mapping) else None
+    return value if isinstance(value, str) else ""
 
 
 def report_content(reports: Iterable[Report]) -> list[dict[str, Any]]:
@@ -164,15 +218,21 @@ def _summary(content: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     why one failed without opening the object."""
     applied = sum(1 for r in content if r["state"] == STATE_APPLIED)
     failures = [f"{r['name']}: {r['message'] or 'failed'}" for r in content if r["state"] == STATE_FAILED]
+    waiting = [r["name"] for r in content if r["state"] == STATE_WAITING]
+    if waiting:
+        failures.append(f"waiting for a restart slot: {', '.join(waiting)}")
     return {"ready": f"{applied}/{len(content)}",
             "generations": " ".join(f"{r['name']}={r['generation']}" for r in content)[:MAX_REPORT_MESSAGE],
             "message": "; ".join(failures)[:MAX_REPORT_MESSAGE]}
 
 
-def render_node_report(node: str, node_uid: str, reports: Iterable[Report], *, time: str) -> dict[str, Any]:
+def render_node_report(node: str, node_uid: str, reports: Iterable[Report], *, time: str,
+                       request: str = "") -> dict[str, Any]:
     """The whole ``RegistryMirrorNode`` for ``node``: the body of its create, and of every later merge patch
     (lists are replaced whole by a merge patch, so the same body serves both). It holds only what this node
-    did, never which document it read: a change that does not touch the node must not make it write."""
+    did, never which document it read: a change that does not touch the node must not make it write.
+    ``request``: the token of the restart slot the node waits for; ``null`` in the body when none,
+    so a merge patch removes an earlier one."""
     content = report_content(reports)
     metadata: dict[str, Any] = {"name": node, "labels": {"app.kubernetes.io/part-of": "regmirror"}}
     if node_uid:
@@ -180,7 +240,8 @@ def render_node_report(node: str, node_uid: str, reports: Iterable[Report], *, t
         # to set finalizers on Nodes, which an agent must not have.
         metadata["ownerReferences"] = [{"apiVersion": "v1", "kind": "Node", "name": node, "uid": node_uid}]
     return {"apiVersion": f"{models.API_GROUP}/{models.API_VERSION}", "kind": NODE_KIND, "metadata": metadata,
-            "status": {**_summary(content), "time": time, "mirrors": content}}
+            "status": {**_summary(content), "time": time, "mirrors": content,
+                       "restartRequest": request or None}}
 
 
 def parse_node_report(obj: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
@@ -201,7 +262,8 @@ def out_mirrors(report: Mapping[str, Any] | None) -> frozenset[str]:
     return frozenset(u for u in out if isinstance(u, str)) if isinstance(out, list) else frozenset()
 
 
-def same_reports(obj: Mapping[str, Any] | None, reports: Iterable[Report], node_uid: str = "") -> bool:
+def same_reports(obj: Mapping[str, Any] | None, reports: Iterable[Report], node_uid: str = "",
+                 request: str = "") -> bool:
     """Does the node's object already say exactly this (its time aside)? Then the agent writes nothing."""
     if not obj:
         return False
@@ -209,7 +271,7 @@ def same_reports(obj: Mapping[str, Any] | None, reports: Iterable[Report], node_
     if node_uid and not any(o.get("uid") == node_uid for o in owners):
         return False
     status = obj.get("status") or {}
-    return bool(status.get("mirrors") == report_content(reports))
+    return bool(status.get("mirrors") == report_content(reports)) and restart_request(obj) == request
 
 
 def pick_winners(objects: Sequence[tuple[str, str, str]]) -> dict[str, str]:

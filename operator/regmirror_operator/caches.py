@@ -42,12 +42,19 @@ def node_labels(body: Mapping[str, Any]) -> dict[str, str]:
     return {str(k): str(v) for k, v in ((body.get("metadata") or {}).get("labels") or {}).items()}
 
 
+def node_slot(body: Mapping[str, Any]) -> str | None:
+    """The Node's restart-slot annotation (``slots``), None when it has none."""
+    value = ((body.get("metadata") or {}).get("annotations") or {}).get(contract.RESTART_SLOT_ANNOTATION)
+    return str(value) if value is not None else None
+
+
 def report_essence(body: Mapping[str, Any]) -> dict[str, Any]:
-    """What the operator uses of a RegistryMirrorNode: its uid and time (for pruning) and the reports."""
+    """What the operator uses of a RegistryMirrorNode: its uid and time (for pruning), the reports, and the
+    restart slot it asks for."""
     meta = body.get("metadata") or {}
     status = body.get("status") or {}
     return {"uid": str(meta.get("uid") or ""), "time": status.get("time"),
-            "mirrors": _plain(contract.parse_node_report(body))}
+            "mirrors": _plain(contract.parse_node_report(body)), "restartRequest": contract.restart_request(body)}
 
 
 def _plain(value: Any) -> Any:
@@ -108,6 +115,8 @@ class Cache:
     def __init__(self) -> None:
         self.mirrors: Table[dict[str, Any]] = Table()
         self.nodes: Table[dict[str, str]] = Table()
+        self.slots: Table[str] = Table()
+        """Node name -> its restart-slot annotation, for the Nodes that have one (``slots``)."""
         self.reports: Table[dict[str, Any]] = Table()
         self._listed: set[str] = set()
 
@@ -124,14 +133,18 @@ class Cache:
     def observe(self, kind: str, name: str, body: Mapping[str, Any] | None, *, at: float) -> bool:
         """An informer's event about a Node or a RegistryMirrorNode (``None``: deleted)."""
         if kind == NODES:
-            return self.nodes.observe(name, None if body is None else node_labels(body), at=at)
+            slot = self.slots.observe(name, None if body is None else node_slot(body), at=at)
+            return self.nodes.observe(name, None if body is None else node_labels(body), at=at) or slot
         return self.reports.observe(name, None if body is None else report_essence(body), at=at)
 
     def merge_listed(self, kind: str, objects: Mapping[str, Mapping[str, Any]], *, started_at: float) -> bool:
         """An informer's complete listing of Nodes or RegistryMirrorNodes."""
         self._listed.add(kind)
         if kind == NODES:
-            return self.nodes.merge_listing({n: node_labels(b) for n, b in objects.items()}, started_at=started_at)
+            slots = {n: s for n, b in objects.items() if (s := node_slot(b)) is not None}
+            slot = self.slots.merge_listing(slots, started_at=started_at)
+            return self.nodes.merge_listing({n: node_labels(b) for n, b in objects.items()},
+                                            started_at=started_at) or slot
         return self.reports.merge_listing({n: report_essence(b) for n, b in objects.items()},
                                           started_at=started_at)
 

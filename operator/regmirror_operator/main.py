@@ -45,8 +45,9 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: kopf.L
     # kopf logs "Handler succeeded" for every watch event; at 1,000 Nodes that is a line per heartbeat.
     logging.getLogger("kopf.objects").setLevel(logging.WARNING)
     metrics_port = telemetry.port_from_environment()  # a bad value stops the start, before any API call
+    rollout = reconciling.settings_from_environment()  # so does a bad REGMIRROR_MAX_UNAVAILABLE, and the like
     publisher = await asyncio.to_thread(publishing.Publisher.from_environment)
-    reconciler = reconciling.Reconciler(publisher)
+    reconciler = reconciling.Reconciler(publisher, settings=rollout)
     memo.reconciler = reconciler
     memo.metrics_server = None
     if metrics_port:

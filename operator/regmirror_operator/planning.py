@@ -42,6 +42,8 @@ REASON_CONFLICT = "Conflict"
 REASON_TOO_LARGE = "DocumentTooLarge"
 REASON_MIRROR_UNREACHABLE = "MirrorUnreachable"
 REASON_MIRROR_REACHABLE = "MirrorReachable"
+REASON_ROLLOUT_HALTED = "RolloutHalted"
+REASON_ROLLOUT_FAILED = "RolloutFailed"
 
 #: The most ``desired.json`` may hold. A ConfigMap holds at most 1 MiB (data and metadata together, and the
 #: apiserver refuses more); the rest is room for its metadata and managedFields.
@@ -217,9 +219,15 @@ def _report_of(node_report: Mapping[str, Any] | None, name: str, uid: str) -> Ma
 
 
 def plan_status(body: Mapping[str, Any], verdict: Verdict, nodes: Mapping[str, Mapping[str, str]],
-                reports: Mapping[str, Mapping[str, Any]], *, now: str) -> dict[str, Any]:
+                reports: Mapping[str, Mapping[str, Any]], *, now: str,
+                restart_attempts: int = contract.DEFAULT_RESTART_ATTEMPTS) -> dict[str, Any]:
     """The status this RegistryMirror should have: counts and a sample of failures, never per-node entries, so
-    it stays the same small size on any cluster."""
+    it stays the same small size on any cluster.
+
+    A node that restarted containerd for the current generation and rolled it back halts the rollout (no other
+    node gets a restart slot for it, ``slots``): Reconciling, reason RolloutHalted, naming the node and why.
+    Once that node gave up (``restart_attempts`` tries), the object is Stalled (RolloutFailed), which Flux
+    reports as failed at once; a new generation starts again."""
     meta = _meta(body)
     name, uid = str(meta.get("name", "")), str(meta.get("uid") or "")
     generation = _generation(body)
@@ -229,7 +237,8 @@ def plan_status(body: Mapping[str, Any], verdict: Verdict, nodes: Mapping[str, M
     selector = spec.get("nodeSelector")
     selector_ok = not models.check_node_selector(selector)
     selected = sorted(n for n, labels in nodes.items() if selector_ok and contract.selects(selector, labels))
-    applied, failing = 0, []
+    applied, waiting, failing = 0, 0, []
+    rolled: list[tuple[str, int, str, str]] = []  # node, tries, state, message: nodes that rolled it back
     urls = _spec_urls(spec)
     unreachable = dict.fromkeys(urls, 0)
     reporting = 0
@@ -242,10 +251,16 @@ def plan_status(body: Mapping[str, Any], verdict: Verdict, nodes: Mapping[str, M
             unreachable[url] += 1
         if report.get("generation") != generation:
             continue
-        if report.get("state") == contract.STATE_APPLIED:
+        state, tries = report.get("state"), report.get("rolledBack")
+        if isinstance(tries, int) and tries > 0 and state != contract.STATE_APPLIED:
+            rolled.append((node, tries, str(state), str(report.get("message") or "")))
+        if state == contract.STATE_APPLIED:
             applied += 1
-        elif report.get("state") == contract.STATE_FAILED:
+        elif state == contract.STATE_FAILED:
             failing.append((node, str(report.get("message") or "")))
+        elif state == contract.STATE_WAITING:
+            waiting += 1
+    gave_up = [r for r in rolled if r[2] == contract.STATE_FAILED and r[1] >= restart_attempts]
 
     if verdict.reason is not None:
         reason, message = verdict.reason, verdict.message
@@ -255,6 +270,20 @@ def plan_status(body: Mapping[str, Any], verdict: Verdict, nodes: Mapping[str, M
         message = (f"{applied}/{_nodes(len(selected))} {'runs' if applied == 1 else 'run'} generation {generation}"
                    if selected else "no node matches nodeSelector")
         truth = {READY: "True", RECONCILING: "False", STALLED: "False"}
+    elif gave_up:
+        reason = REASON_ROLLOUT_FAILED
+        node, tries, _, why = gave_up[0]
+        message = _clip(f"generation {generation} broke containerd on node {node} ({why}); no other node was "
+                        f"restarted for it. Fix the spec: a new generation starts the rollout again ({applied}/"
+                        f"{_nodes(len(selected))} applied)")
+        truth = {READY: "False", RECONCILING: "False", STALLED: "True"}
+    elif rolled:
+        reason = REASON_ROLLOUT_HALTED
+        node, tries, _, why = rolled[0]
+        message = _clip(f"rollout of generation {generation} halted: containerd was not healthy with it on node "
+                        f"{node} ({why}); no other node starts it unless it succeeds there ({applied}/"
+                        f"{_nodes(len(selected))} applied, {waiting} waiting)")
+        truth = {READY: "False", RECONCILING: "True", STALLED: "False"}
     elif failing:
         reason = REASON_NODES_FAILED
         sample = "; ".join(f"{n}: {why or 'no reason given'}" for n, why in failing[:MAX_FAILING_NODES])
@@ -263,7 +292,8 @@ def plan_status(body: Mapping[str, Any], verdict: Verdict, nodes: Mapping[str, M
         truth = {READY: "False", RECONCILING: "True", STALLED: "False"}
     else:
         reason = REASON_PROGRESSING
-        message = f"{applied}/{_nodes(len(selected))} applied generation {generation}"
+        message = f"{applied}/{_nodes(len(selected))} applied generation {generation}" + (
+            f", {waiting} waiting for a restart slot" if waiting else "")
         truth = {READY: "False", RECONCILING: "True", STALLED: "False"}
 
     old_conditions = {c.get("type"): c for c in current.get("conditions") or [] if isinstance(c, Mapping)}
@@ -278,7 +308,7 @@ def plan_status(body: Mapping[str, Any], verdict: Verdict, nodes: Mapping[str, M
         "conditions": conditions,
         "ready": f"{applied}/{len(selected)}",
         "message": message,
-        "nodes": {"selected": len(selected), "applied": applied, "failed": len(failing)},
+        "nodes": {"selected": len(selected), "applied": applied, "failed": len(failing), "waiting": waiting},
         "failingNodes": [{"name": n, "reason": _clip(why, MAX_FAILING_REASON)}
                          for n, why in failing[:MAX_FAILING_NODES]],
         "mirrors": [{"url": u, "reachable": reporting - unreachable[u], "unreachable": unreachable[u]} for u in urls],
@@ -356,6 +386,11 @@ def plan_notices(body: Mapping[str, Any], status: Mapping[str, Any]) -> list[Not
             notices.append(Notice(name, uid, "Normal", REASON_MIRROR_REACHABLE, _clip(
                 f"mirror {mirror['url']} answers again from every node ({total}); it is back in use")))
 
+    reconciling, was_reconciling = new_conditions[RECONCILING], old_conditions.get(RECONCILING) or {}
+    if reconciling["reason"] == REASON_ROLLOUT_HALTED and (was_reconciling.get("reason") != REASON_ROLLOUT_HALTED
+                                                           or not same_generation):
+        notices.append(Notice(name, uid, "Warning", REASON_ROLLOUT_HALTED, reconciling["message"]))
+
     ready, was_ready = new_conditions[READY], old_conditions.get(READY) or {}
     if ready["status"] == "True" and (was_ready.get("status") != "True" or not same_generation):
         notices.append(Notice(name, uid, "Normal", READY, ready["message"]))
@@ -366,13 +401,15 @@ def plan_notices(body: Mapping[str, Any], status: Mapping[str, Any]) -> list[Not
 
 
 def plan(mirrors: Mapping[str, Mapping[str, Any]], nodes: Mapping[str, Mapping[str, str]],
-         reports: Mapping[str, Mapping[str, Any]], *, now: str, published: str | None = None) -> Plan:
+         reports: Mapping[str, Mapping[str, Any]], *, now: str, published: str | None = None,
+         restart_attempts: int = contract.DEFAULT_RESTART_ATTEMPTS) -> Plan:
     """The ConfigMap text, status patches, prunes and events for every RegistryMirror.
 
     ``mirrors``: name -> object (metadata, spec, status); objects being deleted are left out of the document
     and get no status. ``nodes``: name -> labels. ``reports``: node name -> ``caches.report_essence``.
     ``now``: RFC 3339 UTC time for new transition times. ``published``: the document the ConfigMap holds now,
-    if known (what nodes keep when a change would not fit).
+    if known (what nodes keep when a change would not fit). ``restart_attempts``: how many rolled-back tries a
+    node makes of a change before its RegistryMirror goes Stalled (published for the agents).
     """
     live = {n: b for n, b in mirrors.items() if not _meta(b).get("deletionTimestamp")}
     entries, verdicts = plan_verdicts(live[n] for n in sorted(live))
@@ -383,13 +420,13 @@ def plan(mirrors: Mapping[str, Mapping[str, Any]], nodes: Mapping[str, Mapping[s
     newest_first = sorted(live, key=lambda n: (str(_meta(live[n]).get("creationTimestamp") or ""), n), reverse=True)
     entries, too_large = fit_document(entries, previous, newest_first)
     verdicts.update(too_large)
-    desired = contract.render_desired(entries)
+    desired = contract.render_desired(entries, restart_attempts)
     patches: dict[str, dict[str, Any]] = {}
     statuses: dict[str, dict[str, Any]] = {}
     notices: list[Notice] = []
     for name in sorted(live):
         body = live[name]
-        status = plan_status(body, verdicts[name], nodes, reports, now=now)
+        status = plan_status(body, verdicts[name], nodes, reports, now=now, restart_attempts=restart_attempts)
         statuses[name] = status
         patch = plan_status_patch(body.get("status"), status)
         if patch is not None:

@@ -23,12 +23,13 @@ import contextlib
 import dataclasses
 import datetime
 import logging
+import os
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
 from regmirror_api import contract
-from regmirror_operator import caches, informing, planning, publishing, telemetry
+from regmirror_operator import caches, informing, planning, publishing, slots, telemetry
 
 log = logging.getLogger("regmirror.operator")
 
@@ -47,6 +48,29 @@ class Settings:
     """The rate at which RegistryMirror statuses (and deletions of departed nodes' reports) are written."""
     status_burst: int = 10
     """Writes allowed at once after a quiet spell."""
+    max_unavailable: slots.Budget = dataclasses.field(default_factory=slots.Budget)
+    """How many nodes may restart containerd for regmirror at once (``REGMIRROR_MAX_UNAVAILABLE``)."""
+    restart_attempts: int = contract.DEFAULT_RESTART_ATTEMPTS
+    """Tries of a change containerd does not survive, per node, before Stalled (``REGMIRROR_RESTART_ATTEMPTS``)."""
+    slot_seconds: float = slots.DEFAULT_SLOT_SECONDS
+    """How long a node may hold a restart slot before it is taken back (``REGMIRROR_RESTART_SLOT_SECONDS``)."""
+
+
+def settings_from_environment(environ: Mapping[str, str] = os.environ) -> Settings:
+    """The rollout settings from the operator's environment; a bad value is refused with a ValueError that
+    names it, before the operator makes any API call."""
+    budget = slots.parse_budget(environ.get("REGMIRROR_MAX_UNAVAILABLE") or "1")
+    attempts_text = environ.get("REGMIRROR_RESTART_ATTEMPTS") or str(contract.DEFAULT_RESTART_ATTEMPTS)
+    seconds_text = environ.get("REGMIRROR_RESTART_SLOT_SECONDS") or str(slots.DEFAULT_SLOT_SECONDS)
+    if not attempts_text.isdigit() or int(attempts_text) < 1:
+        raise ValueError(f"REGMIRROR_RESTART_ATTEMPTS={attempts_text!r}: expected a whole number of at least 1")
+    try:
+        seconds = float(seconds_text)
+    except ValueError:
+        seconds = 0.0
+    if not seconds > 0:
+        raise ValueError(f"REGMIRROR_RESTART_SLOT_SECONDS={seconds_text!r}: expected a number of seconds above 0")
+    return Settings(max_unavailable=budget, restart_attempts=int(attempts_text), slot_seconds=seconds)
 
 
 class TokenBucket:
@@ -198,7 +222,7 @@ class Reconciler:
             log.info("listed %d RegistryMirrors, %d Nodes and %d RegistryMirrorNodes", len(mirrors),
                      len(self.cache.nodes.items()), len(self.cache.reports.items()))
         plan = planning.plan(mirrors, self.cache.nodes.items(), self.cache.reports.items(), now=utc_now(),
-                             published=self.published)
+                             published=self.published, restart_attempts=self.settings.restart_attempts)
         self.held_back_until = None
         self.passes += 1
         self.metrics.record_statuses(plan.statuses)
@@ -236,6 +260,7 @@ class Reconciler:
             log.info("status of %s: %s", name, plan.statuses[name]["message"])
             for notice in notices.get(name, []):
                 await self.post(notice)
+        await self.hand_out_slots(problems)
         for name, uid in plan.prunes:
             if not self.bucket.take():
                 self.held_back_until = self.clock() + self.bucket.wait_time()
@@ -247,6 +272,30 @@ class Reconciler:
                 problems.append(exc)
         if problems:
             raise problems[0]
+
+    async def hand_out_slots(self, problems: list[Exception]) -> None:
+        """Give restart slots to waiting nodes and take back those that are done (``slots``); each is one
+        patch of one Node, and nothing at all when no node waits."""
+        plan = slots.plan_slots(self.cache.nodes.items(), self.cache.slots.items(), self.cache.reports.items(),
+                                budget=self.settings.max_unavailable,
+                                now=datetime.datetime.now(datetime.UTC), ttl=self.settings.slot_seconds)
+        for node, value in plan.writes.items():
+            try:
+                await asyncio.to_thread(self.publisher.set_restart_slot, node, value)
+            except publishing.ApiError as exc:
+                problems.append(exc)
+                continue
+            if value is None:
+                log.info("node %s is done: its restart slot is free again", node)
+            elif value.endswith(contract.SLOT_EXPIRED):
+                log.warning("node %s held its restart slot past its deadline (its agent died?): taken back", node)
+            else:
+                log.info("node %s may restart containerd now (restart slots: %s held of %s; %d waiting, %d held "
+                         "back by a halted rollout)", node, len(plan.holders), self.settings.max_unavailable,
+                         len(plan.waiting), len(plan.blocked))
+            # What the Node's annotation will say once its watch event arrives, so the next pass (which may
+            # come before it) neither grants twice nor exceeds the budget.
+            self.cache.slots.observe(node, value, at=self.clock())
 
     async def post(self, notice: planning.Notice) -> None:
         """Post an Event unless the very same one was posted a moment ago; failures are only logged."""

@@ -84,7 +84,8 @@ def test_an_informer_listing_is_a_complete_snapshot_of_reports() -> None:
                          "mirrors": [{"name": "x", "generation": 1, "state": "Applied"}]}}
     cache.merge_listed(caches.REPORTS, {"n1": report, "n2": {**report, "metadata": {"name": "n2"}}}, started_at=1)
     assert cache.reports.get("n1") == {"uid": "u1", "time": "2026-01-01T00:00:00Z",
-                                       "mirrors": {"x": {"name": "x", "generation": 1, "state": "Applied"}}}
+                                       "mirrors": {"x": {"name": "x", "generation": 1, "state": "Applied"}},
+                                       "restartRequest": ""}
     assert not cache.observe(caches.REPORTS, "n1", {**report, "metadata": {"name": "n1", "uid": "u1",
                                                                             "resourceVersion": "6"}}, at=2)
     assert cache.merge_listed(caches.REPORTS, {"n1": report}, started_at=3)  # n2 was deleted meanwhile
