@@ -452,7 +452,7 @@ def check_verify(verify: object, registry: object, where: str = "spec.verify") -
         return [f"{where}.image: {_show(image)} is not a full image reference: expected registry/path[:tag] or "
                 f"registry/path@sha256:<digest> (for example \"quay.io/regmirror-test/sleeper:1\")"]
     host = image.split("/", 1)[0]
-    if registry != ANY_REGISTRY and host != registry:
+    if registry not in (ANY_REGISTRY, host):
         return [f"{where}.image: {image!r} is in registry {host!r}, not {registry!r}: the image must come from "
                 f"the registry this object mirrors"]
     return []
