@@ -7,6 +7,7 @@ here (no network reaches quay.io), and the mirror's access log. The timings of `
 from __future__ import annotations
 
 import re
+import socket
 import time
 
 import pytest
@@ -189,3 +190,60 @@ def test_crictl_info_is_the_fallback_and_reads_the_same(
     assert ("registry" in fallback.info["config"]) == (flavor == "1.6") == ("registry" in direct.info["config"])
     result = timed_verify(node, mirror, f"{flavor} through crictl")
     assert result.in_use is True and result.reason == effective.IN_USE, result.message
+
+
+@pytest.mark.parametrize("flavor", ["1.6", "2.x"])
+def test_hosts_mode_written_but_containerd_never_restarted_is_not_in_use(
+        containerd_node_factory: ContainerdNodeFactory, registry: Registry, monkeypatch: pytest.MonkeyPatch,
+        flavor: str) -> None:
+    """The first move into hosts mode sets config_path, which needs a restart; without it (a restart that did
+    nothing looks the same) the files are all there and containerd runs as before."""
+    require_crictl()
+    node = started(containerd_node_factory, flavor, monkeypatch, config_path="")
+    time.sleep(1.6)  # the process start time is known to about a second (verifying.CLOCK_SLACK)
+    mirror = quay(registry)
+    pid = node.pid
+    engine.apply([mirror], settings(node, restart="never"))
+    assert node.pid == pid and (node.certs_dir / "quay.io" / "hosts.toml").exists()
+    result = timed_verify(node, mirror, f"{flavor} hosts mode written, not restarted")
+    assert result.in_use is False and result.reason == effective.NOT_RESTARTED, result.message
+    if flavor == "1.6":
+        assert result.message.startswith("containerd still runs with config_path = '', while config.toml now says "
+                                         "'/etc/containerd/certs.d'")
+    else:
+        assert "config.toml changed at" in result.message
+    since = registry.mark()  # the truth: a CRI pull does not reach the mirror
+    assert node.crictl_pull(QUAY_IMAGE).returncode != 0
+    assert registry.requests_for("/v2/k8scsi/csi-resizer/", since=since) == 0
+
+
+def test_a_mirror_that_never_answers_costs_one_timeout_then_the_next_host_is_asked(
+        containerd_node_factory: ContainerdNodeFactory, registry: Registry, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A mirror that accepts connections and never answers, placed first: the verify image's HEAD to it times
+    out (containerd falls through the same way), and the next mirror serves it."""
+    node = started(containerd_node_factory, "1.6", monkeypatch, config_path="")
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        hung = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        mirror = models.parse_spec("quay", {"registry": "quay.io", "mirrors": [hung, registry.url],
+                                            "verify": {"image": QUAY_IMAGE}})
+        engine.apply([mirror], settings(node))
+        result = timed_verify(node, mirror, "1.6 first mirror hangs")
+    assert result.in_use is True and result.answered_by == registry.url
+    assert result.message.startswith(f"{QUAY_IMAGE} resolves through the mirror {registry.url} (HTTP 200) after "
+                                     f"the mirror {hung} failed (TimeoutError")
+    assert verifying.TIMEOUT <= result.seconds < verifying.TIMEOUT + 1
+
+
+def test_a_docker_hub_verify_image_is_asked_for_under_library_with_its_namespace(
+        containerd_node_factory: ContainerdNodeFactory, registry: Registry, monkeypatch: pytest.MonkeyPatch) -> None:
+    node = started(containerd_node_factory, "2.x", monkeypatch, config_path="")
+    hub = models.parse_spec("hub", {"registry": "docker.io", "mirrors": [registry.url],
+                                    "verify": {"image": "docker.io/busybox:1.36"}})
+    engine.apply([hub], settings(node))
+    since = registry.mark()
+    result = timed_verify(node, hub, "2.x docker.io verify image")
+    assert result.in_use is True, result.message
+    assert registry.requests_for("/v2/library/busybox/manifests/1.36?ns=docker.io", since=since, method="HEAD",
+                                 status=200, agent="regmirror-verify") == 1

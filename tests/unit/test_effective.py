@@ -219,3 +219,14 @@ def test_verify_image_is_validated_and_kept_canonical() -> None:
                       ({"image": "quay.io/x/y:1", "extra": 1}, "must be an object with only \"image\"")]:
         with pytest.raises(models.InvalidSpec, match=says):
             models.parse_spec("quay", {"registry": "quay.io", "mirrors": [MIRROR], "verify": bad})
+
+
+def test_a_process_start_time_is_read_from_proc() -> None:
+    import os
+    import time
+
+    from regmirror_agent import verifying
+
+    started = verifying.process_started(os.getpid())
+    assert started is not None and started <= time.time() + 1
+    assert verifying.process_started(2**22 + 12345) is None
