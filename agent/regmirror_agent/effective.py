@@ -202,16 +202,27 @@ def runtime_view(version_text: str, info: Mapping[str, str], conditions: Sequenc
                            transfer_service=_transfer(version, reported, on_disk.forces_local_pull))
     settings = on_disk.registry
     deprecated = deprecations(conditions)
-    if deprecated is not None and (DEPRECATED_MIRRORS in deprecated) != bool(settings.mirrors):
+    if (deprecated is not None and DEPRECATED_MIRRORS not in _ignored_deprecations(info)
+            and (DEPRECATED_MIRRORS in deprecated) != bool(settings.mirrors)):
         # The process's own word beats the file: it has (or lacks) inline mirrors that config.toml does not.
         running = "has inline registry mirrors" if DEPRECATED_MIRRORS in deprecated else "has no inline mirrors"
         stale = stale or (f"the running containerd {running} (its ContainerdHasNoDeprecationWarnings condition "
-                          f"says so), while config.toml {'sets' if settings.mirrors else 'sets none'}")
+                          f"says so), while config.toml {'sets some' if settings.mirrors else 'sets none'}")
     builtin = bool(version and version[0] >= 2 and not settings.config_path and not settings.mirrors)
     if builtin:
         settings = dataclasses.replace(settings, config_path=BUILTIN_CONFIG_PATH_2X)
     return RuntimeView(version, version_text, settings, source="config.toml", builtin_config_path=builtin,
                        transfer_service=_transfer(version, settings, on_disk.forces_local_pull), stale=stale)
+
+
+def _ignored_deprecations(info: Mapping[str, str]) -> frozenset[str]:
+    """The deprecation IDs the process was told not to report (``ignore_deprecation_warnings``, in its Status)."""
+    try:
+        config = json.loads(info.get("config") or "null")
+    except ValueError:
+        return frozenset()
+    ignored = config.get("ignoreDeprecationWarnings") if isinstance(config, dict) else None
+    return frozenset(map(str, ignored)) if isinstance(ignored, list) else frozenset()
 
 
 def _transfer(version: tuple[int, ...] | None, registry: RegistrySettings, forces_local: bool) -> bool:
@@ -234,7 +245,7 @@ class HostEntry:
 
     def base(self) -> str:
         """Where a registry API path goes: ``/v2`` appended unless the path ends in it or ``override_path``."""
-        parts = urlsplit(self.url)
+        parts = urlsplit(self.url if "://" in self.url else f"https://{self.url}")  # containerd's default scheme
         path = parts.path.rstrip("/")
         if not self.override_path and not path.endswith("/v2"):
             path += "/v2"
@@ -250,6 +261,8 @@ class Hosts:
     source: str
     problem: str = ""
     """Why containerd uses no mirror for the registry ('' when entries come from a file or inline mirrors)."""
+    reason: str = ""
+    """The problem in one word (``CONFIG_PATH_LIST``, ``NO_CONFIG_PATH``, ``OTHER_HOSTS``)."""
 
     def mirrors(self) -> list[str]:
         return [e.url for e in self.entries if e.mirror]
@@ -278,7 +291,8 @@ def parse_hosts(registry: str, text: str, source: str) -> Hosts:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         return Hosts(registry, _upstream_only(registry), source,
-                     f"{source} is not valid TOML, so containerd ignores it and pulls from the upstream ({exc})")
+                     f"{source} is not valid TOML, so containerd ignores it and pulls from the upstream ({exc})",
+                     OTHER_HOSTS)
     entries = []
     for url, raw in (doc.get("host") or {}).items() if isinstance(doc.get("host"), dict) else ():
         table = raw if isinstance(raw, dict) else {}
@@ -311,14 +325,16 @@ def find_hosts(view: RuntimeView, registry: str, node: NodeView) -> Hosts:
             f"{registry}" if settings.mirrors else
             "containerd runs without config_path and without inline mirrors, so it reads no hosts.toml and pulls "
             "from the upstream registry")
-        return Hosts(registry, (*entries, *_upstream_only(registry)), "inline registry.mirrors", problem)
+        reason = "" if entries else OTHER_HOSTS if settings.mirrors else NO_CONFIG_PATH
+        return Hosts(registry, (*entries, *_upstream_only(registry)), "inline registry.mirrors", problem, reason)
     dirs = view.hosts_dirs()
     if view.transfer_service and ":" in settings.config_path:
         origin = "its built-in config_path" if view.builtin_config_path else f"config_path = {settings.config_path!r}"
         return Hosts(registry, _upstream_only(registry), settings.config_path, (
             f"containerd {view.version_text} ignores {origin} for CRI pulls: from 2.1 they go through the transfer "
             f"service, which takes the whole list as one directory and finds no {registry} in it (containerd "
-            f"#12415); config_path must name one directory (/etc/containerd/certs.d)"))
+            f"#12415); config_path must name one directory ({settings.config_path.split(':')[0]})"),
+                     CONFIG_PATH_LIST)
     for root in dirs:
         for name in candidate_dirs(registry):
             folder = posixpath.join(root, name)
@@ -327,11 +343,12 @@ def find_hosts(view: RuntimeView, registry: str, node: NodeView) -> Hosts:
                 text = node.read(path)
                 if text is None:
                     return Hosts(registry, _upstream_only(registry), folder,
-                                 f"containerd uses {folder} for {registry}, which holds no hosts.toml")
+                                 f"containerd uses {folder} for {registry}, which holds no hosts.toml", OTHER_HOSTS)
                 return parse_hosts(registry, text, path)
     where = " or ".join(posixpath.join(d, n) for d in dirs[:1] for n in candidate_dirs(registry))
     return Hosts(registry, _upstream_only(registry), settings.config_path,
-                 f"containerd finds no hosts directory for {registry} ({where}), so it pulls from the upstream")
+                 f"containerd finds no hosts directory for {registry} ({where}), so it pulls from the upstream",
+                 OTHER_HOSTS)
 
 
 # --- the verdict ----------------------------------------------------------------------------------------
@@ -360,9 +377,7 @@ def judge(view: RuntimeView | None, why_not: str, on_disk: FileSettings, mirror:
                                            "the upstream registry")
     hosts = find_hosts(view, reg, node)
     if hosts.problem:
-        reason = CONFIG_PATH_LIST if "#12415" in hosts.problem else \
-            NO_CONFIG_PATH if "without config_path" in hosts.problem else OTHER_HOSTS
-        return Verdict(False, reason, hosts.problem)
+        return Verdict(False, hosts.reason or OTHER_HOSTS, hosts.problem)
     tried = [_norm(u) for u in hosts.mirrors()]
     if [u for u in tried if u in {_norm(e) for e in expected}] != [_norm(e) for e in expected]:
         return Verdict(False, OTHER_HOSTS, f"containerd tries {', '.join(hosts.mirrors()) or 'no mirror'} for "

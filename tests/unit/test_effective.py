@@ -230,3 +230,13 @@ def test_a_process_start_time_is_read_from_proc() -> None:
     started = verifying.process_started(os.getpid())
     assert started is not None and started <= time.time() + 1
     assert verifying.process_started(2**22 + 12345) is None
+
+
+def test_a_deprecation_the_process_was_told_to_ignore_proves_nothing() -> None:
+    info, conditions, version, _ = golden("status-2.3.7-hosts")
+    _, _, _, inline_config = golden("status-2.3.7-inline")
+    config = json.loads(info["config"])
+    config["ignoreDeprecationWarnings"] = [effective.DEPRECATED_MIRRORS]
+    on_disk = effective.file_settings(inline_config, "/etc/containerd/config.toml")
+    view = effective.runtime_view(version, {**info, "config": json.dumps(config)}, conditions, on_disk)
+    assert view.stale == "" and effective.judge(view, "", on_disk, QUAY, node_with({})).in_use is True
