@@ -19,13 +19,12 @@ import ssl
 import time
 import tomllib
 from collections.abc import Mapping, Sequence
-from typing import Any
 from urllib.parse import urlsplit
 
 from regmirror_agent import crigrpc, effective
-from regmirror_agent.defaults import CONFIG_FILE
 from regmirror_agent.nodefiles import NodeRoot, UnsafePath
 from regmirror_agent.restarting import Host, server_pid
+from regmirror_agent.settings import Settings
 from regmirror_api import models
 from regmirror_api.errors import Refused
 
@@ -60,12 +59,12 @@ class Observed:
     seconds: float
 
 
-def containerd_address(settings: Any, node: NodeRoot) -> str:
+def containerd_address(settings: Settings, node: NodeRoot) -> str:
     """containerd's socket: the setting, else config.toml's ``[grpc] address``, else the default."""
-    if getattr(settings, "containerd_address", None):
-        return str(settings.containerd_address)
+    if settings.containerd_address:
+        return settings.containerd_address
     try:
-        doc = tomllib.loads(node.read(getattr(settings, "config_file", CONFIG_FILE)) or "")
+        doc = tomllib.loads(node.read(settings.config_file) or "")
     except (tomllib.TOMLDecodeError, UnsafePath, OSError):
         return DEFAULT_CONTAINERD_ADDRESS
     grpc = doc.get("grpc")
@@ -134,12 +133,12 @@ def stale_since(host: Host, address: str, node: NodeRoot, config_file: str) -> s
             f"{_when(started)}")
 
 
-def observe(settings: Any, host: Host, timeout: float = TIMEOUT) -> Observed:
+def observe(settings: Settings, host: Host, timeout: float = TIMEOUT) -> Observed:
     """The runtime's effective view and config.toml as it is now. Raises ``Refused`` for a config.toml that
     containerd would not read either."""
     start = time.monotonic()
-    node = NodeRoot(getattr(settings, "root", "/"))
-    config_file = getattr(settings, "config_file", CONFIG_FILE)
+    node = NodeRoot(settings.root)
+    config_file = settings.config_file
     try:
         on_disk = effective.file_settings(node.read(config_file), config_file)
     except (UnsafePath, OSError) as exc:
@@ -201,17 +200,18 @@ def resolve(image: str, mirror: models.RegistryMirror, view: effective.RuntimeVi
     return verdict, served
 
 
-def verify(settings: Any, mirrors: Sequence[models.RegistryMirror], host: Host | None = None, *,
+def verify(settings: Settings, mirrors: Sequence[models.RegistryMirror], host: Host | None = None, *,
            runtime: str = "containerd", left_out: Mapping[str, frozenset[str]] | None = None,
            timeout: float = TIMEOUT) -> dict[str, Verification]:
-    """name -> Verification for each RegistryMirror on this node (``settings``: the engine's ``Settings``, or
-    anything with its ``root``, ``config_file`` and ``containerd_address``). Never raises for the node's sake:
-    what cannot be read is a verdict of ``None`` with the reason."""
+    """name -> Verification for each RegistryMirror on this node (from ``settings``: ``root``, ``config_file``,
+    ``containerd_address``, ``host``). ``runtime``: the node's, as ``engine.apply`` found it (``Outcome.runtime``).
+    ``left_out``: registry -> mirror URLs left out of this node's configuration (not expected in it). Never raises
+    for the node's sake: what cannot be read is a verdict of ``None`` with the reason."""
     if runtime != "containerd":
         return {m.name: Verification(None, effective.CANNOT_TELL, f"verification is done on containerd nodes only, "
                                                                   f"not {runtime}") for m in mirrors}
-    host = host or getattr(settings, "host", None) or Host.detect()
-    node = NodeRoot(getattr(settings, "root", "/"))
+    host = host or settings.host or Host.detect()
+    node = NodeRoot(settings.root)
     try:
         seen = observe(settings, host, timeout)
     except Refused as exc:
@@ -223,7 +223,7 @@ def verify(settings: Any, mirrors: Sequence[models.RegistryMirror], host: Host |
             verdict = effective.judge(seen.view, seen.why_not, seen.on_disk, mirror, node,
                                       (left_out or {}).get(mirror.registry, frozenset()))
             served = ""
-            image = getattr(mirror, "verify_image", None)
+            image = mirror.verify_image
             if image and seen.view is not None and verdict.in_use is not False:
                 verdict, served = resolve(image, mirror, seen.view, node, timeout)
         except (UnsafePath, OSError) as exc:
