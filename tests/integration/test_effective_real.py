@@ -247,3 +247,15 @@ def test_a_docker_hub_verify_image_is_asked_for_under_library_with_its_namespace
     assert result.in_use is True, result.message
     assert registry.requests_for("/v2/library/busybox/manifests/1.36?ns=docker.io", since=since, method="HEAD",
                                  status=200, agent="regmirror-verify") == 1
+
+
+def test_a_failed_cri_plugin_cannot_tell_and_says_why(containerd_node_factory: ContainerdNodeFactory,
+                                                      registry: Registry) -> None:
+    """Inline mirrors beside config_path: containerd 1.6 runs, its CRI plugin does not load."""
+    node = containerd_node_factory(2, config_path="/etc/containerd/certs.d", mirrors={"quay.io": [registry.url]},
+                                   start=True)
+    result = verifying.verify(settings(node), [quay(registry)], Host())["quay"]
+    print(f"\n[verify] 1.6 CRI plugin failed: {result.seconds:.3f}s -> {result.in_use} {result.reason}: "
+          f"{result.message}")
+    assert result.in_use is None and result.reason == effective.CANNOT_TELL
+    assert "serves no CRI runtime service" in result.message and "kubelet cannot use it" in result.message
