@@ -31,7 +31,7 @@ from typing import Any
 import kopf
 
 from regmirror_api import models
-from regmirror_operator import publishing, reconciling, telemetry
+from regmirror_operator import publishing, reconciling, rewriting, telemetry, webhooking
 
 
 @kopf.on.startup()
@@ -87,3 +87,43 @@ async def reconciler_alive(memo: kopf.Memo, **_: Any) -> dict[str, Any]:
         raise kopf.PermanentError("the reconcile loop has stopped")
     reconciler: reconciling.Reconciler = memo.reconciler
     return {"passes": reconciler.passes, "failuresInARow": reconciler.failures}
+
+
+# --- image rewrite: a mutating webhook on Pods, only with REGMIRROR_WEBHOOK=on (webhooking, rewriting) ----------
+# Registered only when on: kopf refuses to start with admission handlers and no server. Every handler returns
+# normally whatever happens (kopf turns an exception into a refusal, and this webhook must never be the reason a
+# Pod cannot start); the install's configuration also says failurePolicy Ignore and a short timeout.
+WEBHOOK = webhooking.Settings.from_environment()
+
+if WEBHOOK.enabled:
+    @kopf.on.startup()
+    async def start_webhook(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+        cert, key, ca_bundle = await asyncio.to_thread(webhooking.write_certificate, WEBHOOK)
+        settings.admission.server = kopf.WebhookServer(addr=WEBHOOK.address, port=WEBHOOK.port,
+                                                       certfile=str(cert), pkeyfile=str(key))
+        memo.rule_book = rewriting.RuleBook()
+        memo.webhook_task = asyncio.create_task(
+            webhooking.keep_configured(memo.reconciler.publisher, WEBHOOK, ca_bundle), name="regmirror webhook")
+
+    @kopf.on.cleanup()
+    async def stop_webhook(memo: kopf.Memo, **_: Any) -> None:
+        memo.webhook_task.cancel()
+
+    def _mutate(patch: kopf.Patch, memo: kopf.Memo, plan: Any, *args: Any) -> None:
+        try:
+            ops = plan(*args, memo.rule_book.rules_for(memo.reconciler.published))
+        except Exception:  # a bug here must cost a rewrite, never a Pod
+            logging.getLogger("regmirror.operator").exception("image rewrite failed; the Pod is left as it is")
+            return
+        if ops:
+            patch.fns.append(lambda raw: rewriting.apply_patch(raw, ops))
+
+    @kopf.on.mutate("v1", "pods", id="rewrite-images", operations=["CREATE"], ignore_failures=True)
+    async def rewrite_images(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, **_: Any) -> None:
+        _mutate(patch, memo, rewriting.plan_pod, dict(body))
+
+    @kopf.on.mutate("v1", "pods", id="rewrite-ephemeral-images", subresource="ephemeralcontainers",
+                    operations=["UPDATE"], ignore_failures=True)
+    async def rewrite_ephemeral_images(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, **kwargs: Any) -> None:
+        old = kwargs.get("old")
+        _mutate(patch, memo, rewriting.plan_ephemeral, dict(body), dict(old) if old is not None else None)
