@@ -10,10 +10,13 @@ kube-proxy). Figures (how long a create takes with the webhook up, hung and down
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import os
 import signal
+import socket
+import ssl
 import statistics
 import time
 from collections.abc import Iterator
@@ -224,6 +227,30 @@ def test_with_the_operator_hung_or_killed_a_pod_is_created_unchanged(
         times.append(round(took, 3))
     FIGURES["create_seconds_operator_killed"] = times
     assert max(times) < TIMEOUT_SECONDS + 2.0, times
+
+
+def test_a_restarted_operator_points_the_webhook_at_its_new_certificate(
+        controlplane: cp.ControlPlane, operator: test_operator.Operator, mirrors: None) -> None:
+    """Each start makes a new certificate: nobody has to hand the apiserver one."""
+    before = {c["caBundle"] for c in client_configs(controlplane)}
+    if operator.proc is None:
+        operator.start()
+    test_operator.eventually(lambda: {c["caBundle"] for c in client_configs(controlplane)},
+                             until=lambda now: not now & before, timeout=30, what="a new caBundle")
+    pod, _ = create_pod(controlplane, ON, {"name": "app", "image": "quay.io/x/y:1"})
+    assert images(pod) == {"app": "quay.tencentcloudcr.com/x/y:1"}
+
+
+def test_the_certificate_names_the_service_the_install_calls(controlplane: cp.ControlPlane,
+                                                             operator: test_operator.Operator) -> None:
+    """In a cluster the apiserver calls the Service and checks the name <service>.<namespace>.svc; here it is
+    checked by Python's verifier against the caBundle the operator wrote, at the same listening port."""
+    config = client_configs(controlplane)[0]
+    port = int(config["url"].split(":")[2].split("/")[0])
+    context = ssl.create_default_context(cadata=base64.b64decode(config["caBundle"]).decode())
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as raw, \
+            context.wrap_socket(raw, server_hostname="regmirror-operator-webhook.regmirror-system.svc") as tls:
+        assert tls.version() in ("TLSv1.2", "TLSv1.3")
 
 
 def test_the_crd_refuses_a_rewrite_no_image_name_can_express(controlplane: cp.ControlPlane, installed: str) -> None:
