@@ -24,6 +24,7 @@ from typing import Any
 
 import pytest
 
+from regmirror_api import models
 from tests.e2e import test_operator
 from tests.harness import controlplane as cp
 from tests.harness.controlplane import REPO
@@ -137,6 +138,17 @@ def create_pod(plane: cp.ControlPlane, ns: str, *containers: dict[str, Any],
     return json.loads(done.stdout), took
 
 
+def api_create(plane: cp.ControlPlane, ns: str, image: str = "quay.io/x/y:1") -> tuple[dict[str, Any], float]:
+    """The same create as one HTTPS request (no kubectl process to start): the apiserver's own time."""
+    body = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": f"pod-{next(_pods)}", "namespace": ns},
+            "spec": {"containers": [{"name": "app", "image": image}]}}
+    started = time.monotonic()
+    status, pod = plane.request("POST", f"/api/v1/namespaces/{ns}/pods", body)
+    took = time.monotonic() - started
+    assert status == 201, pod
+    return pod, took
+
+
 def images(pod: dict[str, Any]) -> dict[str, str]:
     spec = pod["spec"]
     return {c["name"]: c["image"] for field in ("initContainers", "containers") for c in spec.get(field) or []}
@@ -177,6 +189,11 @@ def test_creates_with_the_webhook_up_are_quick(controlplane: cp.ControlPlane, mi
     FIGURES["create_seconds_namespace_not_selected"] = (FIGURES.get("create_seconds_namespace_not_selected", [])
                                                         + [round(t, 3) for t in baseline])
     assert statistics.median(times) < 2.0, times
+    up = [api_create(controlplane, ON) for _ in range(10)]
+    assert all(images(pod) == {"app": "quay.tencentcloudcr.com/x/y:1"} for pod, _ in up)
+    FIGURES["api_create_seconds_webhook_up"] = [round(t, 3) for _, t in up]
+    FIGURES["api_create_seconds_namespace_not_selected"] = [round(api_create(controlplane, OFF)[1], 3)
+                                                            for _ in range(10)]
 
 
 def test_kubectl_debug_gets_the_mirrors_name_for_the_ephemeral_container_it_adds(
@@ -227,6 +244,9 @@ def test_with_the_operator_hung_or_killed_a_pod_is_created_unchanged(
         times.append(round(took, 3))
     FIGURES["create_seconds_operator_killed"] = times
     assert max(times) < TIMEOUT_SECONDS + 2.0, times
+    down = [api_create(controlplane, ON) for _ in range(10)]
+    assert all(images(pod) == {"app": "quay.io/x/y:1"} for pod, _ in down)
+    FIGURES["api_create_seconds_operator_killed"] = [round(t, 3) for _, t in down]
 
 
 def test_a_restarted_operator_points_the_webhook_at_its_new_certificate(
@@ -262,7 +282,10 @@ def test_the_crd_refuses_a_rewrite_no_image_name_can_express(controlplane: cp.Co
                                         "metadata": {"name": "bad-rewrite"},
                                         "spec": {"registry": registry, "mirrors": [mirror], "rewriteImages": True}}))
         assert done.returncode != 0 and words in done.stderr, done.stderr
+        with pytest.raises(models.InvalidSpec):  # the operator's model agrees
+            models.parse_spec("bad-rewrite", {"registry": registry, "mirrors": [mirror], "rewriteImages": True})
     ok = {"apiVersion": "regmirror.io/v1alpha1", "kind": "RegistryMirror", "metadata": {"name": "good-rewrite"},
           "spec": {"registry": "quay.io", "rewriteImages": True,
                    "mirrors": [{"url": "https://harbor.example.com/v2/quay-proxy", "overridePath": True}]}}
     controlplane.kubectl("apply", "--server-side", "--dry-run=server", "-f", "-", input=json.dumps(ok))
+    assert models.parse_spec("good-rewrite", ok["spec"]).rewrite_images
