@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import copy
 import dataclasses
 import datetime
@@ -12,7 +14,7 @@ import pytest
 from cryptography import x509
 
 from regmirror_api import contract, models
-from regmirror_operator import rewriting, webhooking
+from regmirror_operator import publishing, rewriting, webhooking
 
 TCR = "https://quay.tencentcloudcr.com"
 DIGEST = "sha256:" + "ab" * 32
@@ -259,3 +261,49 @@ def test_the_configuration_patch_sets_only_the_client_config() -> None:
     assert not webhooking.configured(current, service)
     current["webhooks"][0]["clientConfig"]["caBundle"] = "b2xk"
     assert not webhooking.configured(current, url)
+
+
+class FakePublisher:
+    """``publishing.Publisher.request`` answering from one stored configuration (None: it does not exist)."""
+
+    def __init__(self, configuration: dict[str, Any] | None) -> None:
+        self.configuration = configuration
+        self.calls: list[tuple[str, str]] = []
+
+    def request(self, method: str, path: str, *, body: Any = None, content_type: str = "") -> Any:
+        self.calls.append((method, content_type))
+        if self.configuration is None:
+            raise publishing.ApiError(404, method, path, "not found")
+        if method == "PATCH":
+            for webhook in body["webhooks"]:
+                have = next(w for w in self.configuration["webhooks"] if w["name"] == webhook["name"])
+                config = {**have["clientConfig"], **webhook["clientConfig"]}
+                have["clientConfig"] = {k: v for k, v in config.items() if v is not None}
+        return copy.deepcopy(self.configuration)
+
+
+def run_once(publisher: FakePublisher, settings: webhooking.Settings) -> None:
+    """One pass of keep_configured: it then sleeps for settings.resync, and is cancelled."""
+    async def once() -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(webhooking.keep_configured(publisher, settings, b"CA"), timeout=0.2)
+    asyncio.run(once())
+
+
+def test_the_operator_patches_the_installed_configuration_once_and_then_only_reads_it() -> None:
+    installed = {"webhooks": [{"name": name, "timeoutSeconds": 3, "clientConfig": {"service": {"name": "x"}}}
+                              for name in webhooking.WEBHOOKS.values()]}
+    publisher = FakePublisher(installed)
+    settings = webhooking.Settings(url="https://127.0.0.1:9443")
+    run_once(publisher, settings)
+    assert publisher.calls == [("GET", ""), ("PATCH", webhooking.STRATEGIC_MERGE_PATCH)]
+    assert all(w["clientConfig"] == {"url": f"https://127.0.0.1:9443/{w['name'].split('.')[0]}", "caBundle": "Q0E="}
+               and w["timeoutSeconds"] == 3 for w in installed["webhooks"])
+    publisher.calls.clear()
+    run_once(publisher, settings)
+    assert publisher.calls == [("GET", "")]
+
+
+def test_a_missing_configuration_is_logged_with_how_to_install_it(caplog: pytest.LogCaptureFixture) -> None:
+    run_once(FakePublisher(None), webhooking.Settings())
+    assert "kubectl apply --server-side -k manifests/image-rewrite" in caplog.text
