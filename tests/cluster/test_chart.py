@@ -23,6 +23,10 @@ REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "charts" / "regmirror"
 
 
+#: The relabeling both monitors carry: each target's node, as a label an admin reads in an alert.
+NODE_LABEL = {"sourceLabels": ["__meta_kubernetes_pod_node_name"], "targetLabel": "node"}
+
+
 def helm_binary() -> Path:
     helm = CACHE_BIN / "helm"
     if not helm.exists():
@@ -96,7 +100,8 @@ def test_metrics_values_add_the_port_the_env_and_a_pod_monitor(helm: Path) -> No
     assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
     assert monitor["metadata"]["namespace"] == "regmirror-system"
     assert monitor["metadata"]["labels"]["release"] == "kps"
-    assert monitor["spec"]["podMetricsEndpoints"] == [{"port": "metrics", "path": "/metrics", "interval": "30s"}]
+    assert monitor["spec"]["podMetricsEndpoints"] == [{"port": "metrics", "path": "/metrics", "interval": "30s",
+                                                       "relabelings": [NODE_LABEL]}]
     (expression,) = monitor["spec"]["selector"]["matchExpressions"]
     selected = {agent["metadata"]["labels"]["app.kubernetes.io/name"],
                 operator["metadata"]["labels"]["app.kubernetes.io/name"]}
@@ -106,3 +111,68 @@ def test_metrics_values_add_the_port_the_env_and_a_pod_monitor(helm: Path) -> No
     done = subprocess.run([str(helm), "template", "regmirror", str(CHART), "--set", "metrics.podMonitor.enabled=true"],
                           capture_output=True, text=True, check=False)
     assert done.returncode != 0 and "needs metrics.enabled" in done.stderr
+
+
+def _selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    """Does a label selector (matchLabels and matchExpressions with In) select these labels?"""
+    if any(labels.get(k) != v for k, v in selector.get("matchLabels", {}).items()):
+        return False
+    return all(e["operator"] == "In" and labels.get(e["key"]) in e["values"]
+               for e in selector.get("matchExpressions", []))
+
+
+def test_a_service_monitor_scrapes_the_metrics_ports_the_workloads_expose(helm: Path) -> None:
+    rendered = objects(run(helm, "template", "regmirror", CHART, "--set", "metrics.enabled=true",
+                           "--set", "metrics.serviceMonitor.enabled=true", "--set", "metrics.agentPort=9900",
+                           "--set", "metrics.serviceMonitor.labels.release=kps"))
+    monitor = rendered[("ServiceMonitor", "regmirror")]
+    assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
+    assert monitor["metadata"]["namespace"] == "regmirror-system"
+    assert monitor["metadata"]["labels"]["release"] == "kps"
+    (endpoint,) = monitor["spec"]["endpoints"]
+    assert endpoint == {"port": "metrics", "path": "/metrics", "interval": "30s", "relabelings": [NODE_LABEL]}
+    services = {name: obj for (kind, name), obj in rendered.items() if kind == "Service"}
+    scraped = {name for name, svc in services.items()
+               if _selects(monitor["spec"]["selector"], svc["metadata"]["labels"])}
+    assert scraped == {"regmirror-agent-metrics", "regmirror-operator-metrics"}
+    workloads = {"regmirror-agent-metrics": (("DaemonSet", "regmirror-agent"), 9900),
+                 "regmirror-operator-metrics": (("Deployment", "regmirror-operator"), 9809)}
+    for name, (workload, port) in workloads.items():
+        service = services[name]
+        assert service["metadata"]["namespace"] == rendered[workload]["metadata"]["namespace"]
+        assert service["spec"]["clusterIP"] == "None"  # headless: the pods' own (node) addresses, no kube-proxy
+        # The Service selects the pods of its workload, and only those: the pod template's labels ...
+        template = rendered[workload]["spec"]["template"]
+        selector = {"matchLabels": service["spec"]["selector"]}
+        assert _selects(selector, template["metadata"]["labels"])
+        other = next(obj for key, obj in rendered.items() if key in dict(workloads.values()) and key != workload)
+        assert not _selects(selector, other["spec"]["template"]["metadata"]["labels"])
+        # ... on the port the container names `metrics`, the one the ServiceMonitor's endpoint names.
+        (service_port,) = service["spec"]["ports"]
+        assert service_port["name"] == endpoint["port"]
+        container_ports = {p["name"]: p["containerPort"] for p in template["spec"]["containers"][0]["ports"]}
+        assert container_ports[service_port["targetPort"]] == service_port["port"] == port
+        # The job label: the workload's name, from the Service's label the ServiceMonitor names.
+        assert service["metadata"]["labels"][monitor["spec"]["jobLabel"]] == workload[1]
+    # Off by default; a ServiceMonitor without metrics is refused rather than scraping nothing.
+    default = objects(run(helm, "template", "regmirror", CHART, "--set", "metrics.enabled=true"))
+    assert not {kind for kind, _ in default} & {"ServiceMonitor", "Service"}
+    done = subprocess.run([str(helm), "template", "regmirror", str(CHART),
+                           "--set", "metrics.serviceMonitor.enabled=true"], capture_output=True, text=True, check=False)
+    assert done.returncode != 0 and "needs metrics.enabled" in done.stderr
+
+
+def _operator_env(rendered: dict[tuple[str, str], Any]) -> dict[str, str]:
+    container = rendered[("Deployment", "regmirror-operator")]["spec"]["template"]["spec"]["containers"][0]
+    return {e["name"]: e.get("value") for e in container["env"]}
+
+
+def test_the_restart_budget_values_reach_the_operator(helm: Path) -> None:
+    default = _operator_env(objects(run(helm, "template", "regmirror", CHART)))
+    assert (default["REGMIRROR_MAX_UNAVAILABLE"], default["REGMIRROR_RESTART_ATTEMPTS"]) == ("1", "3")
+    values = yaml.safe_load((CHART / "values.yaml").read_text())["rollout"]
+    assert values == {"maxUnavailable": 1, "restartAttempts": 3}
+    for budget in ("10%", "2"):
+        env = _operator_env(objects(run(helm, "template", "regmirror", CHART, "--set",
+                                        f"rollout.maxUnavailable={budget}", "--set", "rollout.restartAttempts=5")))
+        assert (env["REGMIRROR_MAX_UNAVAILABLE"], env["REGMIRROR_RESTART_ATTEMPTS"]) == (budget, "5")
