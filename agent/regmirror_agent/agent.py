@@ -35,7 +35,8 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from regmirror_agent import engine, logs, mirrorhealth, probing, taints, telemetry
+from regmirror_agent import engine, logs, mirrorhealth, nodeevents, probing, taints, telemetry, verifying
+from regmirror_agent.defaults import MODES
 from regmirror_agent.kubeapi import METADATA_ONLY, METADATA_ONLY_LIST, ApiError, Client, load_config
 from regmirror_agent.reporting import Reporter
 from regmirror_agent.runtimes import hoststoml
@@ -52,6 +53,8 @@ SLOT_SOURCES = ("operator", "none")
 ApplyMirrors = Callable[[Sequence[models.RegistryMirror]], engine.Outcome]
 #: Probes mirrors from this node: url -> alive (``probing.probe_all``, or a stand-in in tests).
 ProbeMirrors = Callable[[Sequence[models.Mirror], float], Mapping[str, bool]]
+#: Does the node's runtime use these RegistryMirrors' mirrors (``verifying.verify``, or a stand-in)? name -> result.
+VerifyMirrors = Callable[[Sequence[models.RegistryMirror], str], Mapping[str, verifying.Verification]]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,13 +89,17 @@ class AgentSettings:
 class Agent:
     def __init__(self, settings: AgentSettings, client: Client, stop: threading.Event | None = None,
                  apply_mirrors: ApplyMirrors | None = None, probe_mirrors: ProbeMirrors | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, verify_mirrors: VerifyMirrors | None = None) -> None:
         self.settings = settings
         self.client = client
         self.reporter = Reporter(client, settings.node)
         self.stop = stop or threading.Event()
         self.apply_mirrors = apply_mirrors or self._apply_on_node
+        self.events = nodeevents.Tracker(nodeevents.Poster(client, settings.node))
+        self.apply_mirrors = self.events.observing(self.apply_mirrors)  # Events on the Node for failed applies
         self.probe_mirrors = probe_mirrors or probing.probe_all
+        self.verify_mirrors = verify_mirrors or (self._verify_on_node if apply_mirrors is None else None)
+        """None: not checked (a stand-in engine in tests and benchmarks has no runtime to ask)."""
         self.clock = clock
         self.board = mirrorhealth.Board(settings.probe_rules)
         """Which mirrors answer from this node (only the agent's loop thread touches it)."""
@@ -144,6 +151,30 @@ class Agent:
         return engine.apply(mirrors, self.settings.engine, log.info, left_out=self._left_out,
                             may_restart=self.may_restart)
 
+    def _verify_on_node(self, mirrors: Sequence[models.RegistryMirror], runtime: str
+                        ) -> Mapping[str, verifying.Verification]:
+        return verifying.verify(self.settings.engine, mirrors, runtime=runtime or engine.runtime_of(
+            self.settings.engine), left_out=self._left_out)
+
+    def _check_in_use(self, mirrors: Sequence[models.RegistryMirror], runtime: str,
+                      reports: dict[str, contract.Report]) -> None:
+        """Configured is not used: after each apply, ask the runtime itself whether it uses what was written (and
+        resolve ``spec.verify.image`` through it). A RegistryMirror its runtime does not use is Failed, with why."""
+        if self.verify_mirrors is None or not mirrors:
+            return
+        found = self.verify_mirrors(mirrors, runtime)
+        for m in mirrors:
+            seen = found.get(m.name)
+            if seen is None or m.name not in reports:
+                continue
+            report = reports[m.name]
+            status = "Unknown" if seen.in_use is None else str(seen.in_use)
+            if seen.in_use is False:
+                log.error("%s is configured on this node, but containerd does not use it: %s", m.name, seen.message)
+                report = dataclasses.replace(report, state=contract.STATE_FAILED,
+                                             message=f"configured, but containerd does not use it: {seen.message}")
+            reports[m.name] = dataclasses.replace(report, in_use=(status, seen.reason, seen.message))
+
     # --- the cluster's restart budget ----------------------------------------------------------------------
 
     def may_restart(self, plan: Any) -> bool:
@@ -188,6 +219,7 @@ class Agent:
         changed = self.board.record(results, now=self.clock(), first=results if first else ())
         after = self.board.out()
         self.metrics.mirrors_out.set(len(after))
+        self.events.mirrors_moved(before, after, self.node_uid)
         for url in sorted(after - before):
             log.warning("mirror %s does not answer from this node: left out until it answers again", url)
         for url in sorted(before - after):
@@ -316,6 +348,7 @@ class Agent:
                 if m.name in held:  # it kept an earlier generation: its report says why the new one failed
                     continue
                 reports[m.name] = self._applied_report(entry, m, previous, out, "; ".join(drift), outcome.restarted)
+            self._check_in_use([m for _, m in mirrors if m.name not in held], outcome.runtime, reports)
             if outcome.changed:
                 log.info("node now has %d mirror set(s)%s", len(mirrors),
                          ", runtime restarted" if outcome.restarted else "")
@@ -325,6 +358,7 @@ class Agent:
         self._unsent = (list(reports.values()), node_uid, request)
         self._in_place = taints.mirrors_in_place(reports.values())
         self.send_report()
+        self.events.reconciled(node_uid)
 
     @staticmethod
     def _applied_report(entry: contract.Entry, m: models.RegistryMirror, previous: Mapping[str, Mapping[str, Any]],
@@ -541,6 +575,11 @@ def main(argv: Sequence[str] | None = None, *, install_signals: bool = True,
                         default=os.environ.get("REGMIRROR_PROBE_MIN_OUT_SECONDS", "60"),
                         help="seconds a mirror that stopped answering stays out at least "
                              "($REGMIRROR_PROBE_MIN_OUT_SECONDS)")
+    parser.add_argument("--mode", choices=MODES, default=os.environ.get("REGMIRROR_MODE", "auto"),
+                        help="containerd: auto (hosts.toml where containerd can), hosts, or inline ($REGMIRROR_MODE)")
+    parser.add_argument("--retry-seconds", type=float, default=os.environ.get("REGMIRROR_RETRY_SECONDS", "30"),
+                        help="after a change was rolled back, pause this many seconds times the tries so far "
+                             "before trying it again ($REGMIRROR_RETRY_SECONDS)")
     parser.add_argument("--restart-slots", choices=SLOT_SOURCES,
                         default=os.environ.get("REGMIRROR_RESTART_SLOTS", "operator"),
                         help="operator: restart containerd only in a slot the operator grants (its maxUnavailable); "
@@ -557,15 +596,18 @@ def main(argv: Sequence[str] | None = None, *, install_signals: bool = True,
         parser.error("the node name is required: --node or $NODE_NAME (downward API spec.nodeName)")
     if args.log_format not in logs.FORMATS:  # from the environment, which argparse's choices do not check
         parser.error(f"REGMIRROR_LOG_FORMAT={args.log_format!r}: expected one of {', '.join(logs.FORMATS)}")
+    if args.mode not in MODES:
+        parser.error(f"REGMIRROR_MODE={args.mode!r}: expected one of {', '.join(MODES)}")
     if args.restart_slots not in SLOT_SOURCES:
         parser.error(f"REGMIRROR_RESTART_SLOTS={args.restart_slots!r}: expected one of {', '.join(SLOT_SOURCES)}")
     logs.configure(args.node, args.log_format, os.environ.get("REGMIRROR_LOG_LEVEL", "INFO"))
     settings = AgentSettings(node=args.node, resync=args.resync, engine=engine.Settings(
-        root=args.root, restart=args.restart, runtime=args.runtime, health_timeout=args.health_timeout),
+        root=args.root, restart=args.restart, runtime=args.runtime, health_timeout=args.health_timeout,
+        mode=args.mode),
         probe_seconds=args.probe_seconds, probe_timeout=args.probe_timeout,
         probe_rules=mirrorhealth.Rules(min_out_seconds=args.probe_min_out),
         metrics_port=args.metrics_port, metrics_address=args.metrics_address,
-        restart_slots=args.restart_slots == "operator")
+        restart_slots=args.restart_slots == "operator", retry_seconds=args.retry_seconds)
     stop = threading.Event()
     client = make_client() if make_client else Client(load_config())
     agent = Agent(settings, client, stop)

@@ -237,6 +237,16 @@ def _is_mount_point(path: str) -> bool:
     return os.path.realpath(path) in points
 
 
+def runtime_of(settings: Settings) -> str:
+    """Which runtime this node's configuration is for (as ``apply`` decides), '' when that cannot be told."""
+    node = NodeRoot(settings.root)
+    try:
+        state = ownership.parse_state(node.read(settings.state_path), settings.state_path)
+        return detect_runtime(node, settings, state)
+    except (containerd.NodeRefused, docker.DockerRefused, UnsafePath, ownership.CorruptState, OSError):
+        return ""
+
+
 def describe(settings: Settings) -> tuple[str, str, list[Effective], ownership.State]:
     """``(runtime, config header, what it uses per registry, regmirror's records)`` for ``regmirror show``."""
     node = NodeRoot(settings.root)

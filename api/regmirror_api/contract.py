@@ -163,6 +163,11 @@ class Report:
     previous files back (``rolledBack`` in the body, absent when 0). Non-zero halts the rollout of this
     generation on every other node: the operator grants no restart slot for it elsewhere."""
 
+    in_use: tuple[str, ...] = ()
+    """``(status, reason, message)``: does the node's runtime really use these mirrors, by its own view of its
+    configuration (and ``spec.verify.image`` resolved through it)? status True, False or Unknown; the node's
+    condition ``inUse`` in the body, absent when not checked (Docker nodes, a failed apply)."""
+
     def body(self) -> dict[str, Any]:
         body: dict[str, Any] = {"name": self.name, "uid": self.uid, "generation": self.generation,
                                 "state": self.state, "message": self.message[:MAX_REPORT_MESSAGE],
@@ -171,6 +176,9 @@ class Report:
             body["out"] = list(self.out[:models.MAX_MIRRORS])
         if self.attempts:
             body["rolledBack"] = self.attempts
+        if self.in_use:
+            status, reason, message = self.in_use
+            body["inUse"] = {"status": status, "reason": reason, "message": message[:MAX_REPORT_MESSAGE]}
         return body
 
 

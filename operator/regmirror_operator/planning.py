@@ -237,7 +237,7 @@ def plan_status(body: Mapping[str, Any], verdict: Verdict, nodes: Mapping[str, M
     selector = spec.get("nodeSelector")
     selector_ok = not models.check_node_selector(selector)
     selected = sorted(n for n, labels in nodes.items() if selector_ok and contract.selects(selector, labels))
-    applied, waiting, failing = 0, 0, []
+    applied, waiting, in_use, failing = 0, 0, 0, []
     rolled: list[tuple[str, int, str, str]] = []  # node, tries, state, message: nodes that rolled it back
     urls = _spec_urls(spec)
     unreachable = dict.fromkeys(urls, 0)
@@ -256,6 +256,8 @@ def plan_status(body: Mapping[str, Any], verdict: Verdict, nodes: Mapping[str, M
             rolled.append((node, tries, str(state), str(report.get("message") or "")))
         if state == contract.STATE_APPLIED:
             applied += 1
+            seen = report.get("inUse")
+            in_use += isinstance(seen, Mapping) and seen.get("status") == "True"
         elif state == contract.STATE_FAILED:
             failing.append((node, str(report.get("message") or "")))
         elif state == contract.STATE_WAITING:
@@ -308,7 +310,8 @@ def plan_status(body: Mapping[str, Any], verdict: Verdict, nodes: Mapping[str, M
         "conditions": conditions,
         "ready": f"{applied}/{len(selected)}",
         "message": message,
-        "nodes": {"selected": len(selected), "applied": applied, "failed": len(failing), "waiting": waiting},
+        "nodes": {"selected": len(selected), "applied": applied, "failed": len(failing), "waiting": waiting,
+                  "inUse": in_use},
         "failingNodes": [{"name": n, "reason": _clip(why, MAX_FAILING_REASON)}
                          for n, why in failing[:MAX_FAILING_NODES]],
         "mirrors": [{"url": u, "reachable": reporting - unreachable[u], "unreachable": unreachable[u]} for u in urls],

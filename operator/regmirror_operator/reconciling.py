@@ -114,6 +114,8 @@ class Reconciler:
         self.bucket = TokenBucket(settings.status_writes_per_second, settings.status_burst, clock)
         #: When the next pass must run to write what the bucket held back (None: nothing held back).
         self.held_back_until: float | None = None
+        #: When the first restart slot held now runs out, so that a dead holder's slot comes back on time.
+        self.slot_deadline: float | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         #: The desired.json text the ConfigMap is known to hold (None: unknown, read it before writing).
         self.published: str | None = None
@@ -171,7 +173,7 @@ class Reconciler:
                 # events while the apiserver fails must not turn the retries into a busy loop.
                 await asyncio.sleep(max(0.0, retry_at - self.clock()))
             else:
-                due = min(d for d in (next_resync, self.held_back_until) if d is not None)
+                due = min(d for d in (next_resync, self.held_back_until, self.slot_deadline) if d is not None)
                 if not self.changed.is_set() and due > self.clock():
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self.changed.wait(), timeout=due - self.clock())
@@ -276,9 +278,11 @@ class Reconciler:
     async def hand_out_slots(self, problems: list[Exception]) -> None:
         """Give restart slots to waiting nodes and take back those that are done (``slots``); each is one
         patch of one Node, and nothing at all when no node waits."""
+        now = datetime.datetime.now(datetime.UTC)
         plan = slots.plan_slots(self.cache.nodes.items(), self.cache.slots.items(), self.cache.reports.items(),
-                                budget=self.settings.max_unavailable,
-                                now=datetime.datetime.now(datetime.UTC), ttl=self.settings.slot_seconds)
+                                budget=self.settings.max_unavailable, now=now, ttl=self.settings.slot_seconds)
+        self.slot_deadline = None if plan.next_expiry is None else (
+            self.clock() + max(0.0, (plan.next_expiry - now).total_seconds()) + 1.0)
         for node, value in plan.writes.items():
             try:
                 await asyncio.to_thread(self.publisher.set_restart_slot, node, value)

@@ -32,9 +32,10 @@ from typing import Any
 
 from regmirror_api import contract
 
-#: How long a node may hold a slot before it is taken back: longer than a restart, its health check (60 s by
-#: default) and a rollback's restart and health check together.
-DEFAULT_SLOT_SECONDS = 300.0
+#: How long a node may hold a slot before it is taken back: longer than a try that fails in the slowest way
+#: the agent allows (systemctl restart, up to 120 s; the health check, 60 s by default; then the same again for
+#: the rollback: 360 s).
+DEFAULT_SLOT_SECONDS = 600.0
 
 
 class BadBudget(ValueError):
@@ -104,6 +105,8 @@ class SlotPlan:
     """Nodes that ask for a slot and do not get one now, in the order they will."""
     blocked: tuple[str, ...]
     """Nodes that ask for a slot for a generation another node rolled back: they wait until it succeeds there."""
+    next_expiry: datetime.datetime | None = None
+    """When the first slot held now runs out: the operator looks again then, not only at its next resync."""
 
 
 def _time(text: str) -> datetime.datetime | None:
@@ -128,6 +131,7 @@ def plan_slots(nodes: Mapping[str, Mapping[str, str]], slots: Mapping[str, str],
     """
     writes: dict[str, str | None] = {}
     holders: list[str] = []
+    deadlines: list[datetime.datetime] = []
     for node, value in sorted(slots.items()):
         if node not in nodes:
             continue  # the Node is gone, and its slot with it
@@ -141,6 +145,7 @@ def plan_slots(nodes: Mapping[str, Mapping[str, str]], slots: Mapping[str, str],
             writes[node] = contract.render_slot(token, contract.SLOT_EXPIRED)
         else:
             holders.append(node)
+            deadlines.append(deadline)
 
     stopped = halted(reports)
     linux = sum(1 for labels in nodes.values() if labels.get(contract.LINUX_LABEL, "linux") == "linux")
@@ -160,10 +165,14 @@ def plan_slots(nodes: Mapping[str, Mapping[str, str]], slots: Mapping[str, str],
         retrying = any(_tries(e) for e in entries)
         candidates.append((0 if retrying else 1, node, token))
     candidates.sort()
-    expiry = _rfc3339(now + datetime.timedelta(seconds=ttl))
+    until = now + datetime.timedelta(seconds=ttl)
+    expiry = _rfc3339(until)
     granted = candidates[:max(0, free)]
+    if granted:
+        deadlines.append(until)
     for _, node, token in granted:
         writes[node] = contract.render_slot(token, expiry)
         holders.append(node)
     return SlotPlan(writes=writes, holders=tuple(sorted(holders)),
-                    waiting=tuple(node for _, node, _ in candidates[max(0, free):]), blocked=tuple(blocked))
+                    waiting=tuple(node for _, node, _ in candidates[max(0, free):]), blocked=tuple(blocked),
+                    next_expiry=min(deadlines, default=None))

@@ -501,7 +501,7 @@ def test_crd_limits_are_the_models_constants() -> None:
     node_status = node_crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["status"]["properties"]
     report = node_status["mirrors"]["items"]["properties"]
     assert report["message"]["maxLength"] == node_status["message"]["maxLength"] == contract.MAX_REPORT_MESSAGE
-    assert report["state"]["enum"] == [contract.STATE_APPLIED, contract.STATE_FAILED]
+    assert report["state"]["enum"] == [contract.STATE_APPLIED, contract.STATE_FAILED, contract.STATE_WAITING]
     assert status["message"]["maxLength"] == planning.MAX_MESSAGE
     assert status["conditions"]["items"]["properties"]["message"]["maxLength"] >= planning.MAX_MESSAGE
     assert status["failingNodes"]["maxItems"] == planning.MAX_FAILING_NODES
@@ -688,7 +688,9 @@ CAN_I = [
     (OPERATOR, False, ["list", "secrets", "-A"]),
     (OPERATOR, False, ["get", "secrets", "-n", NS]),
     (OPERATOR, False, ["delete", "nodes"]),
-    (OPERATOR, False, ["patch", "nodes"]),
+    (OPERATOR, True, ["patch", "nodes"]),  # the restart slot only: operator-policy.yaml, tests/e2e/test_rollout.py
+    (OPERATOR, False, ["patch", "nodes", "--subresource=status"]),
+    (OPERATOR, False, ["update", "nodes"]),
     (OPERATOR, False, ["create", "pods", "-n", NS]),
     (OPERATOR, False, ["update", "customresourcedefinitions"]),
 ]

@@ -292,7 +292,8 @@ def test_agent_reports_make_it_ready_and_kubectl_wait_succeeds(controlplane: cp.
     controlplane.kubectl("wait", "--for=condition=Ready", "registrymirror/quay-io", "--timeout=30s")
     print(f"\n[e2e] last agent report -> Ready: {time.monotonic() - t0:.2f} s")
     status = get(controlplane, "quay-io")["status"]
-    assert status["ready"] == "3/3" and status["nodes"] == {"selected": 3, "applied": 3, "failed": 0, "waiting": 0}
+    assert status["ready"] == "3/3"
+    assert status["nodes"] == {"selected": 3, "applied": 3, "failed": 0, "waiting": 0, "inUse": 0}
     assert status["message"] == "3/3 nodes run generation 1"
     assert conditions({"status": status})["Reconciling"] == ("False", "Applied")
 

@@ -222,7 +222,8 @@ def test_a_selector_matching_one_node_counts_one() -> None:
     mirrors = {"quay-io": mirror("quay-io", selector={"matchLabels": {"pool": "b"}})}
     settle(mirrors, THREE_NODES, reports_of("quay-io", {"node-a": failed(1, "not selected"), "node-b": applied(1)}))
     status = mirrors["quay-io"]["status"]
-    assert status["ready"] == "1/1" and status["nodes"] == {"selected": 1, "applied": 1, "failed": 0, "waiting": 0}
+    assert status["ready"] == "1/1"
+    assert status["nodes"] == {"selected": 1, "applied": 1, "failed": 0, "waiting": 0, "inUse": 0}
     assert status["message"] == "1/1 node runs generation 1"
     assert conditions(status)["Ready"] == ("True", "Applied")
 

@@ -9,11 +9,16 @@ from typing import Any
 import pytest
 
 from regmirror_api import contract
-from regmirror_operator import planning
-from regmirror_operator.slots import BadBudget, Budget, halted, parse_budget, plan_slots
+from regmirror_operator import planning, slots
+from regmirror_operator.slots import BadBudget, Budget, SlotPlan, halted, parse_budget
 
 NOW = datetime.datetime(2026, 12, 2, 22, 0, tzinfo=datetime.UTC)
 LINUX = {"kubernetes.io/os": "linux"}
+
+
+def plan_slots(*args: Any, **kwargs: Any) -> SlotPlan:
+    """Slots granted for 300 s, as the examples below read."""
+    return slots.plan_slots(*args, ttl=300, **kwargs)
 
 
 def nodes(*names: str) -> dict[str, dict[str, str]]:
@@ -115,7 +120,7 @@ def test_a_rollback_halts_the_rollout_and_names_the_node() -> None:
     assert conditions(status) == {"Ready": ("False", "RolloutHalted"), "Reconciling": ("True", "RolloutHalted"),
                                   "Stalled": ("False", "RolloutHalted")}
     assert "on node z (containerd did not come back healthy)" in status["message"]
-    assert status["nodes"] == {"selected": 2, "applied": 0, "failed": 1, "waiting": 1}
+    assert status["nodes"] == {"selected": 2, "applied": 0, "failed": 1, "waiting": 1, "inUse": 0}
 
 
 def test_a_node_that_gave_up_makes_the_object_stalled_and_a_new_generation_resumes() -> None:
@@ -136,3 +141,11 @@ def test_the_published_document_carries_restart_attempts_only_when_not_the_defau
     assert contract.parse_desired(contract.render_desired([], 5)).restart_attempts == 5
     with pytest.raises(contract.InvalidDocument, match="restartAttempts 0"):
         contract.parse_desired('{"version": 1, "mirrors": [], "restartAttempts": 0}')
+
+
+def test_the_operator_looks_again_when_the_first_held_slot_runs_out() -> None:
+    reports = {"a": asking("t-a", entry("Waiting")), "b": asking("t-b", entry("Waiting"))}
+    held = plan_slots(nodes("a", "b"), {"a": "t-a 2026-12-02T22:03:00Z"}, reports, budget=Budget(count=2), now=NOW)
+    assert held.writes == {"b": "t-b 2026-12-02T22:05:00Z"}
+    assert held.next_expiry == datetime.datetime(2026, 12, 2, 22, 3, tzinfo=datetime.UTC)
+    assert plan_slots(nodes("a"), {}, {}, budget=Budget(), now=NOW).next_expiry is None
