@@ -104,7 +104,8 @@ def test_every_namespaced_object_lives_in_regmirror_system(controlplane: cp.Cont
     assert kinds >= CLUSTER_SCOPED | {"ConfigMap", "Deployment", "DaemonSet", "ServiceAccount", "Role"}
     for obj in rendered:
         expected = None if obj["kind"] in CLUSTER_SCOPED else NS
-        if obj["metadata"]["name"] == "regmirror-operator-events":  # events about cluster-scoped objects
+        if obj["metadata"]["name"] in ("regmirror-operator-events", "regmirror-agent-events"):  # events about
+            # cluster-scoped objects (RegistryMirrors, Nodes) go to "default"
             expected = "default"
         assert obj["metadata"].get("namespace") == expected, (obj["kind"], obj["metadata"]["name"])
 
@@ -668,6 +669,9 @@ CAN_I = [
     (OPERATOR, True, ["watch", "nodes"]),
     (OPERATOR, True, ["update", "configmap/regmirror-desired", "-n", NS]),
     (OPERATOR, True, ["patch", "configmap/regmirror-desired", "-n", NS]),
+    (AGENT, True, ["create", "events", "-n", "default"]),  # on its own Node (regmirror_agent.nodeevents)
+    (AGENT, False, ["patch", "events", "-n", "default"]),
+    (AGENT, False, ["create", "events", "-n", NS]),
     (OPERATOR, True, ["create", "events", "-n", "default"]),
     (OPERATOR, True, ["create", "events.events.k8s.io", "-n", "default"]),
     (OPERATOR, True, ["patch", "events", "-n", "default"]),
@@ -708,7 +712,8 @@ def test_service_account_permissions(controlplane: cp.ControlPlane, installed: s
 def test_no_role_uses_a_wildcard(controlplane: cp.ControlPlane, installed: str) -> None:
     roles = json.loads(controlplane.kubectl("get", "clusterroles,roles", "-A", "-l",
                                             "app.kubernetes.io/part-of=regmirror", "-o", "json").stdout)["items"]
-    assert sorted(r["metadata"]["name"] for r in roles) == (["regmirror-agent"] * 2 + ["regmirror-operator"] * 2
+    assert sorted(r["metadata"]["name"] for r in roles) == (["regmirror-agent"] * 2 + ["regmirror-agent-events"]
+                                                            + ["regmirror-operator"] * 2
                                                             + ["regmirror-operator-events"])
     for role in roles:
         for rule in role["rules"]:

@@ -95,7 +95,7 @@ def test_3_a_node_selector_for_one_node_leaves_the_other_nodes_untouched(cluster
     others = {n: node.files() for n, node in cluster.nodes.items() if n != "worker-a"}
     cluster.apply_mirror("ghcr-io", "ghcr.io", [cluster.registry.url], selector={"matchLabels": {"pool": "a"}})
     s = wait_for("ghcr-io 1/1", lambda: cluster.converged("ghcr-io", "1/1"), timeout=60)
-    assert s["nodes"] == {"selected": 1, "applied": 1, "failed": 0, "waiting": 0, "inUse": 0}
+    assert s["nodes"] == {"selected": 1, "applied": 1, "failed": 0, "waiting": 0, "inUse": 1}
     assert (cluster.nodes["worker-a"].containerd.certs_dir / "ghcr.io/hosts.toml").exists()
     time.sleep(6)  # one agent resync period: nothing is rewritten on the other nodes either
     assert {n: node.files() for n, node in cluster.nodes.items() if n != "worker-a"} == others
