@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install every real component regmirror's demo and tests use, on a fresh Debian 12 machine (as root).
 #
-#   hack/install-deps.sh            containerd, ctr, docker-registry, skopeo, dockerd (apt); regmirror + test deps (pip);
+#   hack/install-deps.sh            containerd, ctr, docker-registry, skopeo, dockerd, podman (apt);
+#                                   regmirror + test deps (pip);
 #                                   debootstrap, busybox-static, containernetworking-plugins (the test cluster's image
 #                                   base, pause image and pod network); crictl, etcd, kube-apiserver, kubectl, kubelet,
 #                                   kube-controller-manager, kube-scheduler, containerd 2.x (into .cache/bin/containerd2)
@@ -30,6 +31,8 @@ apt_packages() {
   command -v unshare >/dev/null || missing+=(util-linux)
   # Debian's dockerd (tests prove Docker nodes on it); not needed by the demo.
   [ "${1:-}" = "--node" ] || [ -x /usr/bin/dockerd ] || missing+=(docker.io)
+  # Debian's podman: reads CRI-O's registries.conf(.d) with CRI-O's library (tests/integration/test_crio_real.py).
+  [ "${1:-}" = "--node" ] || command -v podman >/dev/null || missing+=(podman)
   # The image tests' base: a bookworm root filesystem made from Debian's packages (tests/cluster/image.py).
   [ "${1:-}" = "--node" ] || command -v debootstrap >/dev/null || missing+=(debootstrap)
   # The test cluster's nodes: busybox-static is their pause and workload image, Debian's CNI plugins their network.

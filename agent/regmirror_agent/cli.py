@@ -296,7 +296,8 @@ def _plan_and_execute(desired: list[models.RegistryMirror], settings: Settings, 
         for note in plan.notes:
             _say(f"note: {note}")
         _say(f"dry run: {len(plan.changes)} file(s) would change on {runtime}"
-             + (", then a restart" if plan.restart else "") + "; nothing was written")
+             + ((", then a reload" if runtime == "crio" else ", then a restart") if plan.restart else "")
+             + "; nothing was written")
         return EXIT_OK
     outcome = engine.execute(plan, runtime, settings, _say)
     for note in outcome.notes:
@@ -305,7 +306,7 @@ def _plan_and_execute(desired: list[models.RegistryMirror], settings: Settings, 
         _say(f"unchanged: this node's {runtime} already has the requested configuration")
     else:
         _say(f"done: {len(plan.changes)} file(s) changed on {runtime}"
-             + ((", reloaded and confirmed" if runtime == "docker" else ", restarted and healthy")
+             + (({"docker": ", reloaded and confirmed", "crio": ", reloaded"}.get(runtime, ", restarted and healthy"))
                 if outcome.restarted else ""))
     return EXIT_OK
 

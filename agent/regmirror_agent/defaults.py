@@ -5,5 +5,5 @@ CONFIG_FILE = "/etc/containerd/config.toml"
 DAEMON_JSON = "/etc/docker/daemon.json"
 DEFAULT_STATE_DIR = "/var/lib/regmirror"
 STATE_FILE = "state.json"
-RUNTIMES = ("auto", "containerd", "docker")
+RUNTIMES = ("auto", "containerd", "docker", "crio")
 MODES = ("auto", "hosts", "inline")

@@ -33,12 +33,14 @@ from regmirror_agent.restarting import (
     wait_cri_healthy,
     wait_docker_mirrors,
 )
-from regmirror_agent.runtimes import Effective, containerd, docker
+from regmirror_agent.runtimes import Effective, containerd, crio, docker
 from regmirror_agent.settings import Settings
 from regmirror_api import models
 from regmirror_api.errors import Refused
 
 DEFAULT_CONTAINERD_ADDRESS = "/run/containerd/containerd.sock"
+#: Runtimes that re-read their mirrors on SIGHUP: no restart, no restart budget.
+RELOADED = (docker.RUNTIME, crio.RUNTIME)
 
 
 class EngineError(Refused):
@@ -89,6 +91,8 @@ def detect_runtime(node: NodeView, settings: Settings, state: ownership.State) -
         return settings.runtime
     if state.runtime:
         return state.runtime
+    if crio.has_crio(node) and node.read(settings.config_file) is None:  # CRI-O, and no containerd beside it
+        return crio.RUNTIME
     docker_dir = posixpath.dirname(settings.daemon_json)
     docker_signs = node.read(settings.daemon_json) is not None or _holds_files(node, docker_dir)
     text = node.read(settings.config_file)
@@ -110,6 +114,8 @@ LeftOut = Mapping[str, frozenset[str]]
 
 def _plan(desired: Sequence[models.RegistryMirror], settings: Settings, node: NodeView, host: Host,
           state: ownership.State, runtime: str, left_out: LeftOut) -> Plan:
+    if runtime == crio.RUNTIME:
+        return crio.plan_crio(desired, node, state, crio.Options(state_path=settings.state_path))
     if runtime == docker.RUNTIME:
         return docker.plan_docker(desired, node, state, docker.Options(settings.daemon_json, settings.state_path))
     version = functools.cache(lambda: containerd_version(host))
@@ -148,7 +154,7 @@ def plan(desired: Sequence[models.RegistryMirror], settings: Settings, request: 
             planned = dataclasses.replace(planned, state_before=node.read(settings.state_path))
         return dataclasses.replace(planned, request=request or request_key(desired, settings, left_out),
                                    observed=node.observations()), runtime
-    except (containerd.NodeRefused, docker.DockerRefused, UnsafePath, ownership.CorruptState) as exc:
+    except (containerd.NodeRefused, docker.DockerRefused, crio.CrioRefused, UnsafePath, ownership.CorruptState) as exc:
         raise EngineError(str(exc)) from exc
     except OSError as exc:
         raise EngineError(f"reading the node failed: {_os_error(exc, settings)}; nothing was changed") from exc
@@ -243,7 +249,8 @@ def runtime_of(settings: Settings) -> str:
     try:
         state = ownership.parse_state(node.read(settings.state_path), settings.state_path)
         return detect_runtime(node, settings, state)
-    except (containerd.NodeRefused, docker.DockerRefused, UnsafePath, ownership.CorruptState, OSError):
+    except (containerd.NodeRefused, docker.DockerRefused, crio.CrioRefused, UnsafePath, ownership.CorruptState,
+            OSError):
         return ""
 
 
@@ -253,10 +260,12 @@ def describe(settings: Settings) -> tuple[str, str, list[Effective], ownership.S
     try:
         state = ownership.parse_state(node.read(settings.state_path), settings.state_path)
         runtime = detect_runtime(node, settings, state)
+        if runtime == crio.RUNTIME:
+            return (runtime, *crio.describe(node), state)
         if runtime == docker.RUNTIME:
             return (runtime, *docker.describe(node, settings.daemon_json), state)
         return (runtime, *containerd.describe(node, settings.config_file), state)
-    except (containerd.NodeRefused, docker.DockerRefused, UnsafePath, ownership.CorruptState) as exc:
+    except (containerd.NodeRefused, docker.DockerRefused, crio.CrioRefused, UnsafePath, ownership.CorruptState) as exc:
         raise EngineError(str(exc)) from exc
     except OSError as exc:
         raise EngineError(f"reading the node failed: {_os_error(exc, settings)}") from exc
@@ -310,6 +319,8 @@ def _restart_and_check(settings: Settings, host: Host, node: NodeRoot, runtime: 
     (a wrong unit, a no-op wrapper) would leave the old configuration in force while the node reports Applied.
     So the process serving the socket must be a new one (``must_be_new``; not for a rollback, whose previous
     files are in force either way)."""
+    if runtime == crio.RUNTIME:
+        return _reload_crio(settings, host)
     address = _socket(settings, node) if runtime != docker.RUNTIME else ""
     before = server_pid(host, address) if address else None
     try:
@@ -330,6 +341,22 @@ def _restart_and_check(settings: Settings, host: Host, node: NodeRoot, runtime: 
         return (f"{command!r} returned, but containerd was not restarted: the same process ({before}) still "
                 f"serves {address} with the configuration it read when it started, so the change is not in force")
     return ""
+
+
+def _reload_crio(settings: Settings, host: Host) -> str:
+    """SIGHUP CRI-O (it re-reads registries.conf and its drop-ins); '' once that was sent, else why not. CRI-O
+    does not tell whether it took the files (an invalid one is kept out, said only in its log), which is why
+    ``crio.plan_crio`` parses every file back before it is written."""
+    if settings.restart.startswith("command:"):
+        try:
+            restart_runtime(host, crio.RUNTIME, settings.restart)
+        except RestartFailed as exc:
+            return str(exc)
+        return ""
+    argv = crio.reload_argv(settings.restart, host.has("systemctl"))
+    result = host.run(argv, timeout=60)
+    return "" if result.returncode == 0 else (f"{' '.join(argv)} exited {result.returncode}: "
+                                              f"{(result.stderr or result.stdout).strip()[-500:]}")
 
 
 def execute(plan_: Plan, runtime: str, settings: Settings, log: Log = _quiet) -> Outcome:
@@ -377,10 +404,10 @@ def _execute(plan_: Plan, runtime: str, settings: Settings, log: Log) -> Outcome
         for change in step.changes:
             log(f"{'removed' if change.after is None else 'wrote'} {change.path}")
         if step.restart and settings.restart == "never":
-            verb = "reloaded (systemctl reload docker)" if runtime == docker.RUNTIME else "restarted"
+            verb = f"reloaded (systemctl reload {runtime})" if runtime in RELOADED else "restarted"
             notes.append(f"{runtime} must be {verb} to read the change; --restart never left that to you")
         elif step.restart:
-            log(f"{'reloading' if runtime == docker.RUNTIME else 'restarting'} {runtime} ({settings.restart})")
+            log(f"{'reloading' if runtime in RELOADED else 'restarting'} {runtime} ({settings.restart})")
             reason = _restart_and_check(settings, host, node, runtime)
             if reason:
                 _roll_back(step, runtime, settings, host, node, reason, log)
@@ -424,7 +451,7 @@ def _roll_back(plan_: Plan, runtime: str, settings: Settings, host: Host, node: 
                           f"previous files back failed: {exc}") from exc
     again = _restart_and_check(settings, host, node, runtime, must_be_new=False)
     after = "it is healthy again on the previous files" if not again else f"it is still unhealthy: {again}"
-    verb = "reloaded" if runtime == docker.RUNTIME else "restarted"
+    verb = "reloaded" if runtime in RELOADED else "restarted"
     raise EngineError(f"{runtime} did not come back healthy after the change: {reason}. regmirror put the "
                       f"previous files back and {verb} it; {after}", rolled_back=True)
 
@@ -439,7 +466,7 @@ MayRestart = Callable[[Plan], bool]
 
 def needs_restart(plan_: Plan, runtime: str, settings: Settings) -> bool:
     """Would executing this plan restart containerd? (Docker's reload keeps every container running.)"""
-    return (plan_.changed and plan_.restart and runtime != docker.RUNTIME and settings.restart != "never"
+    return (plan_.changed and plan_.restart and runtime not in RELOADED and settings.restart != "never"
             and not settings.dry_run)
 
 
