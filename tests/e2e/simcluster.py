@@ -238,4 +238,6 @@ def running(plane: cp.ControlPlane, registry: Registry, work: Path, specs: Seque
             plane.kubectl("delete", "pod", f"regmirror-agent-{name}", "-n", NS, "--grace-period=0",
                           "--force", "--ignore-not-found", check=False)
             plane.kubectl("delete", "node", name, "--ignore-not-found", "--wait=false", check=False)
+            # No garbage collector runs here to remove the report with its Node: the next module must not see it.
+            plane.kubectl("delete", contract.NODE_PLURAL, name, "--ignore-not-found", "--wait=false", check=False)
         _clean_slate(plane, wait=False)
