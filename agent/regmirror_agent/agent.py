@@ -312,6 +312,7 @@ class Agent:
                 culprit = _culprit(exc, mirrors) if len(mirrors) > 1 else None
                 if culprit is None:
                     log.error("applying failed, node unchanged: %s", exc)
+                    self._still_here(previous, reports, contract.STATE_FAILED, f"removing it failed: {exc}")
                     for entry, m in mirrors:
                         if rolled_back and m.name in runs and self._changing:  # still runs it, as before
                             reports[m.name] = self._applied_report(entry, m, previous, out)
@@ -338,6 +339,9 @@ class Agent:
                 continue
             if outcome.held:  # it needs a restart the budget does not allow yet: nothing was written
                 request = self._waiting(mirrors, runs, previous, out, reports, desired.restart_attempts)
+                if request:
+                    self._still_here(previous, reports, contract.STATE_WAITING,
+                                     "waiting for a restart slot to remove it from this node")
                 break
             self._applied = {m.name: m for _, m in mirrors}
             self._count_success(outcome)
@@ -359,6 +363,19 @@ class Agent:
         self._in_place = taints.mirrors_in_place(reports.values())
         self.send_report()
         self.events.reconciled(node_uid)
+
+    @staticmethod
+    def _still_here(previous: Mapping[str, Mapping[str, Any]], reports: dict[str, contract.Report], state: str,
+                    message: str) -> None:
+        """RegistryMirrors no longer desired that the node still runs, because their removal waits for a restart
+        slot or failed: reported as such, so the node never says "0/0" (nothing of regmirror's left, which the
+        uninstall waits for) while their configuration is still in force."""
+        for name, before in previous.items():
+            runs = before.get("state") == contract.STATE_APPLIED or str(before.get("message", "")).startswith(
+                ("waiting for a restart slot to remove", "removing it failed"))
+            if name not in reports and runs:
+                reports[name] = contract.Report(name, int(before.get("generation") or 0), state, message,
+                                                uid=str(before.get("uid") or ""))
 
     @staticmethod
     def _applied_report(entry: contract.Entry, m: models.RegistryMirror, previous: Mapping[str, Mapping[str, Any]],

@@ -33,7 +33,7 @@ def pending(reports: Mapping[str, Mapping[str, Any]]) -> dict[str, str]:
     out: dict[str, str] = {}
     for name, report in reports.items():
         status = report.get("status") or {}
-        if status.get("ready") != RESTORED:
+        if status.get("ready") != RESTORED or status.get("restartRequest"):
             out[name] = f"{status.get('ready', 'no report yet')} {status.get('message') or ''}".strip()
     return out
 

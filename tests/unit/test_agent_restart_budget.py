@@ -5,6 +5,7 @@ tests/e2e/test_rollout.py."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
@@ -26,10 +27,12 @@ class Engine:
         self.results: list[Exception | None] = []
         self.restarts = 0
 
-    def __call__(self, _: Sequence[models.RegistryMirror]) -> engine.Outcome:
+    def __call__(self, mirrors: Sequence[models.RegistryMirror]) -> engine.Outcome:
         assert self.agent is not None
-        if not self.agent.may_restart(NEEDS_RESTART):
-            return engine.Outcome("containerd", NEEDS_RESTART, held=True)
+        # The engine's request key names what is desired, generations included: a new change, a new request.
+        plan = dataclasses.replace(NEEDS_RESTART, request=repr(sorted((m.name, m.generation) for m in mirrors)))
+        if not self.agent.may_restart(plan):
+            return engine.Outcome("containerd", plan, held=True)
         self.restarts += 1
         result = self.results.pop(0) if self.results else None
         if result is not None:
@@ -145,3 +148,21 @@ def test_without_restart_slots_the_agent_restarts_at_once() -> None:
     agent._on_node(api.node)
     agent.reconcile()
     assert fake.restarts == 1 and contract.restart_request(api.objects[REPORT_PATH]) == ""
+
+
+def test_a_removal_that_waits_for_its_slot_keeps_the_node_from_saying_0_of_0() -> None:
+    agent, api, fake, _ = start(desired("quay-io"))
+    agent.reconcile()
+    grant(agent, api, status(api)["restartRequest"])
+    agent.reconcile()
+    assert status(api)["ready"] == "1/1"
+    api.configmap["data"][contract.CONFIGMAP_KEY] = desired()  # every RegistryMirror deleted (an uninstall)
+    agent._on_configmap(api.configmap)
+    agent.reconcile()
+    waiting = status(api)
+    assert waiting["ready"] == "0/1" and waiting["restartRequest"], "not 0/0: quay-io's configuration is still here"
+    assert waiting["mirrors"][0]["message"] == "waiting for a restart slot to remove it from this node"
+    grant(agent, api, waiting["restartRequest"])
+    agent.reconcile()
+    assert status(api)["ready"] == "0/0" and status(api).get("restartRequest") is None
+    assert fake.restarts == 2
