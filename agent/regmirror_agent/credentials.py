@@ -31,7 +31,7 @@ import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from urllib.parse import urlsplit
 
-from regmirror_api import models
+from regmirror_api import fingerprints, models
 from regmirror_api.errors import RegmirrorError
 
 BASIC_AUTH = "kubernetes.io/basic-auth"
@@ -154,6 +154,10 @@ def with_authorization(mirror: models.RegistryMirror,
 def secret_names(mirrors: Iterable[models.RegistryMirror]) -> list[str]:
     """The Secret names the mirrors of these RegistryMirrors reference, sorted, each once."""
     return sorted({m.credentials.secret_name for rm in mirrors for m in rm.mirrors if m.credentials is not None})
+
+
+#: A keyed digest of a text with a login in it, for records (see ``regmirror_api.fingerprints``).
+fingerprint = fingerprints.fingerprint
 
 
 # --- hiding the header again ------------------------------------------------------------------------------

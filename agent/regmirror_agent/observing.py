@@ -48,9 +48,10 @@ def digest(node: NodeRoot, observations: dict[str, list[str]]) -> str:
     h = hashlib.sha256()
     for path in observations["reads"]:
         text = node.read(path)
-        # Redacted: applied.json is no place for a hash that gives away a weak password (``credentials``); a
-        # rotation changes the request (the Secret's resourceVersion) instead.
-        seen = "-" if text is None else hashlib.sha256(credentials.redact(text).encode()).hexdigest()
+        # A file with a login gets a keyed digest: applied.json is no place for a plain hash that gives away a weak
+        # password (``credentials.fingerprint``), and a hand edit of the login is still noticed.
+        seen = ("-" if text is None else credentials.fingerprint(text) if credentials.holds_secret(text)
+                else hashlib.sha256(text.encode()).hexdigest())
         h.update(f"r\0{path}\0{seen}\n".encode())
     for path in observations["dirs"]:
         h.update(f"d\0{path}\0{node.is_dir(path)}\n".encode())

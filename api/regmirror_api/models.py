@@ -15,6 +15,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
+from regmirror_api import fingerprints
 from regmirror_api.errors import InvalidSpec
 
 __all__ = [
@@ -120,9 +121,14 @@ class Credentials:
     """Where ``authorization`` came from, for messages and the redacted view (``Secret regmirror-system/harbor``)."""
 
     def to_spec(self) -> dict[str, Any]:
+        """The published form: the Secret's name and version. On a node, where the login is resolved, also its
+        keyed fingerprint (``fingerprints``), so that the engine's request key changes with the login itself, even
+        when the published resourceVersion has not caught up (the operator away) or for a CLI credentials file."""
         spec: dict[str, Any] = {"secretName": self.secret_name}
         if self.version:
             spec["resourceVersion"] = self.version
+        if self.authorization:
+            spec["login"] = fingerprints.fingerprint(self.authorization)
         return spec
 
 
