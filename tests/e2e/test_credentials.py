@@ -80,7 +80,7 @@ def apply_mirror(cluster: Cluster) -> None:
     cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump({
         "apiVersion": f"{models.API_GROUP}/{models.API_VERSION}", "kind": models.KIND,
         "metadata": {"name": "quay-io"},
-        "spec": {"registry": "quay.io",
+        "spec": {"registry": "quay.io", "verify": {"image": QUAY_IMAGE},
                  "mirrors": [{"url": cluster.registry.url, "credentials": {"secretName": SECRET}}]}}))
 
 
@@ -124,6 +124,8 @@ def test_2_with_the_secret_each_node_pulls_through_the_mirror_that_demands_it(cl
     wait_for("quay-io 2/2", lambda: cluster.converged("quay-io", "2/2"), timeout=60,
              detail=lambda: json.dumps(cluster.node_reports("quay-io")))
     FIGURES["secret_created_to_ready_seconds"] = round(time.monotonic() - t0, 2)
+    for name, report in cluster.node_reports("quay-io").items():  # the in-use check sends the login too
+        assert (report["inUse"]["status"], report["inUse"]["reason"]) == ("True", "InUse"), (name, report)
     version = cluster.get("secret", SECRET, "-n", NS)["metadata"]["resourceVersion"]
     mirror = json.loads(published(cluster))["mirrors"][0]["spec"]["mirrors"][0]
     assert mirror["credentials"] == {"secretName": SECRET, "resourceVersion": version}
