@@ -186,7 +186,7 @@ def test_explain_teaches_the_mirrors_field(controlplane: cp.ControlPlane, instal
     assert done.returncode == 0, done.stderr
     text = " ".join(done.stdout.split())
     assert "The mirrors to try, first to last" in text
-    for field in ("url", "skipVerify", "caBundle", "overridePath", "capabilities"):
+    for field in ("url", "skipVerify", "caBundle", "overridePath", "capabilities", "credentials"):
         assert f"{field}\t" in done.stdout or f"{field} <" in text, field
     assert "absolute http:// or https:// URL" in " ".join(
         controlplane.kubectl("explain", "registrymirror.spec.mirrors.url").stdout.split())
@@ -251,6 +251,11 @@ INVALID = [
      "spec.mirrors[0].caBundle", "BEGIN CERTIFICATE"),
     ("unknown-mirror-field", spec_of("quay.io", "https://m.example.com", insecure=True),
      "spec.mirrors[0].insecure", "unknown field"),
+    ("credentials-bad-secret-name", spec_of("quay.io", "https://m.example.com", credentials={"secretName": "A_b"}),
+     "spec.mirrors[0].credentials.secretName", "must be a Secret name"),
+    ("credentials-with-a-password", spec_of("quay.io", "https://m.example.com",
+                                            credentials={"secretName": "a", "password": "x"}),
+     "spec.mirrors[0].credentials.password", "unknown field"),
     ("selector-in-without-values", {**spec_of(), "nodeSelector": {"matchExpressions": [
         {"key": "pool", "operator": "In"}]}},
      "spec.nodeSelector.matchExpressions[0]", "operator In needs at least one value"),
@@ -328,6 +333,12 @@ AGREEMENT = [
     ("trailing-dot-host", spec_of("quay.io", "https://m.example.com./v2"), False),
     ("ipv6-literal", spec_of("quay.io", "https://[::1]:5000"), False),
     ("path-with-colon-and-at", spec_of("quay.io", "https://m.example.com/a:b@c/v2"), True),
+    # Mirror credentials: a Secret's name in the install's namespace, nothing else.
+    ("credentials", spec_of("quay.io", "https://m.example.com", credentials={"secretName": "harbor.login-1"}), True),
+    ("credentials-bad-name", spec_of("quay.io", "https://m.example.com", credentials={"secretName": "Harbor_1"}),
+     False),
+    ("credentials-without-name", spec_of("quay.io", "https://m.example.com", credentials={}), False),
+    ("credentials-not-an-object", spec_of("quay.io", "https://m.example.com", credentials="harbor"), False),
     ("http-mirror-ipv4", spec_of("quay.io", "http://10.0.0.5"), True),
     # Issue 9, defect 11: unknown fields and the nodeSelector, judged alike.
     ("unknown-spec-field", {**spec_of(), "mirorrs": []}, False),
