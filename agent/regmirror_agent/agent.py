@@ -50,7 +50,7 @@ from regmirror_agent import (
 from regmirror_agent.defaults import MODES
 from regmirror_agent.kubeapi import METADATA_ONLY, METADATA_ONLY_LIST, ApiError, Client, load_config
 from regmirror_agent.reporting import Reporter
-from regmirror_agent.runtimes import hoststoml
+from regmirror_agent.runtimes import containerd, crio, docker, hoststoml
 from regmirror_agent.watching import ObjectWatch, retry_delay
 from regmirror_api import contract, models
 from regmirror_api.errors import RegmirrorError
@@ -107,6 +107,7 @@ class Agent:
         self.client = client
         self.reporter = Reporter(client, settings.node)
         self.stop = stop or threading.Event()
+        self._real_engine = apply_mirrors is None
         self.apply_mirrors = apply_mirrors or self._apply_on_node
         self.events = nodeevents.Tracker(nodeevents.Poster(client, settings.node))
         self.apply_mirrors = self.events.observing(self.apply_mirrors)  # Events on the Node for failed applies
@@ -200,7 +201,9 @@ class Agent:
         whose Secret is missing or gives no login fails on this node, naming the Secret and what is wrong; the node
         keeps what it ran for it (the previous login), or does not get it at all. Returns the pairs to apply and
         the names that failed."""
-        self.secrets.forget_except(credentials.secret_names([m for _, m in mirrors]))
+        names = credentials.secret_names([m for _, m in mirrors])
+        self.secrets.forget_except(names)
+        refusal = self._cannot_carry_credentials() if names else None
         result: list[tuple[contract.Entry, models.RegistryMirror]] = []
         failed: set[str] = set()
         for entry, m in mirrors:
@@ -208,6 +211,8 @@ class Agent:
                 result.append((entry, m))
                 continue
             try:
+                if refusal:  # refused here, for this entry alone: the node's other mirrors are still applied
+                    credentials.refuse([m], *refusal, credentials.CredentialsProblem)
                 result.append((entry, self.secrets.resolve(m)))
                 continue
             except credentials.CredentialsProblem as exc:
@@ -220,6 +225,22 @@ class Agent:
             if kept is not None:
                 result.append((entry, kept))
         return result, failed
+
+    def _cannot_carry_credentials(self) -> tuple[str, str] | None:
+        """``(runtime, why)`` when this node's runtime cannot carry mirror credentials (Docker, CRI-O, containerd in
+        inline mode by setting); None when it can, or when a stand-in engine applies. The engine refuses them as
+        well; asked here first, the refusal fails only the RegistryMirrors with credentials, not every one on the
+        node. containerd chosen inline for its age (before 1.5) is left to the engine's refusal."""
+        if not self._real_engine:
+            return None
+        runtime = engine.runtime_of(self.settings.engine)
+        if runtime == docker.RUNTIME:
+            return "Docker", docker.NO_CREDENTIALS
+        if runtime == crio.RUNTIME:
+            return "CRI-O", crio.NO_CREDENTIALS
+        if runtime == containerd.RUNTIME and self.settings.engine.mode == "inline":
+            return "containerd in inline mode", containerd.INLINE_NO_CREDENTIALS
+        return None
 
     def _check_logins(self, mirrors: Sequence[models.RegistryMirror], reports: dict[str, contract.Report]) -> None:
         """A mirror that answers but refuses its credentials (HTTP 401/403 with them) fails its RegistryMirror on

@@ -291,3 +291,33 @@ def test_a_missing_secret_fails_the_entry_on_the_node_naming_it(
     assert "the node keeps what it ran for it" in message
     login = applied[-1][0].mirrors[0].credentials
     assert login is not None and login.authorization == f"Basic {TOKEN}", "the login it had stays in force"
+
+
+def test_on_a_crio_node_only_the_registrymirror_with_credentials_fails_the_others_are_applied(tmp_path: Path) -> None:
+    root = tmp_path / "node"
+    (root / "etc/crio").mkdir(parents=True)
+    (root / "etc/crio/crio.conf").write_text("[crio]\n")
+    with_login = {"registry": "quay.io", "mirrors": [{"url": URL, "credentials": {"secretName": "harbor",
+                                                                                  "resourceVersion": "1"}}]}
+    plain = {"registry": "docker.io", "mirrors": [{"url": "https://hub-mirror.example.com"}]}
+    api = FakeApi(contract.render_desired([contract.Entry("quay-io", 1, with_login, {}, uid="q"),
+                                           contract.Entry("docker-io", 1, plain, {}, uid="d")]))
+    api.objects[f"{contract.SECRETS_PATH}/harbor"] = basic_auth()
+    settings = AgentSettings(node="node-a", engine=engine.Settings(root=str(root), restart="never"))
+    agent = Agent(settings, api)  # type: ignore[arg-type]
+    threading.Thread(target=agent.run, daemon=True).start()
+    try:
+        wait_until(lambda: REPORT_PATH in api.objects, timeout=10)
+        reports = {r["name"]: r for r in api.objects[REPORT_PATH]["status"]["mirrors"]}
+        assert reports["docker-io"]["state"] == contract.STATE_APPLIED, reports
+        assert reports["quay-io"]["state"] == contract.STATE_FAILED
+        assert "which CRI-O cannot use: containers-registries.conf(5) has no credentials field" in \
+            reports["quay-io"]["message"]
+        drop_in = (root / "etc/containers/registries.conf.d/50-regmirror.conf").read_text()
+        assert "hub-mirror.example.com" in drop_in and "harbor" not in drop_in
+        assert f"GET {contract.SECRETS_PATH}/harbor" not in api.calls, "no Secret is read for a mirror refused here"
+    finally:
+        agent.stop.set()
+        agent.wake.set()
+        for q in api.events.values():
+            q.put(None)
