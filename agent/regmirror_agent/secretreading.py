@@ -3,8 +3,9 @@
 The operator publishes, for each mirror with ``credentials``, the Secret's name and resourceVersion (never its
 data) in ``desired.json``. So the agent GETs a Secret only when the (name, resourceVersion) it holds changes, and
 once at start: at rest nothing more reaches the apiserver, whatever the number of nodes, and a rotation costs
-each node one GET. A Secret is kept in this process's memory only; what reaches the node is the header in the
-mirror's hosts.toml (``credentials``).
+each node one GET, which the apiserver answers from its watch cache (``resourceVersion`` = the published one:
+"not older than"), not from etcd. A Secret is kept in this process's memory only; what reaches the node is the
+header in the mirror's hosts.toml (``credentials``).
 
 A Secret that is missing, unreadable or gives no login for a mirror's host fails that RegistryMirror on this
 node, with a message naming the Secret and what is wrong with it (never its content). A failed read other
@@ -46,7 +47,10 @@ class SecretReader:
             return held
         self.reads += 1
         try:
-            secret = self.client.get(f"/api/v1/namespaces/{self.namespace}/secrets/{name}")
+            # "Not older than" the published version (0: any), so the apiserver answers from its watch cache: a
+            # rotation's GET by every node at once costs etcd nothing.
+            secret = self.client.get(f"/api/v1/namespaces/{self.namespace}/secrets/{name}",
+                                     resourceVersion=version or "0")
         except ApiError as exc:
             if exc.status == 404:
                 read = _Read(version, None, f"{self.where(name)} does not exist")
