@@ -321,3 +321,31 @@ def test_on_a_crio_node_only_the_registrymirror_with_credentials_fails_the_other
         agent.wake.set()
         for q in api.events.values():
             q.put(None)
+
+
+def test_cli_documents_naming_a_secret_take_the_login_from_the_credentials_file_by_host(tmp_path: Path) -> None:
+    root = tmp_path / "node"
+    (root / "etc/containerd").mkdir(parents=True)
+    (root / "etc/containerd/config.toml").write_text(
+        'version = 2\n[plugins."io.containerd.grpc.v1.cri".registry]\n  config_path = "/etc/containerd/certs.d"\n')
+    doc = tmp_path / "mirrors.yaml"
+    doc.write_text(json.dumps({"apiVersion": "regmirror.io/v1alpha1", "kind": "RegistryMirror",
+                               "metadata": {"name": "quay-io"},
+                               "spec": {"registry": "quay.io", "mirrors": [
+                                   {"url": URL, "credentials": {"secretName": "harbor"}},
+                                   {"url": "https://open.example.com"}]}}))
+    base = ["apply", "--root", str(root), "--restart", "never", "-f", str(doc)]
+    code, output = run_cli(*base)
+    assert code == 2 and "names credentials.secretName 'harbor'" in output and "--credentials FILE" in output
+    creds = tmp_path / "config.json"
+    creds.write_text(json.dumps({"auths": {"other.example.com": {"auth": TOKEN}}}))
+    creds.chmod(0o600)
+    code, output = run_cli(*base, "--credentials", str(creds))
+    assert code == 2 and f"has no \"auths\" entry for the mirror host {HOST!r}" in output
+    creds.write_text(json.dumps({"auths": {HOST: {"auth": TOKEN}}}))
+    code, output = run_cli(*base, "--credentials", str(creds))
+    assert code == 0, output
+    parsed = tomllib.loads((root / "etc/containerd/certs.d/quay.io/hosts.toml").read_text())
+    assert parsed["host"][URL]["header"] == {"Authorization": [f"Basic {TOKEN}"]}
+    assert "header" not in parsed["host"]["https://open.example.com"]
+    assert TOKEN not in output and PASSWORD not in output
