@@ -162,38 +162,43 @@ fingerprint = fingerprints.fingerprint
 
 # --- hiding the header again ------------------------------------------------------------------------------
 
-_HEADER_LINE = re.compile(r"(?im)^(?P<indent>[ \t]*)(?P<key>\"?authorization\"?)[ \t]*=[ \t]*(?P<value>.*)$")
+#: An Authorization header's key and value in any form TOML allows: a key of its own line or of an inline table
+#: (``header = {Authorization = [...]}``), bare or quoted, its value a string or an array (over several lines too).
+_VALUE = r"""\[[^\]]*\]|"(?:[^"\\\n]|\\.)*"|'[^'\n]*'"""
+_HEADER = re.compile(rf"""(?i)(?P<key>["']?authorization["']?[ \t]*=[ \t]*)(?:{_VALUE})""")
+#: What else a node's own config.toml may hold of a login (the CRI plugin's ``configs."<host>".auth`` table):
+#: hidden in what regmirror shows, never in what it records (a record must tell the node's own edits apart).
+_CONFIG_LOGIN = re.compile(
+    rf"""(?im)^(?P<key>[ \t]*["']?(?:password|auth|identitytoken)["']?[ \t]*=[ \t]*)(?:{_VALUE})""")
 
 
 def holds_secret(text: str | None) -> bool:
     """Does this (hosts.toml) text carry an Authorization header? Such a file is written mode 0600."""
-    return bool(text) and _HEADER_LINE.search(text or "") is not None
+    return bool(text) and _HEADER.search(text or "") is not None
+
+
+def _label(text: str, at: int) -> str:
+    """``<redacted: SOURCE>`` when the line above the one at ``at`` is regmirror's source comment."""
+    line_start = text.rfind("\n", 0, at) + 1
+    if line_start == 0:
+        return REDACTED
+    above = text[text.rfind("\n", 0, line_start - 1) + 1:line_start - 1].strip()
+    return f"<redacted: {above[len(SOURCE_COMMENT):]}>" if above.startswith(SOURCE_COMMENT) else REDACTED
 
 
 def redact(text: str) -> str:
     """``text`` with every Authorization header value replaced by ``["<redacted: Secret NS/NAME>"]`` (the name from
-    the comment regmirror writes above it; a node's own header becomes ``["<redacted>"]``). Every view regmirror
-    gives or keeps of a file goes through this; the same text always redacts to the same text."""
+    the comment regmirror writes above it; a node's own header becomes ``["<redacted>"]``). Every record regmirror
+    keeps of a file, and every view it gives, goes through this; the same text always redacts to the same text."""
     if not holds_secret(text):
         return text
-    lines = text.split("\n")
-    for i, line in enumerate(lines):
-        match = _HEADER_LINE.match(line)
-        if not match:
-            continue
-        label = REDACTED
-        if i and lines[i - 1].strip().startswith(SOURCE_COMMENT):
-            label = f"<redacted: {lines[i - 1].strip()[len(SOURCE_COMMENT):]}>"
-        lines[i] = f"{match.group('indent')}{match.group('key')} = [{json.dumps(label)}]"
-    return "\n".join(lines)
+    return _HEADER.sub(lambda m: f"{m.group('key')}[{json.dumps(_label(text, m.start()))}]", text)
 
 
-def redact_secrets(text: str, secrets: Iterable[str]) -> str:
-    """``text`` with each of ``secrets`` (header values, tokens, passwords) replaced: for messages that may quote
-    something a secret reached (an HTTP error body, a tool's output)."""
-    for secret in sorted((s for s in secrets if s), key=len, reverse=True):
-        text = text.replace(secret, REDACTED)
-    return text
+def redact_for_view(text: str) -> str:
+    """:func:`redact`, and a node's own inline registry login in config.toml (``password``, ``auth``,
+    ``identitytoken``) too: for what regmirror prints (``--dry-run`` diffs), never for its records."""
+    return _CONFIG_LOGIN.sub(lambda m: f"{m.group('key')}{json.dumps(REDACTED)}", redact(text))
 
 
 def refuse(desired: Iterable[models.RegistryMirror], runtime: str, why: str,

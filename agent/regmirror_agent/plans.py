@@ -22,10 +22,10 @@ class FileChange:
     after: str | None
 
     def diff(self) -> str:
-        """A unified diff, with every Authorization header value redacted (``credentials``): a rotated secret
-        shows as no line change, which is the truth of what anyone may see."""
-        before = [] if self.before is None else credentials.redact(self.before).splitlines(keepends=True)
-        after = [] if self.after is None else credentials.redact(self.after).splitlines(keepends=True)
+        """A unified diff, with every login redacted (``credentials.redact_for_view``): a rotated secret shows as
+        no line change, which is all anyone reading a diff may see."""
+        before = [] if self.before is None else credentials.redact_for_view(self.before).splitlines(keepends=True)
+        after = [] if self.after is None else credentials.redact_for_view(self.after).splitlines(keepends=True)
         lines = difflib.unified_diff(before, after,
                                      "/dev/null" if self.before is None else f"a{self.path}",
                                      "/dev/null" if self.after is None else f"b{self.path}")

@@ -127,8 +127,18 @@ def test_the_header_is_written_in_its_hosts_table_and_redacted_in_every_view() -
     assert 'Authorization = ["<redacted: Secret regmirror-system/harbor>"]' in shown
     header = tomllib.loads(shown)["host"][URL]["header"]
     assert header["Authorization"] == ["<redacted: Secret regmirror-system/harbor>"]
-    own = '[host."https://x"]\n  [host."https://x".header]\n    authorization = ["Bearer node-own"]\n'
-    assert "node-own" not in credentials.redact(own) and '["<redacted>"]' in credentials.redact(own)
+    own = ('[host."https://x"]\n  [host."https://x".header]\n    authorization = ["Bearer node-own"]\n'
+           '[host."https://y"]\n  header = {"Authorization" = "Basic node-inline", X = ["y"]}\n'
+           '[host."https://z".header]\n  Authorization = [\n    "Basic node-multi-line",\n  ]\n')
+    assert credentials.holds_secret(own)
+    for hidden in ("node-own", "node-inline", "node-multi-line"):
+        assert hidden not in credentials.redact(own)
+    assert tomllib.loads(credentials.redact(own))["host"]["https://y"]["header"] == {"Authorization": ["<redacted>"],
+                                                                                     "X": ["y"]}
+    config = ('[plugins."io.containerd.grpc.v1.cri".registry.configs."r".auth]\n'
+              '  password = "node-pw"\n  auth = "eA=="\n')
+    assert "node-pw" not in credentials.redact_for_view(config) and "eA==" not in credentials.redact_for_view(config)
+    assert credentials.redact(config) == config, "records keep the node's own config.toml as it is"
 
 
 def desired_with_login(password: str = PASSWORD) -> list[models.RegistryMirror]:
