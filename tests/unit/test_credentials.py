@@ -269,7 +269,8 @@ def agent_api() -> Iterator[tuple[FakeApi, list[list[models.RegistryMirror]]]]:
 
 
 def test_the_agent_reads_a_secret_once_per_published_version_and_applies_its_login(
-        agent_api: tuple[FakeApi, list[list[models.RegistryMirror]]]) -> None:
+        agent_api: tuple[FakeApi, list[list[models.RegistryMirror]]], caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
     api, applied = agent_api
     secret_path = f"{contract.SECRETS_PATH}/harbor"
     wait_until(lambda: len(applied) > 20)  # reconciling again and again (resync 0), as at rest
@@ -283,6 +284,9 @@ def test_the_agent_reads_a_secret_once_per_published_version_and_applies_its_log
                and c.authorization == "Basic " + B64(f"{USER}:rotated"))
     time.sleep(0.2)
     assert api.calls.count(f"GET {secret_path}") == 2
+    sent = json.dumps({path: obj for path, obj in api.objects.items() if path != secret_path})  # the report
+    for secret in (PASSWORD, TOKEN, "rotated", B64(f"{USER}:rotated")):
+        assert secret not in sent and secret not in caplog.text
 
 
 def test_a_missing_secret_fails_the_entry_on_the_node_naming_it(
