@@ -52,7 +52,7 @@ from regmirror_agent.kubeapi import METADATA_ONLY, METADATA_ONLY_LIST, ApiError,
 from regmirror_agent.reporting import Reporter
 from regmirror_agent.runtimes import containerd, crio, docker, hoststoml
 from regmirror_agent.watching import ObjectWatch, retry_delay
-from regmirror_api import contract, models
+from regmirror_api import contract, fingerprints, models
 from regmirror_api.errors import RegmirrorError
 
 log = logging.getLogger("regmirror.agent")
@@ -95,6 +95,8 @@ class AgentSettings:
     restart_slots: bool = True
     """Restart containerd only in a restart slot the operator grants (the cluster's ``maxUnavailable``).
     ``REGMIRROR_RESTART_SLOTS=none`` restarts at once, for an agent run without the operator."""
+    login_check_seconds: float = 3600.0
+    """How often a mirror's unchanged, accepted login is checked again (a changed or refused one: every reconcile)."""
     retry_seconds: float = 30.0
     """After a change was rolled back, wait this long times the tries so far before asking to try again."""
 
@@ -117,6 +119,8 @@ class Agent:
         self.secrets = secretreading.SecretReader(client)
         """Mirror credentials: each Secret read once per resourceVersion the operator publishes."""
         self.check_logins: CheckLogins | None = probing.check_logins if apply_mirrors is None else None
+        self._logins: dict[str, tuple[str, float, str]] = {}
+        """mirror url -> (the login's fingerprint, when it was checked, why it was refused or '')."""
         self.clock = clock
         self.board = mirrorhealth.Board(settings.probe_rules)
         """Which mirrors answer from this node (only the agent's loop thread touches it)."""
@@ -246,10 +250,23 @@ class Agent:
         """A mirror that answers but refuses its credentials (HTTP 401/403 with them) fails its RegistryMirror on
         this node with why; it stays in the configuration (it is alive, and a rotation may be on its way)."""
         out = self.board.out()
-        targets = [x for rm in mirrors for x in rm.mirrors if x.credentials is not None and x.url not in out]
+        now = self.clock()
+        # Asked again only when the login changed, after a refusal, or once in ``login_check_seconds`` (so a login
+        # not asked now was accepted): at 5,000 nodes a check each resync would be a steady load on a mirror that
+        # may count requests.
+        targets: list[models.Mirror] = []
+        for x in (x for rm in mirrors for x in rm.mirrors if x.credentials is not None and x.url not in out):
+            assert x.credentials is not None
+            login = fingerprints.fingerprint(x.credentials.authorization)
+            seen = self._logins.get(x.url)
+            if seen is None or seen[0] != login or seen[2] or now - seen[1] >= self.settings.login_check_seconds:
+                targets.append(x)
         if self.check_logins is None or not targets:
             return
         refused = self.check_logins(targets, self.settings.probe_timeout)
+        for x in targets:
+            assert x.credentials is not None
+            self._logins[x.url] = (fingerprints.fingerprint(x.credentials.authorization), now, refused.get(x.url, ""))
         for rm in mirrors:
             problems = [refused[x.url] for x in rm.mirrors if x.url in refused]
             if problems and rm.name in reports:
@@ -681,6 +698,10 @@ def main(argv: Sequence[str] | None = None, *, install_signals: bool = True,
     parser.add_argument("--retry-seconds", type=float, default=os.environ.get("REGMIRROR_RETRY_SECONDS", "30"),
                         help="after a change was rolled back, pause this many seconds times the tries so far "
                              "before trying it again ($REGMIRROR_RETRY_SECONDS)")
+    parser.add_argument("--login-check-seconds", type=float,
+                        default=os.environ.get("REGMIRROR_LOGIN_CHECK_SECONDS", "3600"),
+                        help="how often a mirror's unchanged, accepted login (mirror credentials) is checked again; "
+                             "a changed or refused one is checked at every reconcile ($REGMIRROR_LOGIN_CHECK_SECONDS)")
     parser.add_argument("--restart-slots", choices=SLOT_SOURCES,
                         default=os.environ.get("REGMIRROR_RESTART_SLOTS", "operator"),
                         help="operator: restart containerd only in a slot the operator grants (its maxUnavailable); "
@@ -708,7 +729,8 @@ def main(argv: Sequence[str] | None = None, *, install_signals: bool = True,
         probe_seconds=args.probe_seconds, probe_timeout=args.probe_timeout,
         probe_rules=mirrorhealth.Rules(min_out_seconds=args.probe_min_out),
         metrics_port=args.metrics_port, metrics_address=args.metrics_address,
-        restart_slots=args.restart_slots == "operator", retry_seconds=args.retry_seconds)
+        restart_slots=args.restart_slots == "operator", retry_seconds=args.retry_seconds,
+        login_check_seconds=args.login_check_seconds)
     stop = threading.Event()
     client = make_client() if make_client else Client(load_config())
     agent = Agent(settings, client, stop)

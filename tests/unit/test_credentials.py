@@ -363,3 +363,33 @@ def test_cli_documents_naming_a_secret_take_the_login_from_the_credentials_file_
     assert parsed["host"][URL]["header"] == {"Authorization": [f"Basic {TOKEN}"]}
     assert "header" not in parsed["host"]["https://open.example.com"]
     assert TOKEN not in output and PASSWORD not in output
+
+
+def test_an_accepted_login_is_checked_again_only_when_it_changes_a_refused_one_at_every_reconcile() -> None:
+    api = FakeApi(desired_doc("1"))
+    secret_path = f"{contract.SECRETS_PATH}/harbor"
+    api.objects[secret_path] = basic_auth()
+    asked: list[str] = []
+
+    def check(mirrors: Any, _timeout: float) -> dict[str, str]:
+        login = mirrors[0].credentials.authorization
+        asked.append(login)
+        return {} if login == f"Basic {TOKEN}" else {mirrors[0].url: f"the mirror {URL} refused the credentials"}
+
+    settings = AgentSettings(node="node-a", engine=engine.Settings(root="/nonexistent"), resync=0)
+    agent = Agent(settings, api, apply_mirrors=instantly)  # type: ignore[arg-type]
+    agent.check_logins = check
+    threading.Thread(target=agent.run, daemon=True).start()
+    try:
+        wait_until(lambda: agent.reconciles > 20)
+        assert asked == [f"Basic {TOKEN}"], "an accepted login is not asked again at every resync"
+        api.objects[secret_path] = basic_auth(password="wrong")
+        api.push(CM_PATH, "MODIFIED", {**api.configmap, "data": {contract.CONFIGMAP_KEY: desired_doc("2")}})
+        wait_until(lambda: len(asked) > 5)  # refused: asked at every reconcile, to see it fixed at once
+        wait_until(lambda: api.objects[REPORT_PATH]["status"]["mirrors"][0]["state"] == contract.STATE_FAILED)
+        assert "refused the credentials" in api.objects[REPORT_PATH]["status"]["mirrors"][0]["message"]
+    finally:
+        agent.stop.set()
+        agent.wake.set()
+        for q in api.events.values():
+            q.put(None)
