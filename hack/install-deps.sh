@@ -2,7 +2,8 @@
 # Install every real component regmirror's demo and tests use, on a fresh Debian 12 machine (as root).
 #
 #   hack/install-deps.sh            containerd, ctr, docker-registry, skopeo, dockerd, podman (apt);
-#                                   regmirror + test deps (pip);
+#                                   regmirror + test deps (pip; bcrypt for the htpasswd of the registry that
+#                                   demands mirror credentials);
 #                                   debootstrap, busybox-static, containernetworking-plugins (the test cluster's image
 #                                   base, pause image and pod network); crictl, etcd, kube-apiserver, kubectl, kubelet,
 #                                   kube-controller-manager, kube-scheduler, containerd 2.x (into .cache/bin/containerd2)
