@@ -43,9 +43,8 @@ from regmirror_agent import ownership
 from regmirror_agent.defaults import DEFAULT_STATE_DIR, STATE_FILE
 from regmirror_agent.nodeviews import NodeView
 from regmirror_agent.plans import Plan
-from regmirror_agent.runtimes import Effective
+from regmirror_agent.runtimes import Effective, RuntimeRefused
 from regmirror_api import models
-from regmirror_api.errors import Refused
 
 RUNTIME = "crio"
 CRIO_DIR = "/etc/crio"
@@ -59,7 +58,7 @@ HEADER = ("# Written by regmirror: registry mirrors for CRI-O (containers-regist
           "# regmirror owns this file and removes it on reset; the node's own registries.conf is not touched.\n")
 
 
-class CrioRefused(Refused):
+class CrioRefused(RuntimeRefused):
     """CRI-O cannot do what was asked, or a node file in the way cannot be read; nothing is changed."""
 
 
