@@ -14,7 +14,7 @@ import tomllib
 from collections.abc import Sequence
 
 from regmirror_agent import applying, ownership
-from regmirror_agent.drivers.interface import RESTART, Activation, Driver, LeftOut
+from regmirror_agent.drivers.interface import RESTART, Activation, Driver, LeftOut, check_parses
 from regmirror_agent.nodefiles import NodeRoot
 from regmirror_agent.nodeviews import NodeView
 from regmirror_agent.plans import Plan
@@ -42,8 +42,8 @@ class Containerd(Driver):
     def claims(self, node: NodeView, settings: Settings) -> bool:
         return True  # the default: asked last (see drivers.DETECTION_ORDER)
 
-    def plan(self, desired: Sequence[models.RegistryMirror], node: NodeView, state: ownership.State,
-             settings: Settings, host: Host, left_out: LeftOut) -> Plan:
+    def plan_checked(self, desired: Sequence[models.RegistryMirror], node: NodeView, state: ownership.State,
+                     settings: Settings, host: Host, left_out: LeftOut) -> Plan:
         version = functools.cache(lambda: containerd_version(host))
         return containerd.plan_containerd(desired, node, state, containerd.Options(
             mode=settings.mode, config_file=settings.config_file, containerd_version=version,
@@ -53,14 +53,8 @@ class Containerd(Driver):
         return containerd.describe(node, settings.config_file)
 
     def check(self, plan: Plan, settings: Settings, host: Host, node: NodeRoot) -> None:
-        for change in plan.changes:
-            if change.after is not None and (change.path == settings.config_file
-                                             or posixpath.basename(change.path) == "hosts.toml"):
-                try:
-                    tomllib.loads(change.after)
-                except tomllib.TOMLDecodeError as exc:
-                    raise containerd.NodeRefused(f"regmirror produced invalid TOML for {change.path} ({exc}); "
-                                                 f"nothing was changed") from exc
+        check_parses(plan, lambda path: path == settings.config_file or posixpath.basename(path) == "hosts.toml",
+                     lambda text, _: tomllib.loads(text), containerd.NodeRefused)
         config = next((c for c in plan.changes if c.path == settings.config_file and c.after), None)
         if config is not None and config.after:
             check_config(settings, host, node, config.after)

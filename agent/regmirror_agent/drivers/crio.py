@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from regmirror_agent import ownership
-from regmirror_agent.drivers.interface import RELOAD, Activation, Driver, LeftOut
+from regmirror_agent.drivers.interface import RELOAD, Activation, Driver, LeftOut, check_parses
 from regmirror_agent.nodefiles import NodeRoot
 from regmirror_agent.nodeviews import NodeView
 from regmirror_agent.plans import Plan
@@ -26,21 +26,15 @@ class Crio(Driver):
     def claims(self, node: NodeView, settings: Settings) -> bool:
         return crio.has_crio(node) and node.read(settings.config_file) is None  # and no containerd beside it
 
-    def plan(self, desired: Sequence[models.RegistryMirror], node: NodeView, state: ownership.State,
-             settings: Settings, host: Host, left_out: LeftOut) -> Plan:
+    def plan_checked(self, desired: Sequence[models.RegistryMirror], node: NodeView, state: ownership.State,
+                     settings: Settings, host: Host, left_out: LeftOut) -> Plan:
         return crio.plan_crio(desired, node, state, crio.Options(state_path=settings.state_path))
 
     def describe(self, node: NodeView, settings: Settings) -> tuple[str, list[Effective]]:
         return crio.describe(node)
 
     def check(self, plan: Plan, settings: Settings, host: Host, node: NodeRoot) -> None:
-        for change in plan.changes:
-            if change.path == crio.DROP_IN and change.after is not None:
-                try:
-                    crio.parse_entries(change.after, change.path)
-                except crio.CrioRefused as exc:
-                    raise crio.CrioRefused(f"regmirror produced an invalid {change.path} ({exc}); nothing was "
-                                           f"changed") from exc
+        check_parses(plan, lambda path: path == crio.DROP_IN, crio.parse_entries, crio.CrioRefused)
 
     def activate(self, settings: Settings, host: Host, node: NodeRoot, *, must_be_new: bool = True) -> Activation:
         """SIGHUP CRI-O (it re-reads registries.conf and its drop-ins); healthy once that was sent."""

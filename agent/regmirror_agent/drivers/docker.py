@@ -8,7 +8,7 @@ import tomllib
 from collections.abc import Sequence
 
 from regmirror_agent import ownership
-from regmirror_agent.drivers.interface import RELOAD, Activation, Driver, LeftOut, holds_files
+from regmirror_agent.drivers.interface import RELOAD, Activation, Driver, LeftOut, check_parses, holds_files
 from regmirror_agent.nodefiles import NodeRoot
 from regmirror_agent.nodeviews import NodeView
 from regmirror_agent.plans import Plan
@@ -38,21 +38,15 @@ class Docker(Driver):
             return True
         return False
 
-    def plan(self, desired: Sequence[models.RegistryMirror], node: NodeView, state: ownership.State,
-             settings: Settings, host: Host, left_out: LeftOut) -> Plan:
+    def plan_checked(self, desired: Sequence[models.RegistryMirror], node: NodeView, state: ownership.State,
+                     settings: Settings, host: Host, left_out: LeftOut) -> Plan:
         return docker.plan_docker(desired, node, state, docker.Options(settings.daemon_json, settings.state_path))
 
     def describe(self, node: NodeView, settings: Settings) -> tuple[str, list[Effective]]:
         return docker.describe(node, settings.daemon_json)
 
     def check(self, plan: Plan, settings: Settings, host: Host, node: NodeRoot) -> None:
-        for change in plan.changes:
-            if change.path == settings.daemon_json and change.after is not None:
-                try:
-                    docker.parse_daemon_json(change.after, change.path)
-                except docker.DockerRefused as exc:
-                    raise docker.DockerRefused(f"regmirror produced an invalid {change.path} ({exc}); nothing was "
-                                               f"changed") from exc
+        check_parses(plan, lambda path: path == settings.daemon_json, docker.parse_daemon_json, docker.DockerRefused)
 
     def steps(self, plan: Plan, settings: Settings) -> Sequence[Plan]:
         if settings.restart == "never":

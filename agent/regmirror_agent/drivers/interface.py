@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import glob
 import posixpath
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Protocol
 
 from regmirror_agent import ownership
@@ -37,6 +37,10 @@ LeftOut = Mapping[str, frozenset[str]]
 
 class UnknownRuntime(RuntimeRefused):
     """A runtime name no driver has (in regmirror's state file, or a setting that was not checked)."""
+
+
+class UnsafeRegistry(RuntimeRefused):
+    """A registry name or mirror URL that could escape the runtime's files (the model admits none such)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,15 +103,45 @@ class Runtime(Protocol):
 
 
 class Driver:
-    """What most drivers share: a plan is one step, and it needs a restart when it is activated by one."""
+    """What every driver shares: the model's checks of names and URLs before any planner sees them, a plan that
+    is one step, and a restart budget only for a runtime activated by a restart."""
 
     kind = RESTART
+
+    def plan(self, desired: Sequence[models.RegistryMirror], node: NodeView, state: ownership.State,
+             settings: Settings, host: Host, left_out: LeftOut) -> Plan:
+        """Refuse a registry name or mirror URL the model would not admit (a RegistryMirror built by code rather
+        than parsed): each becomes a path or a value in a runtime's file, so none may escape it; then plan."""
+        problems = [problem for mirror in desired for problem in (
+            models.check_registry(mirror.registry, f"RegistryMirror {mirror.name!r}: registry")
+            + [p for m in mirror.mirrors for p in models.check_mirror_url(m.url, f"RegistryMirror {mirror.name!r}: "
+                                                                                 f"mirror")])]
+        if problems:
+            raise UnsafeRegistry("; ".join(problems) + "; nothing was changed")
+        return self.plan_checked(desired, node, state, settings, host, left_out)
+
+    def plan_checked(self, desired: Sequence[models.RegistryMirror], node: NodeView, state: ownership.State,
+                     settings: Settings, host: Host, left_out: LeftOut) -> Plan:
+        """``plan`` of checked RegistryMirrors: the runtime's planner."""
+        raise NotImplementedError
 
     def steps(self, plan: Plan, settings: Settings) -> Sequence[Plan]:
         return (plan,)
 
     def needs_restart(self, plan: Plan) -> bool:
         return self.kind == RESTART and plan.changed and plan.restart
+
+
+def check_parses(plan: Plan, wanted: Callable[[str], bool], parse: Callable[[str, str], object],
+                 refused: type[RuntimeRefused]) -> None:
+    """Parse back every planned file that ``wanted(path)`` selects, with ``parse(text, path)``; one the runtime
+    could not read (``parse`` raises ``RuntimeRefused`` or ``ValueError``) is refused before anything is written."""
+    for change in plan.changes:
+        if change.after is not None and wanted(change.path):
+            try:
+                parse(change.after, change.path)
+            except (RuntimeRefused, ValueError) as exc:
+                raise refused(f"regmirror produced an invalid {change.path} ({exc}); nothing was changed") from exc
 
 
 def holds_files(node: NodeView, folder: str) -> bool:
