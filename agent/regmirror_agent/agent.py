@@ -35,7 +35,18 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from regmirror_agent import engine, logs, mirrorhealth, nodeevents, probing, taints, telemetry, verifying
+from regmirror_agent import (
+    credentials,
+    engine,
+    logs,
+    mirrorhealth,
+    nodeevents,
+    probing,
+    secretreading,
+    taints,
+    telemetry,
+    verifying,
+)
 from regmirror_agent.defaults import MODES, RUNTIMES
 from regmirror_agent.kubeapi import METADATA_ONLY, METADATA_ONLY_LIST, ApiError, Client, load_config
 from regmirror_agent.reporting import Reporter
@@ -53,6 +64,8 @@ SLOT_SOURCES = ("operator", "none")
 ApplyMirrors = Callable[[Sequence[models.RegistryMirror]], engine.Outcome]
 #: Probes mirrors from this node: url -> alive (``probing.probe_all``, or a stand-in in tests).
 ProbeMirrors = Callable[[Sequence[models.Mirror], float], Mapping[str, bool]]
+#: Which mirrors refuse the credentials they are given (``probing.check_logins``, or a stand-in): url -> why.
+CheckLogins = Callable[[Sequence[models.Mirror], float], Mapping[str, str]]
 #: Does the node's runtime use these RegistryMirrors' mirrors (``verifying.verify``, or a stand-in)? name -> result.
 VerifyMirrors = Callable[[Sequence[models.RegistryMirror], str], Mapping[str, verifying.Verification]]
 
@@ -100,6 +113,9 @@ class Agent:
         self.probe_mirrors = probe_mirrors or probing.probe_all
         self.verify_mirrors = verify_mirrors or (self._verify_on_node if apply_mirrors is None else None)
         """None: not checked (a stand-in engine in tests and benchmarks has no runtime to ask)."""
+        self.secrets = secretreading.SecretReader(client)
+        """Mirror credentials: each Secret read once per resourceVersion the operator publishes."""
+        self.check_logins: CheckLogins | None = probing.check_logins if apply_mirrors is None else None
         self.clock = clock
         self.board = mirrorhealth.Board(settings.probe_rules)
         """Which mirrors answer from this node (only the agent's loop thread touches it)."""
@@ -174,6 +190,51 @@ class Agent:
                 report = dataclasses.replace(report, state=contract.STATE_FAILED,
                                              message=f"configured, but containerd does not use it: {seen.message}")
             reports[m.name] = dataclasses.replace(report, in_use=(status, seen.reason, seen.message))
+
+    # --- mirror credentials ------------------------------------------------------------------------------
+
+    def _with_credentials(self, mirrors: list[tuple[contract.Entry, models.RegistryMirror]],
+                          reports: dict[str, contract.Report]
+                          ) -> tuple[list[tuple[contract.Entry, models.RegistryMirror]], set[str]]:
+        """Resolve each mirror's credentials from its Secret before planning (``secretreading``). A RegistryMirror
+        whose Secret is missing or gives no login fails on this node, naming the Secret and what is wrong; the node
+        keeps what it ran for it (the previous login), or does not get it at all. Returns the pairs to apply and
+        the names that failed."""
+        self.secrets.forget_except(credentials.secret_names([m for _, m in mirrors]))
+        result: list[tuple[contract.Entry, models.RegistryMirror]] = []
+        failed: set[str] = set()
+        for entry, m in mirrors:
+            if not any(x.credentials for x in m.mirrors):
+                result.append((entry, m))
+                continue
+            try:
+                result.append((entry, self.secrets.resolve(m)))
+                continue
+            except credentials.CredentialsProblem as exc:
+                kept = self._applied.get(m.name)
+                message = f"credentials: {exc}; " + ("the node keeps what it ran for it" if kept is not None
+                                                     else "not applied on this node")
+            log.error("%s: %s", m.name, message)
+            reports[m.name] = contract.Report(m.name, m.generation, contract.STATE_FAILED, message, uid=entry.uid)
+            failed.add(m.name)
+            if kept is not None:
+                result.append((entry, kept))
+        return result, failed
+
+    def _check_logins(self, mirrors: Sequence[models.RegistryMirror], reports: dict[str, contract.Report]) -> None:
+        """A mirror that answers but refuses its credentials (HTTP 401/403 with them) fails its RegistryMirror on
+        this node with why; it stays in the configuration (it is alive, and a rotation may be on its way)."""
+        out = self.board.out()
+        targets = [x for rm in mirrors for x in rm.mirrors if x.credentials is not None and x.url not in out]
+        if self.check_logins is None or not targets:
+            return
+        refused = self.check_logins(targets, self.settings.probe_timeout)
+        for rm in mirrors:
+            problems = [refused[x.url] for x in rm.mirrors if x.url in refused]
+            if problems and rm.name in reports:
+                log.error("%s: %s", rm.name, "; ".join(problems))
+                reports[rm.name] = dataclasses.replace(reports[rm.name], state=contract.STATE_FAILED,
+                                                       message="; ".join(problems))
 
     # --- the cluster's restart budget ----------------------------------------------------------------------
 
@@ -285,6 +346,7 @@ class Agent:
             except models.InvalidSpec as exc:
                 reports[entry.name] = contract.Report(entry.name, entry.generation, contract.STATE_FAILED,
                                                       str(exc), uid=entry.uid)
+        mirrors, no_login = self._with_credentials(mirrors, reports)
         previous = self.reporter.previous()
         wanted = [m for _, m in mirrors]
         if self.settings.probe_seconds > 0:
@@ -299,7 +361,7 @@ class Agent:
         self._seed_tries = max((int(r.get("rolledBack") or 0) for r in earlier), default=0)
         self._asked = None
         request = ""
-        held: set[str] = set()
+        held: set[str] = set(no_login)  # their reports say why; the node keeps what it ran for them, if anything
         while True:
             try:
                 outcome = self.apply_mirrors([m for _, m in mirrors])
@@ -353,6 +415,7 @@ class Agent:
                     continue
                 reports[m.name] = self._applied_report(entry, m, previous, out, "; ".join(drift), outcome.restarted)
             self._check_in_use([m for _, m in mirrors if m.name not in held], outcome.runtime, reports)
+            self._check_logins([m for _, m in mirrors if m.name not in held], reports)
             if outcome.changed:
                 log.info("node now has %d mirror set(s)%s", len(mirrors),
                          ", runtime restarted" if outcome.restarted else "")

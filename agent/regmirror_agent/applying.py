@@ -28,7 +28,7 @@ import stat
 import time
 from collections.abc import Callable, Iterator
 
-from regmirror_agent import ownership
+from regmirror_agent import credentials, ownership
 from regmirror_agent.defaults import DEFAULT_STATE_DIR
 from regmirror_agent.nodefiles import NodeRoot
 from regmirror_agent.plans import FileChange, Plan
@@ -36,6 +36,8 @@ from regmirror_api.errors import Refused
 
 NEW_FILE_MODE = 0o644
 STATE_FILE_MODE = 0o600
+#: A file with credentials in it (a hosts.toml with an Authorization header): its owner, root, alone reads it.
+SECRET_FILE_MODE = 0o600
 DIR_MODE = 0o755
 #: Tests only: ``crash:N`` ends the process (exit FAULT_EXIT) just before the N-th mutating filesystem step,
 #: ``fail:N`` makes that step fail with EIO. Unset, it costs one dictionary lookup per step.
@@ -91,13 +93,17 @@ def _is_temp_of(name: str, target: str) -> bool:
 
 
 def write_atomic(target: str, text: str, default_mode: int = NEW_FILE_MODE) -> None:
-    """Replace ``target`` with ``text``, keeping an existing file's mode and owner."""
+    """Replace ``target`` with ``text``, keeping an existing file's mode and owner; a text that carries
+    credentials (an Authorization header, ``credentials.holds_secret``) is written readable by its owner only,
+    from the temp file's creation on, so no reader ever finds it open to others, not even for a moment."""
     directory = os.path.dirname(target)
     try:
         st = os.lstat(target)
         mode, uid, gid = stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid
     except FileNotFoundError:
         mode, uid, gid = default_mode, -1, -1
+    if credentials.holds_secret(text):
+        mode &= SECRET_FILE_MODE
     tmp = temp_name(target)
     _step(f"create {tmp}")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)

@@ -127,6 +127,10 @@ def build_parser() -> argparse.ArgumentParser:
     apply.add_argument("--node-labels", type=parse_node_labels, default=_env("node-labels", ""), metavar="K=V,...",
                        help="this node's labels: -f documents whose spec.nodeSelector does not select them are "
                             "skipped; without it, a document with a nodeSelector is refused")
+    apply.add_argument("--credentials", default=_env("credentials", "") or None, metavar="FILE",
+                       help="a Docker config.json ({\"auths\": {\"mirror.host:port\": {\"auth\": ...}}}, readable "
+                            "by its owner only): each mirror whose host has an entry sends that login (hosts mode "
+                            "only); -f documents' credentials.secretName are served from it by host")
     apply.add_argument("--mode", choices=MODES, type=_choice("mode", MODES), default=_env("mode", "auto"),
                        help="containerd: hosts (hosts.toml, the default whenever possible) or inline")
     apply.add_argument("--dry-run", action="store_true", help="print the diff of every file it would change")
@@ -235,6 +239,7 @@ def load_desired(args: argparse.Namespace, sources: list[tuple[str, str]]) -> li
         if problems:
             raise models.InvalidSpec(problems)
     models.check_unique_registries(desired)
+    desired = _with_credentials(desired, getattr(args, "credentials", None))
     for name in skipped:
         _say(f"skipped: RegistryMirror {name!r}: its nodeSelector does not select this node")
     if args.command == "apply" and not desired:
@@ -242,6 +247,47 @@ def load_desired(args: argparse.Namespace, sources: list[tuple[str, str]]) -> li
                                    if skipped else "nothing to apply: give --mirror REGISTRY=URL or -f FILE")
                                   + " (to remove every mirror, run `regmirror reset`)"])
     return desired
+
+
+def credentials_identity(filename: str | None) -> list[object]:
+    """What identifies the credentials file's content without holding it (for the request key: a rotated file
+    is a new request, and no hash of a password is kept anywhere). Refuses a file others may read: it holds
+    passwords, and a node bootstrap that left it open to every user has already leaked them once."""
+    if not filename:
+        return []
+    from regmirror_api import models
+
+    try:
+        st = os.stat(filename)
+    except OSError as exc:
+        raise models.InvalidSpec([f"--credentials {filename!r}: {exc.strerror or exc}"]) from exc
+    if st.st_mode & 0o077:
+        raise models.InvalidSpec([f"--credentials {filename!r}: mode {st.st_mode & 0o777:04o} lets others read "
+                                  f"the passwords in it; make it readable by its owner only "
+                                  f"(chmod 600 {filename}) and run again"])
+    return [os.path.abspath(filename), st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size]
+
+
+def _with_credentials(desired: list[models.RegistryMirror], filename: str | None) -> list[models.RegistryMirror]:
+    from regmirror_agent import credentials
+    from regmirror_api import models
+
+    if not filename:
+        problems = credentials.unresolved(desired)
+        if problems:
+            raise models.InvalidSpec(problems)
+        return desired
+    identity = credentials_identity(filename)
+    try:
+        with open(filename, encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise models.InvalidSpec([f"--credentials {filename!r}: cannot be read ({exc})"]) from exc
+    try:
+        doc = credentials.parse_auths_file(text, filename)
+        return credentials.resolve_from_file(desired, doc, filename, "-".join(map(str, identity[1:])))
+    except credentials.CredentialsProblem as exc:
+        raise models.InvalidSpec([str(exc)]) from exc
 
 
 def settings_from(args: argparse.Namespace) -> Settings:
@@ -272,8 +318,10 @@ def run_apply(args: argparse.Namespace) -> int:
     sources = read_sources(args.filename) if args.command == "apply" else []
     dry_run = getattr(args, "dry_run", False)
     labels = getattr(args, "node_labels", None)
+    identity = credentials_identity(getattr(args, "credentials", None))
     request = observing.request_key([args.command, sorted(getattr(args, "mirror", [])), [t for _, t in sources],
                                      *([sorted(labels.items())] if labels else []),
+                                     *([["credentials", *identity]] if identity else []),
                                      observing.request_settings(args.runtime, getattr(args, "mode", "auto"),
                                                                 args.config_file, DAEMON_JSON, args.state_dir)])
     if not dry_run and observing.already_applied(NodeRoot(args.root), args.state_dir, request):

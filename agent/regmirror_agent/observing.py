@@ -13,6 +13,7 @@ import hashlib
 import json
 import posixpath
 
+from regmirror_agent import credentials
 from regmirror_agent.nodefiles import NodeRoot, UnsafePath
 
 APPLIED_FILE = "applied.json"
@@ -47,7 +48,11 @@ def digest(node: NodeRoot, observations: dict[str, list[str]]) -> str:
     h = hashlib.sha256()
     for path in observations["reads"]:
         text = node.read(path)
-        h.update(f"r\0{path}\0{'-' if text is None else hashlib.sha256(text.encode()).hexdigest()}\n".encode())
+        # A file with a login gets a keyed digest: applied.json is no place for a plain hash that gives away a weak
+        # password (``credentials.fingerprint``), and a hand edit of the login is still noticed.
+        seen = ("-" if text is None else credentials.fingerprint(text) if credentials.holds_secret(text)
+                else hashlib.sha256(text.encode()).hexdigest())
+        h.update(f"r\0{path}\0{seen}\n".encode())
     for path in observations["dirs"]:
         h.update(f"d\0{path}\0{node.is_dir(path)}\n".encode())
     for pattern in observations["globs"]:

@@ -13,6 +13,7 @@ import json
 import posixpath
 from collections.abc import Callable, Mapping
 
+from regmirror_agent import credentials
 from regmirror_agent.nodeviews import NodeView
 from regmirror_agent.plans import FileChange, Plan, sha256
 from regmirror_api.errors import Refused
@@ -36,8 +37,20 @@ class FileRecord:
     ``original``. A run stopped before the file was rewritten leaves it holding that, which is no hand edit."""
 
     def wrote(self, text: str | None) -> bool:
-        digest = sha256(text)
+        digest = written_digest(text)
         return digest == self.written_sha256 or any(digest == sha256(p) for p in self.pending)
+
+
+def written_digest(text: str | None) -> str | None:
+    """The digest a record keeps of what regmirror wrote: of the text with any Authorization header redacted
+    (``credentials``), because a hash of a file whose only unknown is a weak password gives the password away.
+    A hand edit of the header value alone is therefore no drift (the next plan writes the header again anyway)."""
+    return sha256(None if text is None else credentials.redact(text))
+
+
+def kept_text(text: str | None) -> str | None:
+    """What a record may keep of a file's text: nothing of a file that carries credentials."""
+    return None if text is None or credentials.holds_secret(text) else text
 
 
 @dataclasses.dataclass(frozen=True)
@@ -230,8 +243,10 @@ def plan_owned_files(*, runtime: str, view: NodeView, state: State, state_path: 
         if target != current:
             changes.append(FileChange(path, current, target))
         if target != own:
-            records[path] = FileRecord(original=own, written_sha256=sha256(target) or "",
-                                       written=target if own is not None else None)
+            # The node's own text (``original``) is kept whole, as before: it is the node's, and what reset
+            # writes back. Of regmirror's own text, a file with credentials keeps only a redacted digest.
+            records[path] = FileRecord(original=own, written_sha256=written_digest(target) or "",
+                                       written=kept_text(target) if own is not None else None)
 
     # Directories: create what the new files need, remove what regmirror created and no longer needs.
     needed: set[str] = set()

@@ -6,6 +6,8 @@ import dataclasses
 import difflib
 import hashlib
 
+from regmirror_agent import credentials
+
 
 def sha256(text: str | None) -> str | None:
     return None if text is None else hashlib.sha256(text.encode()).hexdigest()
@@ -20,8 +22,10 @@ class FileChange:
     after: str | None
 
     def diff(self) -> str:
-        before = [] if self.before is None else self.before.splitlines(keepends=True)
-        after = [] if self.after is None else self.after.splitlines(keepends=True)
+        """A unified diff, with every Authorization header value redacted (``credentials``): a rotated secret
+        shows as no line change, which is the truth of what anyone may see."""
+        before = [] if self.before is None else credentials.redact(self.before).splitlines(keepends=True)
+        after = [] if self.after is None else credentials.redact(self.after).splitlines(keepends=True)
         lines = difflib.unified_diff(before, after,
                                      "/dev/null" if self.before is None else f"a{self.path}",
                                      "/dev/null" if self.after is None else f"b{self.path}")

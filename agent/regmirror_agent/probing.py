@@ -20,9 +20,10 @@ from __future__ import annotations
 import concurrent.futures
 import http.client
 import logging
+import re
 import ssl
 from collections.abc import Iterable, Mapping
-from urllib.parse import urlsplit
+from urllib.parse import urlencode, urlsplit
 
 from regmirror_api import models
 
@@ -65,6 +66,73 @@ def probe(mirror: models.Mirror, timeout: float) -> tuple[bool, str]:
             conn.close()
     except (OSError, http.client.HTTPException, ssl.SSLError, ValueError) as exc:
         return False, f"{type(exc).__name__}: {exc}"
+
+
+def _get(url: str, headers: Mapping[str, str], timeout: float) -> tuple[int, Mapping[str, str]]:
+    """``(HTTP status, headers)`` of a GET, the body read and dropped."""
+    parts = urlsplit(url)
+    conn: http.client.HTTPConnection
+    if parts.scheme.lower() == "https":
+        conn = http.client.HTTPSConnection(parts.hostname or "", parts.port, timeout=timeout, context=_context())
+    else:
+        conn = http.client.HTTPConnection(parts.hostname or "", parts.port, timeout=timeout)
+    try:
+        target = parts.path or "/"
+        if parts.query:
+            target += "?" + parts.query
+        conn.request("GET", target, headers={"User-Agent": "regmirror-probe", "Accept": "application/json",
+                                             **headers})
+        response = conn.getresponse()
+        response.read(4096)
+        return response.status, {k.lower(): v for k, v in response.getheaders()}
+    finally:
+        conn.close()
+
+
+def _bearer_realm(challenge: str) -> tuple[str, dict[str, str]]:
+    """``Bearer realm="...",service="..."`` -> ``(realm, {"service": ...})``."""
+    params = dict(re.findall(r'(\w+)="([^"]*)"', challenge))
+    realm = params.pop("realm", "")
+    return realm, {k: v for k, v in params.items() if k == "service"}
+
+
+def check_login(mirror: models.Mirror, timeout: float) -> str:
+    """'' when ``mirror`` takes its credentials (or cannot be asked: that is the probe's business), else why not.
+
+    ``GET /v2/`` with the header, as containerd sends it. A registry with Basic auth answers 200 or 401; one with
+    token auth (distribution's token server, Harbor) answers 401 with a Bearer challenge whatever the header, so
+    then the token endpoint is asked with the same header, as containerd does, and its 401 or 403 is the refusal.
+    Messages never hold the header; a mirror whose login is refused is alive: it is not left out."""
+    if mirror.credentials is None or not mirror.credentials.authorization:
+        return ""
+    header = {"Authorization": mirror.credentials.authorization}
+    where = mirror.credentials.source or "its credentials"
+    base = mirror.url.rstrip("/")
+    url = f"{urlsplit(base).scheme}://{urlsplit(base).netloc}{probe_path(mirror)}"
+    try:
+        status, headers = _get(url, header, timeout)
+        challenge = headers.get("www-authenticate", "")
+        if status == 401 and challenge.lower().startswith("bearer"):
+            realm, params = _bearer_realm(challenge)
+            if not realm.lower().startswith(("http://", "https://")):
+                return ""
+            status, _ = _get(realm + ("&" if "?" in realm else "?") + urlencode(params), header, timeout)
+    except (OSError, http.client.HTTPException, ssl.SSLError, ValueError):
+        return ""  # does not answer: mirrorhealth's business, not a refused login
+    if status in (401, 403):
+        return f"the mirror {mirror.url} refused the credentials from {where} (HTTP {status})"
+    return ""
+
+
+def check_logins(mirrors: Iterable[models.Mirror], timeout: float) -> dict[str, str]:
+    """url -> why its login is refused, for the mirrors with credentials whose login is refused."""
+    found: dict[str, str] = {}
+    for mirror in mirrors:
+        if mirror.credentials is not None and mirror.url not in found:
+            problem = check_login(mirror, timeout)
+            if problem:
+                found[mirror.url] = problem
+    return found
 
 
 def probe_all(mirrors: Iterable[models.Mirror], timeout: float) -> dict[str, bool]:

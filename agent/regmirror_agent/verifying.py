@@ -161,8 +161,9 @@ def observe(settings: Settings, host: Host, timeout: float = TIMEOUT) -> Observe
 # --- resolving the verify image ------------------------------------------------------------------------
 
 
-def head(attempt: effective.Attempt, timeout: float = TIMEOUT) -> tuple[int | None, str]:
-    """``(HTTP status, '')`` of one ``HEAD``, or ``(None, why)`` when no answer came."""
+def head(attempt: effective.Attempt, timeout: float = TIMEOUT, authorization: str = "") -> tuple[int | None, str]:
+    """``(HTTP status, '')`` of one ``HEAD``, or ``(None, why)`` when no answer came. ``authorization``: the
+    header the mirror's hosts.toml gives containerd for this host (mirror credentials), sent the same way."""
     parts = urlsplit(attempt.url)
     conn: http.client.HTTPConnection
     try:
@@ -175,8 +176,10 @@ def head(attempt: effective.Attempt, timeout: float = TIMEOUT) -> tuple[int | No
             conn = http.client.HTTPConnection(parts.hostname or "", parts.port, timeout=timeout)
         try:
             path = parts.path + (f"?{parts.query}" if parts.query else "")
-            conn.request("HEAD", path, headers={"Accept": effective.MANIFEST_ACCEPT,
-                                                "User-Agent": "regmirror-verify"})
+            headers = {"Accept": effective.MANIFEST_ACCEPT, "User-Agent": "regmirror-verify"}
+            if authorization:
+                headers["Authorization"] = authorization
+            conn.request("HEAD", path, headers=headers)
             response = conn.getresponse()
             response.read()
             return response.status, ""
@@ -192,8 +195,10 @@ def resolve(image: str, mirror: models.RegistryMirror, view: effective.RuntimeVi
     ref = effective.parse_image(image, mirror.registry)
     hosts = effective.find_hosts(view, ref.registry, node)
     answers = []
+    # A mirror with credentials gets its header here as containerd gets it from the hosts.toml regmirror wrote.
+    logins = {m.url: m.credentials.authorization for m in mirror.mirrors if m.credentials is not None}
     for attempt in effective.plan_resolve(ref, hosts):
-        status, error = head(attempt, timeout)
+        status, error = head(attempt, timeout, logins.get(attempt.host, "") if attempt.mirror else "")
         answers.append((attempt, status, error))
         if status is not None and (200 <= status < 300 or status == 401):
             break

@@ -27,6 +27,9 @@ from regmirror_api.errors import RegmirrorError
 NAMESPACE = "regmirror-system"
 CONFIGMAP = "regmirror-desired"
 CONFIGMAP_KEY = "desired.json"
+#: Where mirror credentials live: Secrets in the install's namespace, so the agents' read access stays narrow (a
+#: Role there: get; the operator: list and watch, metadata only).
+SECRETS_PATH = f"/api/v1/namespaces/{NAMESPACE}/secrets"
 DOCUMENT_VERSION = 1
 STATE_APPLIED = "Applied"
 STATE_FAILED = "Failed"

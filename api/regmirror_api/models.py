@@ -15,9 +15,11 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
+from regmirror_api import fingerprints
 from regmirror_api.errors import InvalidSpec
 
 __all__ = [
+    "Credentials",
     "InvalidSpec",
     "Mirror",
     "RegistryMirror",
@@ -92,6 +94,44 @@ def _show(value: object) -> str:
     return _REPR.repr(value)
 
 
+#: A Secret's name (a DNS subdomain, as the apiserver names objects); the CRD repeats it.
+SECRET_NAME_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+_SECRET_NAME_RE = re.compile(SECRET_NAME_PATTERN)
+MAX_SECRET_NAME_LENGTH = 253
+MAX_RESOURCE_VERSION_LENGTH = 64
+
+
+@dataclasses.dataclass(frozen=True)
+class Credentials:
+    """``mirrors[].credentials``: the Secret (in the install's namespace) whose username and password the node
+    sends to this mirror, and nothing of its content.
+
+    containerd sends a registry's credentials only to the host they were issued for (containerd #10540), so a
+    node's pull secret for quay.io never reaches a mirror host; a mirror that wants them needs its own.
+    ``version`` says which content is meant without holding it: the Secret's resourceVersion, which the operator
+    publishes so that a rotated Secret changes the document every agent watches (a hash of the data would be
+    brute-forceable for a weak password); the CLI puts its credentials file's identity there.
+    ``authorization`` is the resolved header value, filled in on the node only, never rendered by ``to_spec``
+    and never shown by ``repr``."""
+
+    secret_name: str
+    version: str = ""
+    authorization: str = dataclasses.field(default="", repr=False)
+    source: str = ""
+    """Where ``authorization`` came from, for messages and the redacted view (``Secret regmirror-system/harbor``)."""
+
+    def to_spec(self) -> dict[str, Any]:
+        """The published form: the Secret's name and version. On a node, where the login is resolved, also its
+        keyed fingerprint (``fingerprints``), so that the engine's request key changes with the login itself, even
+        when the published resourceVersion has not caught up (the operator away) or for a CLI credentials file."""
+        spec: dict[str, Any] = {"secretName": self.secret_name}
+        if self.version:
+            spec["resourceVersion"] = self.version
+        if self.authorization:
+            spec["login"] = fingerprints.fingerprint(self.authorization)
+        return spec
+
+
 @dataclasses.dataclass(frozen=True)
 class Mirror:
     """One mirror endpoint, tried in list order before the upstream registry."""
@@ -101,6 +141,7 @@ class Mirror:
     ca_bundle: str | None = None
     override_path: bool = False
     capabilities: tuple[str, ...] = DEFAULT_CAPABILITIES
+    credentials: Credentials | None = None
 
     def to_spec(self) -> dict[str, Any]:
         spec: dict[str, Any] = {"url": self.url}
@@ -112,6 +153,8 @@ class Mirror:
             spec["overridePath"] = True
         if self.capabilities != DEFAULT_CAPABILITIES:
             spec["capabilities"] = list(self.capabilities)
+        if self.credentials is not None:
+            spec["credentials"] = self.credentials.to_spec()
         return spec
 
 
@@ -184,7 +227,8 @@ def check_mirror_url(url: object, where: str = "url") -> list[str]:
     if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
         return [f"{where}: {url!r} is not an absolute http:// or https:// URL"]
     if "@" in parts.netloc:
-        return [f"{where}: {url!r} carries credentials; put them in a pull secret, never in a mirror URL"]
+        return [f"{where}: {url!r} carries credentials; put them in a Secret that the mirror's "
+                f"credentials.secretName names, never in a mirror URL"]
     if "?" in url or "#" in url:
         return [f"{where}: {url!r} has a query or fragment; a mirror URL is scheme://host[:port][/path]"]
     if port is not None and (not 0 < port < 65536 or parts.netloc.rsplit(":", 1)[1].startswith("0")):
@@ -264,10 +308,11 @@ def parse_mirror(raw: object, where: str) -> tuple[Mirror | None, list[str]]:
     if not isinstance(raw, Mapping):
         return None, [f"{where}: must be an object with a \"url\", got {_show(raw)}"]
     problems: list[str] = []
-    unknown = sorted(map(str, set(raw) - {"url", "skipVerify", "caBundle", "overridePath", "capabilities"}))
+    unknown = sorted(map(str, set(raw) - {"url", "skipVerify", "caBundle", "overridePath", "capabilities",
+                                          "credentials"}))
     if unknown:
         problems.append(f"{where}: unknown field(s) {', '.join(map(repr, unknown))}; expected url, skipVerify, "
-                        f"caBundle, overridePath, capabilities")
+                        f"caBundle, overridePath, capabilities, credentials")
     url = raw.get("url")
     problems += check_mirror_url(url, f"{where}.url")
     for flag in ("skipVerify", "overridePath"):
@@ -285,11 +330,37 @@ def parse_mirror(raw: object, where: str) -> tuple[Mirror | None, list[str]]:
             or len(set(caps)) != len(caps)):
         problems.append(f"{where}.capabilities: {_show(caps)} must be a non-empty list of distinct values "
                         f"from {list(CAPABILITIES)}")
+    credentials, found = parse_credentials(raw.get("credentials"), f"{where}.credentials")
+    problems += found
     if problems:
         return None, problems
     ordered = tuple(c for c in CAPABILITIES if c in caps)
     return Mirror(url=str(url), skip_verify=bool(raw.get("skipVerify", False)), ca_bundle=ca or None,
-                  override_path=bool(raw.get("overridePath", False)), capabilities=ordered), []
+                  override_path=bool(raw.get("overridePath", False)), capabilities=ordered,
+                  credentials=credentials), []
+
+
+def parse_credentials(raw: object, where: str) -> tuple[Credentials | None, list[str]]:
+    """``credentials: {secretName: NAME}`` (the operator adds ``resourceVersion`` in what it publishes)."""
+    if raw is None:
+        return None, []
+    if not isinstance(raw, Mapping):
+        return None, [f"{where}: must be an object with a \"secretName\", got {_show(raw)}"]
+    problems = []
+    unknown = sorted(map(str, set(raw) - {"secretName", "resourceVersion"}))
+    if unknown:
+        problems.append(f"{where}: unknown field(s) {', '.join(map(repr, unknown))}; expected secretName")
+    name = raw.get("secretName")
+    if not isinstance(name, str) or len(name) > MAX_SECRET_NAME_LENGTH or not _SECRET_NAME_RE.match(name):
+        problems.append(f"{where}.secretName: {_show(name)} is not a Secret name (lower-case letters, digits, '-' "
+                        f"and '.', at most {MAX_SECRET_NAME_LENGTH} characters); the Secret lives in the install's "
+                        f"namespace")
+    version = raw.get("resourceVersion", "")
+    if not isinstance(version, str) or len(version) > MAX_RESOURCE_VERSION_LENGTH:
+        problems.append(f"{where}.resourceVersion: must be a resourceVersion string, got {_show(version)}")
+    if problems:
+        return None, problems
+    return Credentials(secret_name=str(name), version=str(version)), []
 
 
 def parse_spec(name: str, spec: object, generation: int = 0, where: str = "spec") -> RegistryMirror:

@@ -107,6 +107,12 @@ class Table(Generic[T]):
 
 NODES = "nodes"
 REPORTS = "registrymirrornodes"
+SECRETS = "secrets"
+"""Secrets of the install's namespace, metadata only: name -> resourceVersion, never their data (``planning``)."""
+
+
+def secret_version(body: Mapping[str, Any]) -> str:
+    return str((body.get("metadata") or {}).get("resourceVersion") or "")
 
 
 class Cache:
@@ -118,23 +124,27 @@ class Cache:
         self.slots: Table[str] = Table()
         """Node name -> its restart-slot annotation, for the Nodes that have one (``slots``)."""
         self.reports: Table[dict[str, Any]] = Table()
+        self.secrets: Table[str] = Table()
+        """Secret name -> resourceVersion, in the install's namespace (mirror credentials; ``planning``)."""
         self._listed: set[str] = set()
 
     @property
     def complete(self) -> bool:
         """Every kind was listed at least once: before that, publishing could drop mirrors nobody has seen yet,
         and statuses would count nodes that are merely not heard of yet."""
-        return {"mirrors", NODES, REPORTS} <= self._listed
+        return {"mirrors", NODES, REPORTS, SECRETS} <= self._listed
 
     def observe_mirror(self, body: Mapping[str, Any], *, deleted: bool, at: float) -> bool:
         name = str((body.get("metadata") or {}).get("name", ""))
         return self.mirrors.observe(name, None if deleted else mirror_essence(body), at=at)
 
     def observe(self, kind: str, name: str, body: Mapping[str, Any] | None, *, at: float) -> bool:
-        """An informer's event about a Node or a RegistryMirrorNode (``None``: deleted)."""
+        """An informer's event about a Node, a RegistryMirrorNode or a Secret (``None``: deleted)."""
         if kind == NODES:
             slot = self.slots.observe(name, None if body is None else node_slot(body), at=at)
             return self.nodes.observe(name, None if body is None else node_labels(body), at=at) or slot
+        if kind == SECRETS:
+            return self.secrets.observe(name, None if body is None else secret_version(body), at=at)
         return self.reports.observe(name, None if body is None else report_essence(body), at=at)
 
     def merge_listed(self, kind: str, objects: Mapping[str, Mapping[str, Any]], *, started_at: float) -> bool:
@@ -145,6 +155,9 @@ class Cache:
             slot = self.slots.merge_listing(slots, started_at=started_at)
             return self.nodes.merge_listing({n: node_labels(b) for n, b in objects.items()},
                                             started_at=started_at) or slot
+        if kind == SECRETS:
+            return self.secrets.merge_listing({n: secret_version(b) for n, b in objects.items()},
+                                              started_at=started_at)
         return self.reports.merge_listing({n: report_essence(b) for n, b in objects.items()},
                                           started_at=started_at)
 

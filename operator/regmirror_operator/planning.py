@@ -105,8 +105,12 @@ def _generation(body: Mapping[str, Any]) -> int:
     return int(_meta(body).get("generation") or 0)
 
 
-def check_mirror(body: Mapping[str, Any]) -> tuple[contract.Entry | None, list[str]]:
-    """The published entry of one RegistryMirror object, or every problem with it."""
+def check_mirror(body: Mapping[str, Any], secrets: Mapping[str, str] | None = None
+                 ) -> tuple[contract.Entry | None, list[str]]:
+    """The published entry of one RegistryMirror object, or every problem with it. ``secrets``: name ->
+    resourceVersion of the Secrets in the install's namespace; a mirror's credentials are published as the
+    Secret's name and resourceVersion (empty while it does not exist), never its content, so a rotated Secret
+    changes the document and each agent fetches it once."""
     name = str(_meta(body).get("name", ""))
     spec = body.get("spec")
     problems: list[str] = []
@@ -118,19 +122,31 @@ def check_mirror(body: Mapping[str, Any]) -> tuple[contract.Entry | None, list[s
     selector = spec.get("nodeSelector") if isinstance(spec, Mapping) else None
     if problems or mirror is None:
         return None, problems
+    mirror = with_secret_versions(mirror, secrets or {})
     # The canonical spec (defaults dropped), so apiserver defaulting never changes the published bytes.
     return contract.Entry(name=name, generation=mirror.generation, spec=mirror.to_spec(),
                           node_selector=dict(selector or {}), uid=str(_meta(body).get("uid") or "")), []
 
 
-def plan_verdicts(mirrors: Iterable[Mapping[str, Any]]) -> tuple[list[contract.Entry], dict[str, Verdict]]:
+def with_secret_versions(mirror: models.RegistryMirror, secrets: Mapping[str, str]) -> models.RegistryMirror:
+    """``mirror`` with each mirror's credentials carrying its Secret's resourceVersion ('' when there is none)."""
+    if not any(m.credentials for m in mirror.mirrors):
+        return mirror
+    return dataclasses.replace(mirror, mirrors=tuple(
+        dataclasses.replace(m, credentials=models.Credentials(m.credentials.secret_name,
+                                                              secrets.get(m.credentials.secret_name, "")))
+        if m.credentials is not None else m for m in mirror.mirrors))
+
+
+def plan_verdicts(mirrors: Iterable[Mapping[str, Any]], secrets: Mapping[str, str] | None = None
+                  ) -> tuple[list[contract.Entry], dict[str, Verdict]]:
     """Entries to publish, and a verdict for every RegistryMirror (the oldest one wins its registry)."""
     entries: dict[str, contract.Entry] = {}
     verdicts: dict[str, Verdict] = {}
     created: dict[str, str] = {}
     for body in mirrors:
         name = str(_meta(body).get("name", ""))
-        entry, problems = check_mirror(body)
+        entry, problems = check_mirror(body, secrets)
         if entry is None:
             verdicts[name] = Verdict(REASON_INVALID, _clip("invalid spec: " + "; ".join(problems)))
         else:
@@ -405,17 +421,18 @@ def plan_notices(body: Mapping[str, Any], status: Mapping[str, Any]) -> list[Not
 
 def plan(mirrors: Mapping[str, Mapping[str, Any]], nodes: Mapping[str, Mapping[str, str]],
          reports: Mapping[str, Mapping[str, Any]], *, now: str, published: str | None = None,
-         restart_attempts: int = contract.DEFAULT_RESTART_ATTEMPTS) -> Plan:
+         restart_attempts: int = contract.DEFAULT_RESTART_ATTEMPTS, secrets: Mapping[str, str] | None = None) -> Plan:
     """The ConfigMap text, status patches, prunes and events for every RegistryMirror.
 
     ``mirrors``: name -> object (metadata, spec, status); objects being deleted are left out of the document
     and get no status. ``nodes``: name -> labels. ``reports``: node name -> ``caches.report_essence``.
     ``now``: RFC 3339 UTC time for new transition times. ``published``: the document the ConfigMap holds now,
     if known (what nodes keep when a change would not fit). ``restart_attempts``: how many rolled-back tries a
-    node makes of a change before its RegistryMirror goes Stalled (published for the agents).
+    node makes of a change before its RegistryMirror goes Stalled (published for the agents). ``secrets``: name
+    -> resourceVersion of the install namespace's Secrets (mirror credentials; see ``check_mirror``).
     """
     live = {n: b for n, b in mirrors.items() if not _meta(b).get("deletionTimestamp")}
-    entries, verdicts = plan_verdicts(live[n] for n in sorted(live))
+    entries, verdicts = plan_verdicts((live[n] for n in sorted(live)), secrets)
     try:
         previous = {e.name: e for e in contract.parse_desired(published).entries} if published else {}
     except contract.InvalidDocument:

@@ -154,12 +154,18 @@ class Reconciler:
             self.changed.set()
 
     def informers(self) -> list[informing.Informer]:
-        """The informers that feed this reconciler: Nodes (metadata only) and RegistryMirrorNodes. Call it from the
+        """The informers that feed this reconciler: Nodes and Secrets of the install's namespace (metadata only) and
+        RegistryMirrorNodes. Call it from the
         event loop the reconciler runs in: their threads hand what they hear to it."""
         self._loop = asyncio.get_running_loop()
         return [informing.Informer(self.publisher, caches.NODES, "/api/v1/nodes", self,
                                    list_accept=publishing.METADATA_ONLY, watch_accept=publishing.METADATA_ONLY_WATCH),
-                informing.Informer(self.publisher, caches.REPORTS, contract.NODE_REPORTS_PATH, self)]
+                informing.Informer(self.publisher, caches.REPORTS, contract.NODE_REPORTS_PATH, self),
+                # Mirror credentials: only each Secret's resourceVersion, which goes into desired.json so that a
+                # rotated Secret reaches every agent through the one document they watch (metadata only: the
+                # operator never reads a password).
+                informing.Informer(self.publisher, caches.SECRETS, contract.SECRETS_PATH, self,
+                                   list_accept=publishing.METADATA_ONLY, watch_accept=publishing.METADATA_ONLY_WATCH)]
 
     # --- the loop --------------------------------------------------------------------------------------------
 
@@ -224,7 +230,8 @@ class Reconciler:
             log.info("listed %d RegistryMirrors, %d Nodes and %d RegistryMirrorNodes", len(mirrors),
                      len(self.cache.nodes.items()), len(self.cache.reports.items()))
         plan = planning.plan(mirrors, self.cache.nodes.items(), self.cache.reports.items(), now=utc_now(),
-                             published=self.published, restart_attempts=self.settings.restart_attempts)
+                             published=self.published, restart_attempts=self.settings.restart_attempts,
+                             secrets=self.cache.secrets.items())
         self.held_back_until = None
         self.passes += 1
         self.metrics.record_statuses(plan.statuses)

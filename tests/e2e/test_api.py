@@ -647,7 +647,10 @@ CAN_I = [
     (AGENT, False, ["update", "nodes"]),
     (AGENT, False, ["patch", "nodes", "--subresource=status"]),
     (AGENT, False, ["list", "secrets", "-A"]),
-    (AGENT, False, ["get", "secrets", "-n", NS]),
+    (AGENT, True, ["get", "secrets", "-n", NS]),  # mirror credentials, one GET per rotation (agent.py)
+    (AGENT, False, ["get", "secrets", "-n", "default"]),
+    (AGENT, False, ["list", "secrets", "-n", NS]),
+    (AGENT, False, ["watch", "secrets", "-n", NS]),
     (AGENT, False, ["get", "registrymirrors"]),
     (AGENT, False, ["update", "registrymirrors"]),
     (AGENT, False, ["patch", "registrymirrors"]),
@@ -690,7 +693,10 @@ CAN_I = [
     (OPERATOR, False, ["create", "configmaps", "-n", NS]),
     (OPERATOR, False, ["delete", "configmap/regmirror-desired", "-n", NS]),
     (OPERATOR, False, ["list", "secrets", "-A"]),
+    (OPERATOR, True, ["list", "secrets", "-n", NS]),  # metadata only: each Secret's resourceVersion (planning)
+    (OPERATOR, True, ["watch", "secrets", "-n", NS]),
     (OPERATOR, False, ["get", "secrets", "-n", NS]),
+    (OPERATOR, False, ["list", "secrets", "-n", "default"]),
     (OPERATOR, False, ["delete", "nodes"]),
     (OPERATOR, True, ["patch", "nodes"]),  # the restart slot only: operator-policy.yaml, tests/e2e/test_rollout.py
     (OPERATOR, False, ["patch", "nodes", "--subresource=status"]),

@@ -172,7 +172,8 @@ class Registry:
     :attr:`log_path`, which :meth:`requests` parses.
     """
 
-    def __init__(self, workdir: Path | None = None, *, tls: bool = False, start_timeout: float = 15.0) -> None:
+    def __init__(self, workdir: Path | None = None, *, tls: bool = False, start_timeout: float = 15.0,
+                 users: dict[str, str] | None = None) -> None:
         self._own_workdir = workdir is None
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="regmirror-registry-"))
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -182,6 +183,9 @@ class Registry:
         self.log_path = self.workdir / "registry.log"
         self.tls: TlsMaterial | None = make_tls_material(self.workdir / "tls") if tls else None
         self.port = 0
+        #: user -> password the registry demands (htpasswd auth), None for an open registry.
+        self.users = dict(users) if users else None
+        self.htpasswd_path = self.workdir / "htpasswd"
         self.pushed: dict[str, OciImage] = {}  # "repo:tag" -> digests, to check what a node got
         self._proc: subprocess.Popen[bytes] | None = None
         self._finalizer: weakref.finalize[..., Registry] | None = None
@@ -233,13 +237,42 @@ class Registry:
                 f"    certificate: {self.tls.server_cert}",
                 f"    key: {self.tls.server_key}",
             ]
+        if self.users is not None:
+            self._write_htpasswd()
+            lines += ["auth:", "  htpasswd:", "    realm: regmirror-test", f"    path: {self.htpasswd_path}"]
         self.config_path.write_text("\n".join(lines) + "\n")
 
-    def _start(self, timeout: float) -> None:
+    def _write_htpasswd(self) -> None:
+        """bcrypt entries, the only kind docker-registry's htpasswd auth accepts (``htpasswd -B``)."""
+        import bcrypt
+
+        assert self.users is not None
+        self.htpasswd_path.write_text("".join(
+            f"{user}:{bcrypt.hashpw(password.encode(), bcrypt.gensalt(rounds=5)).decode()}\n"
+            for user, password in sorted(self.users.items())))
+
+    def set_users(self, users: dict[str, str], timeout: float = 15.0) -> None:
+        """Change the logins the registry accepts (a rotation): docker-registry 2.8 reads its htpasswd file only
+        at start, so it is restarted on the same port with the same storage."""
+        self.users = dict(users)
+        self.stop()
+        self._start(timeout, port=self.port)
+
+    @property
+    def auth_header(self) -> dict[str, str]:
+        """The Basic Authorization header of the first user, for the harness's own requests."""
+        if not self.users:
+            return {}
+        import base64
+
+        user, password = sorted(self.users.items())[0]
+        return {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
+
+    def _start(self, timeout: float, port: int = 0) -> None:
         self.storage_dir.mkdir(parents=True, exist_ok=True)
         last_error = ""
         for _attempt in range(3):  # a port picked by free_port() can be taken before we bind it
-            self.port = free_port()
+            self.port = port or free_port()
             self._write_config()
             with open(self.log_path, "ab") as log:
                 self._proc = subprocess.Popen(
@@ -272,7 +305,8 @@ class Registry:
             if self._proc.poll() is not None:
                 return False, f"exited with {self._proc.returncode}: {self.log_text()[-2000:]}"
             try:
-                with urllib.request.urlopen(self.url + "/v2/", timeout=2, context=self._ssl_context()) as r:
+                request = urllib.request.Request(self.url + "/v2/", headers=self.auth_header)
+                with urllib.request.urlopen(request, timeout=2, context=self._ssl_context()) as r:
                     if r.status == 200:
                         return True, ""
             except (urllib.error.URLError, OSError) as e:
@@ -324,6 +358,8 @@ class Registry:
             f"oci:{layout}:{tag}",
             f"docker://{self.host}/{repo}:{tag}",
         ]
+        if self.users:
+            cmd[4:4] = ["--dest-creds", ":".join(sorted(self.users.items())[0])]
         res = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
         if res.returncode != 0:
             raise RuntimeError(f"skopeo push failed ({res.returncode}): {res.stderr}\n{res.stdout}")

@@ -74,6 +74,8 @@ def test_the_cache_is_complete_only_after_every_kind_was_listed() -> None:
     cache.merge_mirrors([], started_at=2)
     assert not cache.complete  # the nodes' reports are not known yet: every node would count as pending
     cache.merge_listed(caches.REPORTS, {}, started_at=3)
+    assert not cache.complete  # nor the Secrets' versions: mirror credentials would be published without one
+    cache.merge_listed(caches.SECRETS, {}, started_at=3)
     assert cache.complete and cache.nodes.items() == {"n1": {}}
 
 

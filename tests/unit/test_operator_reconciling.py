@@ -39,10 +39,11 @@ class FakeApi:
         return list(self.mirrors.values())
 
     def informers_listed(self, reconciler: reconciling.Reconciler) -> None:
-        """What the Node and RegistryMirrorNode informers deliver first: complete listings."""
+        """What the Node, RegistryMirrorNode and Secret informers deliver first: complete listings."""
         self.calls.append("informers listed")
         reconciler.listed(caches.NODES, {n: {"metadata": {"name": n, "labels": {}}} for n in self.nodes})
         reconciler.listed(caches.REPORTS, {})
+        reconciler.listed(caches.SECRETS, {})
 
     def read_desired(self) -> str | None:
         self.calls.append("read_desired")

@@ -36,7 +36,7 @@ import tomlkit
 import tomlkit.container
 import tomlkit.items
 
-from regmirror_agent import mirrorhealth, ownership
+from regmirror_agent import credentials, mirrorhealth, ownership
 from regmirror_agent.defaults import CONFIG_FILE, DEFAULT_STATE_DIR, MODES, STATE_FILE
 from regmirror_agent.nodeviews import NodeView
 from regmirror_agent.plans import Plan
@@ -282,7 +282,9 @@ def hosts_from_desired(mirror: models.RegistryMirror, node_tls: Mapping[str, TLS
             ca_files[name] = m.ca_bundle if m.ca_bundle.endswith("\n") else m.ca_bundle + "\n"
             ca = (name,)
         tls = TLS(skip_verify=m.skip_verify, ca=ca).merged_under(node_tls.get(_endpoint_host(m.url), TLS()))
-        hosts.append(Host(url=m.url, capabilities=m.capabilities, tls=tls, override_path=m.override_path))
+        authorization, source = _authorization(mirror, m)
+        hosts.append(Host(url=m.url, capabilities=m.capabilities, tls=tls, override_path=m.override_path,
+                          authorization=authorization, authorization_source=source))
     upstream = hoststoml.upstream_server(mirror.registry)
     if not hosts and upstream:
         hosts.append(Host(url=upstream, capabilities=models.DEFAULT_CAPABILITIES, tls=server_tls))
@@ -291,6 +293,18 @@ def hosts_from_desired(mirror: models.RegistryMirror, node_tls: Mapping[str, TLS
     left_out = tuple(m.url for m in mirror.mirrors if m not in kept)
     return HostsFile(registry=mirror.registry, hosts=tuple(hosts), server_tls=server_tls, origin=origin,
                      server_host=hosts[-1] if never else None, left_out=left_out), ca_files
+
+
+def _authorization(mirror: models.RegistryMirror, m: models.Mirror) -> tuple[str, str]:
+    """``(header value, where from)`` for a mirror with credentials; they are resolved before planning
+    (``credentials``), so a mirror whose credentials are still unresolved here is refused, never written bare."""
+    if m.credentials is None:
+        return "", ""
+    where = m.credentials.source or f"Secret {m.credentials.secret_name!r}"
+    if not m.credentials.authorization:
+        raise NodeRefused(f"RegistryMirror {mirror.name!r}: the credentials of mirror {m.url!r} ({where}) were not "
+                          f"resolved on this node; nothing was changed")
+    return m.credentials.authorization, where
 
 
 # --- editing config.toml ------------------------------------------------------------------------------
@@ -548,8 +562,15 @@ def _inline_endpoint(mirror: models.Mirror) -> str:
     return mirror.url.rstrip("/") + "/v2"
 
 
+#: Why inline mode takes no mirror credentials.
+INLINE_NO_CREDENTIALS = ("inline mode would put them in config.toml, which every user on the node can read, and "
+                         "every rotation would restart containerd; use --mode hosts (containerd 1.5 or later), "
+                         "where they go into the mirror's hosts.toml, readable by root only")
+
+
 def _plan_inline_mode(doc: tomlkit.TOMLDocument, keys: Sequence[str], desired: Sequence[models.RegistryMirror],
                       out: _Desired, path: str) -> None:
+    credentials.refuse(desired, "containerd in inline mode", INLINE_NO_CREDENTIALS, NodeRefused)
     tls_by_host: dict[str, dict[str, Any]] = {}
     for mirror in desired:
         if mirror.upstream == models.UPSTREAM_NEVER:

@@ -39,7 +39,7 @@ import tomllib
 from collections.abc import Sequence
 from urllib.parse import urlsplit
 
-from regmirror_agent import ownership
+from regmirror_agent import credentials, ownership
 from regmirror_agent.defaults import DEFAULT_STATE_DIR, STATE_FILE
 from regmirror_agent.nodeviews import NodeView
 from regmirror_agent.plans import Plan
@@ -56,6 +56,11 @@ CERTS_D = "/etc/containers/certs.d"
 CA_FILE = "regmirror.crt"
 HEADER = ("# Written by regmirror: registry mirrors for CRI-O (containers-registries.conf(5), version 2).\n"
           "# regmirror owns this file and removes it on reset; the node's own registries.conf is not touched.\n")
+
+
+#: Why CRI-O takes no mirror credentials from regmirror.
+NO_CREDENTIALS = ("containers-registries.conf(5) has no credentials field; CRI-O reads them only from its auth "
+                  "file (containers-auth.json(5), --global-auth-file), which regmirror does not write")
 
 
 class CrioRefused(RuntimeRefused):
@@ -120,6 +125,7 @@ def ca_path(mirror: models.Mirror) -> str:
 def check_crio_mirrors(desired: Sequence[models.RegistryMirror]) -> tuple[list[Entry], dict[str, str]]:
     """The ``[[registry]]`` entries and the CA files, or refuse (naming every problem) what CRI-O cannot do."""
     models.check_unique_registries(desired)
+    credentials.refuse(desired, "CRI-O", NO_CREDENTIALS, CrioRefused)
     problems: list[str] = []
     entries: list[Entry] = []
     cas: dict[str, str] = {}

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
-from regmirror_agent import ownership
+from regmirror_agent import credentials, ownership
 from regmirror_agent.defaults import DAEMON_JSON, DEFAULT_STATE_DIR, STATE_FILE
 from regmirror_agent.nodeviews import NodeView
 from regmirror_agent.plans import FileChange, Plan
@@ -23,6 +23,11 @@ from regmirror_api import models
 
 RUNTIME = "docker"
 KEY = "registry-mirrors"
+
+
+#: Why Docker takes no mirror credentials.
+NO_CREDENTIALS = ("its registry-mirrors are bare URLs with no per-mirror credentials (and Docker sends a "
+                  "registry's credentials to that registry only); use containerd in hosts mode for this mirror")
 
 
 class DockerRefused(RuntimeRefused):
@@ -82,6 +87,7 @@ def check_docker_mirrors(desired: Sequence[models.RegistryMirror]) -> list[str]:
 def plan_docker(desired: Sequence[models.RegistryMirror], view: NodeView, state: ownership.State,
                 options: Options = Options()) -> Plan:
     models.check_unique_registries(desired)
+    credentials.refuse(desired, "Docker", NO_CREDENTIALS, DockerRefused)
     urls = check_docker_mirrors(desired)
     path = options.daemon_json
 

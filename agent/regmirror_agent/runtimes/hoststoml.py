@@ -51,6 +51,12 @@ class Host:
     capabilities: tuple[str, ...] = models.DEFAULT_CAPABILITIES
     tls: TLS = TLS()
     override_path: bool = False
+    authorization: str = dataclasses.field(default="", repr=False)
+    """An ``Authorization`` header value sent to this host (``credentials``): a hosts.toml holding one is written
+    mode 0600 and shown only redacted."""
+    authorization_source: str = ""
+    """Where the header comes from (``Secret regmirror-system/harbor``): the comment above it, and what the
+    redacted view shows instead of the value."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,14 +117,25 @@ def render_hosts_toml(spec: HostsFile) -> str:
             lines.append("override_path = true")
     else:
         lines += _tls_lines(spec.server_tls, "")
+    if spec.server_host and spec.server_host.authorization:
+        lines += ["", "[header]", *_header_lines(spec.server_host, "  ")]
     for host in spec.hosts:
         lines += ["", f"[host.{_q(host.url)}]", f"  capabilities = [{', '.join(map(_q, host.capabilities))}]"]
         lines += _tls_lines(host.tls, "  ")
         if host.override_path:
             lines.append("  override_path = true")
+        if host.authorization:
+            # Right after its own host's table: containerd 2.x orders hosts by table headers.
+            lines += [f"[host.{_q(host.url)}.header]", *_header_lines(host, "  ")]
     text = "\n".join(lines) + "\n"
     check_hosts_toml(text, spec)
     return text
+
+
+def _header_lines(host: Host, indent: str) -> list[str]:
+    """The header table's body: the source comment (which ``credentials.redact`` reads back), then the value."""
+    return [f"{indent}# Authorization from {host.authorization_source or 'regmirror credentials'}",
+            f"{indent}Authorization = [{_q(host.authorization)}]"]
 
 
 def check_hosts_toml(text: str, spec: HostsFile) -> None:
@@ -126,7 +143,9 @@ def check_hosts_toml(text: str, spec: HostsFile) -> None:
     parsed = tomllib.loads(text)
     hosts = parsed.get("host", {})
     if list(hosts) != [h.url for h in spec.hosts] or parsed.get("server") != spec.server():
-        raise AssertionError(f"hosts.toml for {spec.registry!r} does not read back as rendered:\n{text}")
+        # Never the text itself in a message: it may carry an Authorization header.
+        raise AssertionError(f"hosts.toml for {spec.registry!r} does not read back as rendered: hosts "
+                             f"{list(hosts)}, server {parsed.get('server')!r}")
 
 
 def _tls_from_table(table: object) -> TLS:
