@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import subprocess
+from collections.abc import Sequence
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
@@ -94,8 +96,8 @@ def settings_for(runtime: drivers.Runtime, mode: str = "auto") -> Settings:
     return Settings(runtime=runtime.name, mode=mode, host=HOST)
 
 
-def plan(runtime: drivers.Runtime, files: dict[str, str], desired: tuple[models.RegistryMirror, ...] | list[
-        models.RegistryMirror], mode: str = "auto") -> Plan:
+def plan(runtime: drivers.Runtime, files: dict[str, str], desired: Sequence[models.RegistryMirror],
+         mode: str = "auto") -> Plan:
     settings = settings_for(runtime, mode)
     state = ownership.parse_state(files.get(settings.state_path), settings.state_path)
     return runtime.plan(list(desired), DictView(files), state, settings, HOST, {})
@@ -183,7 +185,7 @@ def test_an_unsafe_registry_name_or_mirror_url_is_refused(runtime: drivers.Runti
     assert repr(registry if registry != "docker.io" else url) in str(refused.value)
 
 
-def _hosts(entries: tuple[str, ...] | list[str]) -> list[str]:
+def _hosts(entries: Sequence[str]) -> list[str]:
     """Mirror URLs or registries.conf locations, as the hosts they name."""
     return [urlsplit(e).netloc if "://" in e else e.split("/", 1)[0] for e in entries]
 
@@ -215,7 +217,7 @@ def test_needs_restart_is_a_bool_that_agrees_with_how_the_runtime_is_activated(r
 
 @RUNTIMES_UNDER_TEST
 def test_the_pre_write_check_passes_the_plan_and_rejects_a_corrupted_rendering(runtime: drivers.Runtime,
-                                                                                tmp_path: object) -> None:
+                                                                                tmp_path: Path) -> None:
     planned = plan(runtime, case(runtime).node, case(runtime).desired)
     node = NodeRoot(str(tmp_path))
     runtime.check(planned, settings_for(runtime), HOST, node)
