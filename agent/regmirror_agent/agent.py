@@ -47,7 +47,7 @@ from regmirror_agent import (
     telemetry,
     verifying,
 )
-from regmirror_agent.defaults import MODES
+from regmirror_agent.defaults import MODES, RUNTIMES
 from regmirror_agent.kubeapi import METADATA_ONLY, METADATA_ONLY_LIST, ApiError, Client, load_config
 from regmirror_agent.reporting import Reporter
 from regmirror_agent.runtimes import containerd, crio, docker, hoststoml
@@ -679,7 +679,8 @@ def main(argv: Sequence[str] | None = None, *, install_signals: bool = True,
     parser.add_argument("--node", default=os.environ.get("NODE_NAME"), help="this node's name ($NODE_NAME)")
     parser.add_argument("--root", default=os.environ.get("REGMIRROR_ROOT", "/"))
     parser.add_argument("--restart", default=os.environ.get("REGMIRROR_RESTART", "auto"))
-    parser.add_argument("--runtime", default=os.environ.get("REGMIRROR_RUNTIME", "auto"))
+    parser.add_argument("--runtime", choices=RUNTIMES, default=os.environ.get("REGMIRROR_RUNTIME", "auto"),
+                        help="auto (what the node's files say), or one runtime by name ($REGMIRROR_RUNTIME)")
     parser.add_argument("--resync", type=int, default=os.environ.get("REGMIRROR_RESYNC_SECONDS", "300"))
     parser.add_argument("--health-timeout", type=float,
                         default=os.environ.get("REGMIRROR_HEALTH_TIMEOUT", "60"))
@@ -718,6 +719,8 @@ def main(argv: Sequence[str] | None = None, *, install_signals: bool = True,
         parser.error("the node name is required: --node or $NODE_NAME (downward API spec.nodeName)")
     if args.log_format not in logs.FORMATS:  # from the environment, which argparse's choices do not check
         parser.error(f"REGMIRROR_LOG_FORMAT={args.log_format!r}: expected one of {', '.join(logs.FORMATS)}")
+    if args.runtime not in RUNTIMES:
+        parser.error(f"REGMIRROR_RUNTIME={args.runtime!r}: expected one of {', '.join(RUNTIMES)}")
     if args.mode not in MODES:
         parser.error(f"REGMIRROR_MODE={args.mode!r}: expected one of {', '.join(MODES)}")
     if args.restart_slots not in SLOT_SOURCES:

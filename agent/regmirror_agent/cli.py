@@ -336,16 +336,16 @@ def run_apply(args: argparse.Namespace) -> int:
 
 
 def _plan_and_execute(desired: list[models.RegistryMirror], settings: Settings, request: str) -> int:
-    from regmirror_agent import engine
+    from regmirror_agent import drivers, engine
 
     plan, runtime = engine.plan(desired, settings, request)
+    driver = drivers.named(runtime)
     if settings.dry_run:
         sys.stdout.write(plan.diff())
         for note in plan.notes:
             _say(f"note: {note}")
         _say(f"dry run: {len(plan.changes)} file(s) would change on {runtime}"
-             + ((", then a reload" if runtime == "crio" else ", then a restart") if plan.restart else "")
-             + "; nothing was written")
+             + (f", then a {driver.kind}" if plan.restart else "") + "; nothing was written")
         return EXIT_OK
     outcome = engine.execute(plan, runtime, settings, _say)
     for note in outcome.notes:
@@ -354,8 +354,7 @@ def _plan_and_execute(desired: list[models.RegistryMirror], settings: Settings, 
         _say(f"unchanged: this node's {runtime} already has the requested configuration")
     else:
         _say(f"done: {len(plan.changes)} file(s) changed on {runtime}"
-             + (({"docker": ", reloaded and confirmed", "crio": ", reloaded"}.get(runtime, ", restarted and healthy"))
-                if outcome.restarted else ""))
+             + (f", {driver.activated}" if outcome.restarted else ""))
     return EXIT_OK
 
 

@@ -11,36 +11,20 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
-import functools
-import glob
 import os
-import posixpath
 import re
-import tempfile
-import tomllib
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
-from regmirror_agent import applying, observing, ownership
+from regmirror_agent import applying, drivers, observing, ownership
+from regmirror_agent.drivers import LeftOut
 from regmirror_agent.nodefiles import NodeRoot, UnsafePath
 from regmirror_agent.nodeviews import NodeView
 from regmirror_agent.plans import Plan
-from regmirror_agent.restarting import (
-    Host,
-    RestartFailed,
-    containerd_version,
-    restart_runtime,
-    server_pid,
-    wait_cri_healthy,
-    wait_docker_mirrors,
-)
-from regmirror_agent.runtimes import Effective, containerd, crio, docker
+from regmirror_agent.restarting import Host
+from regmirror_agent.runtimes import Effective, RuntimeRefused
 from regmirror_agent.settings import Settings
 from regmirror_api import models
 from regmirror_api.errors import Refused
-
-DEFAULT_CONTAINERD_ADDRESS = "/run/containerd/containerd.sock"
-#: Runtimes that re-read their mirrors on SIGHUP: no restart, no restart budget.
-RELOADED = (docker.RUNTIME, crio.RUNTIME)
 
 
 class EngineError(Refused):
@@ -78,50 +62,9 @@ def _quiet(_: str) -> None:
     pass
 
 
-def _holds_files(node: NodeView, folder: str) -> bool:
-    """A folder with something in it. Only that says a runtime was set up here: the agent's DaemonSet mounts
-    /etc/containerd and /etc/docker with ``DirectoryOrCreate``, so both exist, empty, on every node."""
-    return bool(node.glob(posixpath.join(glob.escape(folder), "*")))
-
-
 def detect_runtime(node: NodeView, settings: Settings, state: ownership.State) -> str:
-    """containerd unless the node says Docker: its daemon.json or a non-empty /etc/docker, and no containerd
-    config.toml with the CRI plugin on (nor anything in /etc/containerd when config.toml is absent)."""
-    if settings.runtime != "auto":
-        return settings.runtime
-    if state.runtime:
-        return state.runtime
-    if crio.has_crio(node) and node.read(settings.config_file) is None:  # CRI-O, and no containerd beside it
-        return crio.RUNTIME
-    docker_dir = posixpath.dirname(settings.daemon_json)
-    docker_signs = node.read(settings.daemon_json) is not None or _holds_files(node, docker_dir)
-    text = node.read(settings.config_file)
-    if text is not None:
-        try:
-            containerd.check_cri_enabled(tomllib.loads(text), settings.config_file)
-        except (tomllib.TOMLDecodeError, containerd.NodeRefused):
-            if docker_signs:
-                return docker.RUNTIME
-        return containerd.RUNTIME
-    if docker_signs and not _holds_files(node, posixpath.dirname(settings.config_file)):
-        return docker.RUNTIME
-    return containerd.RUNTIME
-
-
-#: registry -> mirror URLs that do not answer from this node (``mirrorhealth``); hosts mode leaves them out.
-LeftOut = Mapping[str, frozenset[str]]
-
-
-def _plan(desired: Sequence[models.RegistryMirror], settings: Settings, node: NodeView, host: Host,
-          state: ownership.State, runtime: str, left_out: LeftOut) -> Plan:
-    if runtime == crio.RUNTIME:
-        return crio.plan_crio(desired, node, state, crio.Options(state_path=settings.state_path))
-    if runtime == docker.RUNTIME:
-        return docker.plan_docker(desired, node, state, docker.Options(settings.daemon_json, settings.state_path))
-    version = functools.cache(lambda: containerd_version(host))
-    return containerd.plan_containerd(desired, node, state, containerd.Options(
-        mode=settings.mode, config_file=settings.config_file, containerd_version=version,
-        state_path=settings.state_path, left_out=dict(left_out)))
+    """The name of the runtime ``apply`` drives on this node (``drivers.for_node`` decides)."""
+    return drivers.for_node(node, settings, state).name
 
 
 def request_key(desired: Sequence[models.RegistryMirror], settings: Settings, left_out: LeftOut | None = None) -> str:
@@ -142,19 +85,19 @@ def plan(desired: Sequence[models.RegistryMirror], settings: Settings, request: 
     try:
         recorded = ownership.parse_state(node.read(settings.state_path), settings.state_path)
         state = _without_mounted_state_dir(recorded, node.inner, settings)
-        runtime = detect_runtime(node, settings, state)
-        if state.runtime and state.runtime != runtime and not state.empty:
-            raise EngineError(f"this node's regmirror state belongs to {state.runtime}, not {runtime}; "
+        runtime = drivers.for_node(node, settings, state)
+        if state.runtime and state.runtime != runtime.name and not state.empty:
+            raise EngineError(f"this node's regmirror state belongs to {state.runtime}, not {runtime.name}; "
                               f"run `regmirror reset --runtime {state.runtime}` first")
         usable, aside, aside_notes = _set_aside_unusable(state, node.inner)
-        planned = _plan(desired, settings, node, host, usable, runtime, left_out or {})
+        planned = runtime.plan(desired, node, usable, settings, host, left_out or {})
         if usable != state:
             planned = _with_set_aside(planned, node.read(settings.state_path), aside, aside_notes)
         elif state != recorded:  # planned without the mounted folder's record: the file still holds it
             planned = dataclasses.replace(planned, state_before=node.read(settings.state_path))
         return dataclasses.replace(planned, request=request or request_key(desired, settings, left_out),
-                                   observed=node.observations()), runtime
-    except (containerd.NodeRefused, docker.DockerRefused, crio.CrioRefused, UnsafePath, ownership.CorruptState) as exc:
+                                   observed=node.observations()), runtime.name
+    except (RuntimeRefused, UnsafePath, ownership.CorruptState) as exc:
         raise EngineError(str(exc)) from exc
     except OSError as exc:
         raise EngineError(f"reading the node failed: {_os_error(exc, settings)}; nothing was changed") from exc
@@ -249,8 +192,7 @@ def runtime_of(settings: Settings) -> str:
     try:
         state = ownership.parse_state(node.read(settings.state_path), settings.state_path)
         return detect_runtime(node, settings, state)
-    except (containerd.NodeRefused, docker.DockerRefused, crio.CrioRefused, UnsafePath, ownership.CorruptState,
-            OSError):
+    except (RuntimeRefused, UnsafePath, ownership.CorruptState, OSError):
         return ""
 
 
@@ -259,104 +201,12 @@ def describe(settings: Settings) -> tuple[str, str, list[Effective], ownership.S
     node = NodeRoot(settings.root)
     try:
         state = ownership.parse_state(node.read(settings.state_path), settings.state_path)
-        runtime = detect_runtime(node, settings, state)
-        if runtime == crio.RUNTIME:
-            return (runtime, *crio.describe(node), state)
-        if runtime == docker.RUNTIME:
-            return (runtime, *docker.describe(node, settings.daemon_json), state)
-        return (runtime, *containerd.describe(node, settings.config_file), state)
-    except (containerd.NodeRefused, docker.DockerRefused, crio.CrioRefused, UnsafePath, ownership.CorruptState) as exc:
+        runtime = drivers.for_node(node, settings, state)
+        return (runtime.name, *runtime.describe(node, settings), state)
+    except (RuntimeRefused, UnsafePath, ownership.CorruptState) as exc:
         raise EngineError(str(exc)) from exc
     except OSError as exc:
         raise EngineError(f"reading the node failed: {_os_error(exc, settings)}") from exc
-
-
-def check_config(settings: Settings, host: Host, node: NodeRoot, text: str) -> None:
-    """Let containerd itself parse the new config.toml (syntax, types, version) before anything is written.
-
-    Relative ``imports`` resolve against the file's directory, so the check copy sits beside config.toml when
-    containerd runs in the host's namespaces; run directly, a private temp folder does as well.
-    """
-    if not host.has("containerd"):
-        return
-    with tempfile.TemporaryDirectory(prefix="regmirror-check-") as tmp:
-        if host.nsenter:
-            # A temp name of regmirror's (see applying.clear_leftovers): a run killed mid-check leaves nothing
-            # the next one does not remove.
-            check_path = applying.temp_name(posixpath.join(posixpath.dirname(settings.config_file), "check.toml"))
-            if not node.is_dir(posixpath.dirname(check_path)):
-                return  # a brand-new minimal file of regmirror's own; tomllib already checked it
-            fs_path, arg = node.fs_path(check_path), check_path
-        else:
-            fs_path = arg = os.path.join(tmp, "config.toml")
-        with open(fs_path, "w", encoding="utf-8") as f:
-            f.write(text)
-        try:
-            result = host.run(["containerd", "--config", arg, "config", "dump"], timeout=30)
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(fs_path)
-    if result.returncode != 0:
-        raise EngineError(f"containerd rejects the planned {settings.config_file}: "
-                          f"{(result.stderr or result.stdout).strip()[-800:]}; nothing was changed")
-
-
-def _socket(settings: Settings, node: NodeRoot) -> str:
-    if settings.containerd_address:
-        return settings.containerd_address
-    try:
-        doc = tomllib.loads(node.read(settings.config_file) or "")
-    except tomllib.TOMLDecodeError:
-        return DEFAULT_CONTAINERD_ADDRESS
-    return str(doc.get("grpc", {}).get("address") or DEFAULT_CONTAINERD_ADDRESS)
-
-
-def _restart_and_check(settings: Settings, host: Host, node: NodeRoot, runtime: str, *,
-                       must_be_new: bool = True) -> str:
-    """Restart (containerd) or reload (Docker); return '' when the runtime is healthy on the new files, else why.
-
-    containerd reads config.toml only when it starts, so a restart command that returns 0 without restarting it
-    (a wrong unit, a no-op wrapper) would leave the old configuration in force while the node reports Applied.
-    So the process serving the socket must be a new one (``must_be_new``; not for a rollback, whose previous
-    files are in force either way)."""
-    if runtime == crio.RUNTIME:
-        return _reload_crio(settings, host)
-    address = _socket(settings, node) if runtime != docker.RUNTIME else ""
-    before = server_pid(host, address) if address else None
-    try:
-        command = restart_runtime(host, runtime, settings.restart)
-    except RestartFailed as exc:
-        return str(exc)
-    if runtime == docker.RUNTIME:
-        text = node.read(settings.daemon_json)
-        expected = docker.parse_daemon_json(text, settings.daemon_json).get(docker.KEY) if text else None
-        if expected is None:
-            return ""  # dockerd keeps what it had; nothing to confirm (see docker.removal_bridge)
-        return wait_docker_mirrors(host, settings.docker_host, list(expected), min(settings.health_timeout, 30))
-    ok, detail = wait_cri_healthy(host, address, settings.health_timeout)
-    if not ok:
-        return detail
-    after = server_pid(host, address)
-    if must_be_new and before is not None and after == before:
-        return (f"{command!r} returned, but containerd was not restarted: the same process ({before}) still "
-                f"serves {address} with the configuration it read when it started, so the change is not in force")
-    return ""
-
-
-def _reload_crio(settings: Settings, host: Host) -> str:
-    """SIGHUP CRI-O (it re-reads registries.conf and its drop-ins); '' once that was sent, else why not. CRI-O
-    does not tell whether it took the files (an invalid one is kept out, said only in its log), which is why
-    ``crio.plan_crio`` parses every file back before it is written."""
-    if settings.restart.startswith("command:"):
-        try:
-            restart_runtime(host, crio.RUNTIME, settings.restart)
-        except RestartFailed as exc:
-            return str(exc)
-        return ""
-    argv = crio.reload_argv(settings.restart, host.has("systemctl"))
-    result = host.run(argv, timeout=60)
-    return "" if result.returncode == 0 else (f"{' '.join(argv)} exited {result.returncode}: "
-                                              f"{(result.stderr or result.stdout).strip()[-500:]}")
 
 
 def execute(plan_: Plan, runtime: str, settings: Settings, log: Log = _quiet) -> Outcome:
@@ -367,7 +217,7 @@ def execute(plan_: Plan, runtime: str, settings: Settings, log: Log = _quiet) ->
         raise EngineError(f"{_os_error(exc, settings)}; every file is as it was") from exc
 
 
-def _execute(plan_: Plan, runtime: str, settings: Settings, log: Log) -> Outcome:
+def _execute(plan_: Plan, name: str, settings: Settings, log: Log) -> Outcome:
     node = NodeRoot(settings.root)
     host = settings.host or Host.detect()
     notes = list(plan_.notes)
@@ -375,14 +225,14 @@ def _execute(plan_: Plan, runtime: str, settings: Settings, log: Log) -> Outcome
         if not settings.dry_run:  # a run stopped at its very end may have left these two undone
             applying.clear_leftovers(node, plan_)
             _record_applied(plan_, node, settings)
-        return Outcome(runtime, plan_, notes=tuple(notes), drift=plan_.drift)
-    config_change = next((c for c in plan_.changes if c.path == settings.config_file and c.after), None)
+        return Outcome(name, plan_, notes=tuple(notes), drift=plan_.drift)
     applied_record = node.fs_path(observing.applied_path(settings.state_dir))
-    if runtime == containerd.RUNTIME and config_change and config_change.after:
-        check_config(settings, host, node, config_change.after)
-    steps = [plan_]
-    if runtime == docker.RUNTIME and settings.restart != "never":
-        steps = list(docker.removal_bridge(plan_, settings.daemon_json) or steps)
+    try:
+        runtime = drivers.named(name)
+        runtime.check(plan_, settings, host, node)
+    except RuntimeRefused as exc:
+        raise EngineError(str(exc)) from exc
+    steps = runtime.steps(plan_, settings)
     # A record of the last apply must never vouch for one that is half done or rolled back.
     try:
         last_applied = node.read(observing.applied_path(settings.state_dir))
@@ -395,7 +245,7 @@ def _execute(plan_: Plan, runtime: str, settings: Settings, log: Log) -> Outcome
         try:
             applying.apply_plan(step, node)
         except (applying.Conflict, applying.WriteFailed, UnsafePath) as exc:
-            undone = _undo_earlier(done, node, runtime, settings)
+            undone = _undo_earlier(done, node, name, settings)
             if last_applied is not None and not undone:  # the node is as that record saw it again
                 with contextlib.suppress(OSError):
                     applying.write_atomic(applied_record, last_applied)
@@ -404,16 +254,16 @@ def _execute(plan_: Plan, runtime: str, settings: Settings, log: Log) -> Outcome
         for change in step.changes:
             log(f"{'removed' if change.after is None else 'wrote'} {change.path}")
         if step.restart and settings.restart == "never":
-            verb = f"reloaded (systemctl reload {runtime})" if runtime in RELOADED else "restarted"
-            notes.append(f"{runtime} must be {verb} to read the change; --restart never left that to you")
+            verb = f"reloaded (systemctl reload {name})" if runtime.kind == drivers.RELOAD else "restarted"
+            notes.append(f"{name} must be {verb} to read the change; --restart never left that to you")
         elif step.restart:
-            log(f"{'reloading' if runtime in RELOADED else 'restarting'} {runtime} ({settings.restart})")
-            reason = _restart_and_check(settings, host, node, runtime)
-            if reason:
-                _roll_back(step, runtime, settings, host, node, reason, log)
+            log(f"{runtime.kind}ing {name} ({settings.restart})")
+            activation = runtime.activate(settings, host, node)
+            if not activation.healthy:
+                _roll_back(step, runtime, settings, host, node, activation.problem, log)
             restarted = True
     _record_applied(plan_, node, settings)
-    return Outcome(runtime, plan_, restarted=restarted, notes=tuple(notes), drift=plan_.drift)
+    return Outcome(name, plan_, restarted=restarted, notes=tuple(notes), drift=plan_.drift)
 
 
 def _record_applied(plan_: Plan, node: NodeRoot, settings: Settings) -> None:
@@ -441,19 +291,20 @@ def _undo_earlier(done: list[Plan], node: NodeRoot, runtime: str, settings: Sett
     return ""
 
 
-def _roll_back(plan_: Plan, runtime: str, settings: Settings, host: Host, node: NodeRoot, reason: str,
+def _roll_back(plan_: Plan, runtime: drivers.Runtime, settings: Settings, host: Host, node: NodeRoot, reason: str,
                log: Log) -> None:
-    log(f"{runtime} is not healthy after the change ({reason}); putting the previous files back")
+    name = runtime.name
+    log(f"{name} is not healthy after the change ({reason}); putting the previous files back")
     try:
         applying.apply_plan(plan_.inverse(), node)
     except (applying.Conflict, applying.WriteFailed, UnsafePath) as exc:
-        raise EngineError(f"{runtime} did not come back healthy after the change: {reason}; and putting the "
+        raise EngineError(f"{name} did not come back healthy after the change: {reason}; and putting the "
                           f"previous files back failed: {exc}") from exc
-    again = _restart_and_check(settings, host, node, runtime, must_be_new=False)
-    after = "it is healthy again on the previous files" if not again else f"it is still unhealthy: {again}"
-    verb = "reloaded" if runtime in RELOADED else "restarted"
-    raise EngineError(f"{runtime} did not come back healthy after the change: {reason}. regmirror put the "
-                      f"previous files back and {verb} it; {after}", rolled_back=True)
+    again = runtime.activate(settings, host, node, must_be_new=False)
+    after = ("it is healthy again on the previous files" if again.healthy
+             else f"it is still unhealthy: {again.problem}")
+    raise EngineError(f"{name} did not come back healthy after the change: {reason}. regmirror put the "
+                      f"previous files back and {runtime.kind}ed it; {after}", rolled_back=True)
 
 
 UNCHANGED = Outcome("", Plan(runtime="", changes=(), restart=False))
@@ -465,9 +316,9 @@ MayRestart = Callable[[Plan], bool]
 
 
 def needs_restart(plan_: Plan, runtime: str, settings: Settings) -> bool:
-    """Would executing this plan restart containerd? (Docker's reload keeps every container running.)"""
-    return (plan_.changed and plan_.restart and runtime not in RELOADED and settings.restart != "never"
-            and not settings.dry_run)
+    """Would executing this plan restart the runtime? (A reload, as Docker's and CRI-O's, keeps every container
+    running and pulling.)"""
+    return drivers.named(runtime).needs_restart(plan_) and settings.restart != "never" and not settings.dry_run
 
 
 def apply(desired: Sequence[models.RegistryMirror], settings: Settings, log: Log = _quiet,

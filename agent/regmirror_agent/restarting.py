@@ -128,8 +128,8 @@ def wait_cri_healthy(host: Host, address: str, timeout: float) -> tuple[bool, st
         time.sleep(0.2)
 
 
-def restart_runtime(host: Host, runtime: str, how: str) -> str:
-    """Restart containerd (or reload Docker) as ``how`` says; return what was run."""
+def restart_runtime(host: Host, runtime: str, how: str, *, verb: str = "restart") -> str:
+    """Restart (or, ``verb``, reload) the runtime as ``how`` says; return what was run."""
     if how.startswith("command:"):
         cmd = how[len("command:"):]
         result = subprocess.run(["sh", "-c", cmd], capture_output=True, text=True, timeout=300, check=False)
@@ -140,7 +140,7 @@ def restart_runtime(host: Host, runtime: str, how: str) -> str:
     if how == "auto" and not host.has("systemctl"):
         raise RestartFailed(f"cannot restart {runtime}: no systemd on this node; "
                             f"pass --restart command:CMD (or --restart never and restart it yourself)")
-    argv = ["systemctl", "reload" if runtime == "docker" else "restart", runtime]
+    argv = ["systemctl", verb, runtime]
     result = host.run(argv, timeout=120)
     if result.returncode != 0:
         raise RestartFailed(f"{' '.join(argv)} exited {result.returncode}: {(result.stderr or result.stdout).strip()}")

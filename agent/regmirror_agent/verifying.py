@@ -21,7 +21,7 @@ import tomllib
 from collections.abc import Mapping, Sequence
 from urllib.parse import urlsplit
 
-from regmirror_agent import crigrpc, effective
+from regmirror_agent import crigrpc, drivers, effective
 from regmirror_agent.nodefiles import NodeRoot, UnsafePath
 from regmirror_agent.restarting import Host, server_pid
 from regmirror_agent.settings import Settings
@@ -30,6 +30,8 @@ from regmirror_api.errors import Refused
 
 DEFAULT_CONTAINERD_ADDRESS = "/run/containerd/containerd.sock"
 TIMEOUT = 3.0
+#: The runtimes whose own view ``verify`` can read (containerd's CRI plugin over its socket).
+VERIFIABLE = tuple(d.name for d in drivers.ALL if d.verifiable)
 #: config.toml written less than this before the process started is taken as read by it (``btime`` is whole
 #: seconds, so a process start time is known to about a second).
 CLOCK_SLACK = 1.5
@@ -212,8 +214,9 @@ def verify(settings: Settings, mirrors: Sequence[models.RegistryMirror], host: H
     ``containerd_address``, ``host``). ``runtime``: the node's, as ``engine.apply`` found it (``Outcome.runtime``).
     ``left_out``: registry -> mirror URLs left out of this node's configuration (not expected in it). Never raises
     for the node's sake: what cannot be read is a verdict of ``None`` with the reason."""
-    if runtime != "containerd":
-        return {m.name: Verification(None, effective.CANNOT_TELL, f"verification is done on containerd nodes only, "
+    if runtime not in VERIFIABLE:
+        return {m.name: Verification(None, effective.CANNOT_TELL, f"verification is done on "
+                                                                  f"{' and '.join(VERIFIABLE)} nodes only, "
                                                                   f"not {runtime}") for m in mirrors}
     host = host or settings.host or Host.detect()
     node = NodeRoot(settings.root)

@@ -11,6 +11,9 @@ Load with ``pytest_plugins = ["tests.harness.fixtures"]`` in the top-level
 * ``containerd_node_factory`` (function): makes :class:`ContainerdNode` objects
   and guarantees that every containerd they (or the product, through
   ``containerd_ctl.sh``) started is dead at teardown, even when the test failed.
+* ``docker_node_factory`` (function): the same for :class:`DockerdNode` (a private dockerd).
+* ``crio_node_root`` and ``podman_for`` (function): a CRI-O node's root, and a podman
+  reading its ``/etc/containers`` (CRI-O is not packaged in Debian; podman pulls with its library).
 
 Missing binaries fail the requesting test at once with the reason (never skip: a
 test that needs a component is proven on it; ``.ci/run`` installs every one).
@@ -21,13 +24,15 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Protocol
 
 import pytest
 
 from tests.harness.containerd import CONTAINERD_BIN, CTR_BIN, ContainerdNode, find_binary, flavor_dir
+from tests.harness.docker import DockerdNode, missing_docker_binaries
+from tests.harness.podman import Podman, missing_podman_binaries, write_crio_node
 from tests.harness.registry import REGISTRY_BIN, SKOPEO_BIN, Registry
 
 # (repository in the mirror, tag): images every session registry serves.
@@ -176,3 +181,57 @@ __all__: Sequence[str] = (
     "require_crictl",
     "tls_registry",
 )
+
+
+@pytest.fixture
+def docker_node_factory(tmp_path: Path) -> Iterator[Callable[..., DockerdNode]]:
+    """``factory(name="node", extra_flags=())`` makes a DockerdNode under tmp_path (not started); at teardown
+    every one is stopped, and teardown fails if a process, a mount or a network interface was left behind."""
+    missing = missing_docker_binaries()
+    if missing:
+        pytest.fail(f"real components missing: {', '.join(missing)} "
+                    f"(apt-get install --no-install-recommends docker.io)")
+    nodes: list[DockerdNode] = []
+
+    def make(name: str = "node", extra_flags: Sequence[str] = ()) -> DockerdNode:
+        node = DockerdNode(tmp_path / name, name=name, extra_flags=extra_flags)
+        nodes.append(node)
+        return node
+
+    try:
+        yield make
+    finally:
+        errors = []
+        for node in nodes:
+            try:
+                node.stop()
+            except RuntimeError as exc:
+                errors.append(str(exc))
+            if node.log_path.exists():  # kept by pytest for inspection; run_dir (short, in /tmp) is deleted
+                (tmp_path / f"{node.name}-dockerd.log").write_text(node.log_text())
+            node.close()
+        if errors:
+            raise RuntimeError("; ".join(errors))
+
+
+@pytest.fixture
+def crio_node_root(tmp_path: Path) -> Path:
+    """A CRI-O node's root (``tmp_path/node``), as ``podman.write_crio_node`` makes it."""
+    missing = missing_podman_binaries()
+    if missing:
+        pytest.fail(f"real components missing: {', '.join(missing)} (apt-get install --no-install-recommends podman)")
+    return write_crio_node(tmp_path / "node")
+
+
+@pytest.fixture
+def podman_for(tmp_path: Path) -> Iterator[Callable[[Path], Podman]]:
+    """``podman_for(root)``: a podman reading that node root's ``/etc/containers``; closed at teardown."""
+    made: list[Podman] = []
+
+    def make(root: Path) -> Podman:
+        made.append(Podman(root, tmp_path / "podman"))
+        return made[-1]
+
+    yield make
+    for podman in made:
+        podman.close()

@@ -24,10 +24,31 @@ from pathlib import Path
 PODMAN_BIN = os.environ.get("REGMIRROR_PODMAN_BIN", "podman")
 #: The node's own signature policy: without one podman refuses every pull.
 POLICY_JSON = '{"default": [{"type": "insecureAcceptAnything"}]}\n'
+# A CRI-O node's own files: hand-written (comments, odd spacing, an entry of its own for quay.io, no final
+# newline), so a byte-identical reset can only come from leaving them alone.
+NODE_REGISTRIES_CONF = (
+    "# site registries (ops ticket 12)\n"
+    'unqualified-search-registries = ["registry.example.com"]\n'
+    "\n"
+    "[[registry]]\n"
+    'prefix   = "quay.io"\n'
+    'location = "quay.io"  # the node\'s own entry: regmirror\'s replaces it while set'
+)
+NODE_CRIO_CONF = '[crio]\n  log_dir = "/var/log/crio/pods"\n[crio.runtime]\n  default_runtime = "runc"\n'
 
 
 def missing_podman_binaries() -> list[str]:
     return [name for name in (PODMAN_BIN, "unshare", "mount", "sh") if shutil.which(name) is None]
+
+
+def write_crio_node(root: Path) -> Path:
+    """A CRI-O node's root: its crio.conf (what makes it a CRI-O node), registries.conf and signature policy."""
+    (root / "etc/crio").mkdir(parents=True)
+    (root / "etc/crio/crio.conf").write_text(NODE_CRIO_CONF)
+    (root / "etc/containers").mkdir(parents=True)
+    (root / "etc/containers/registries.conf").write_text(NODE_REGISTRIES_CONF)
+    (root / "etc/containers/policy.json").write_text(POLICY_JSON)
+    return root
 
 
 class Podman:

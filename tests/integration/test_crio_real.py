@@ -13,12 +13,12 @@ for a reload exactly when a file changed, never for a restart.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from tests.harness.podman import POLICY_JSON, Podman, missing_podman_binaries
+from tests.harness.podman import Podman
 from tests.harness.product import contents, regmirror, snapshot
 from tests.harness.registry import Registry
 
@@ -31,19 +31,6 @@ HUB_MANIFEST_PATH = "/v2/library/busybox/manifests/1.36"
 CONTAINERS_IMAGE = "containers/"  # podman's (and CRI-O's) User-Agent: "containers/5.23.1 (github.com/containers/image)"
 DROP_IN = "etc/containers/registries.conf.d/50-regmirror.conf"
 
-# The node's own files: hand-written (comments, odd spacing, an entry of its own for quay.io, no final newline),
-# so a byte-identical reset can only come from leaving them alone.
-NODE_REGISTRIES_CONF = (
-    "# site registries (ops ticket 12)\n"
-    'unqualified-search-registries = ["registry.example.com"]\n'
-    "\n"
-    "[[registry]]\n"
-    'prefix   = "quay.io"\n'
-    'location = "quay.io"  # the node\'s own entry: regmirror\'s replaces it while set'
-)
-NODE_CRIO_CONF = '[crio]\n  log_dir = "/var/log/crio/pods"\n[crio.runtime]\n  default_runtime = "runc"\n'
-
-
 class Timings(dict[str, float]):
     def __setitem__(self, key: str, value: float) -> None:
         super().__setitem__(key, value)
@@ -51,30 +38,8 @@ class Timings(dict[str, float]):
 
 
 @pytest.fixture
-def node_root(tmp_path: Path) -> Path:
-    missing = missing_podman_binaries()
-    if missing:
-        pytest.fail(f"real components missing: {', '.join(missing)} (apt-get install --no-install-recommends podman)")
-    root = tmp_path / "node"
-    (root / "etc/crio").mkdir(parents=True)
-    (root / "etc/crio/crio.conf").write_text(NODE_CRIO_CONF)
-    (root / "etc/containers").mkdir(parents=True)
-    (root / "etc/containers/registries.conf").write_text(NODE_REGISTRIES_CONF)
-    (root / "etc/containers/policy.json").write_text(POLICY_JSON)
-    return root
-
-
-@pytest.fixture
-def podman_for(tmp_path: Path) -> Iterator[Callable[[Path], Podman]]:
-    made: list[Podman] = []
-
-    def make(root: Path) -> Podman:
-        made.append(Podman(root, tmp_path / "podman"))
-        return made[-1]
-
-    yield make
-    for podman in made:
-        podman.close()
+def node_root(crio_node_root: Path) -> Path:
+    return crio_node_root
 
 
 def common_args(root: Path, reloads: Path) -> list[str]:

@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from tests.harness.docker import DockerdNode, missing_docker_binaries
+from tests.harness.docker import DockerdNode
 from tests.harness.product import regmirror
 from tests.harness.registry import Registry
 
@@ -73,37 +73,6 @@ class Timings(dict[str, float]):
     def __setitem__(self, key: str, value: float) -> None:
         super().__setitem__(key, value)
         print(f"timing: {key} {value:.2f}s", flush=True)
-
-
-@pytest.fixture
-def docker_node_factory(tmp_path: Path) -> Iterator[Callable[..., DockerdNode]]:
-    """``factory(name="node", extra_flags=())`` makes a DockerdNode under tmp_path (not started); at teardown
-    every one is stopped, and teardown fails if a process, a mount or a network interface was left behind."""
-    missing = missing_docker_binaries()
-    if missing:
-        pytest.fail(f"real components missing: {', '.join(missing)} "
-                    f"(apt-get install --no-install-recommends docker.io)")
-    nodes: list[DockerdNode] = []
-
-    def make(name: str = "node", extra_flags: Sequence[str] = ()) -> DockerdNode:
-        node = DockerdNode(tmp_path / name, name=name, extra_flags=extra_flags)
-        nodes.append(node)
-        return node
-
-    try:
-        yield make
-    finally:
-        errors = []
-        for node in nodes:
-            try:
-                node.stop()
-            except RuntimeError as exc:
-                errors.append(str(exc))
-            if node.log_path.exists():  # kept by pytest for inspection; run_dir (short, in /tmp) is deleted
-                (tmp_path / f"{node.name}-dockerd.log").write_text(node.log_text())
-            node.close()
-        if errors:
-            raise RuntimeError("; ".join(errors))
 
 
 @pytest.fixture

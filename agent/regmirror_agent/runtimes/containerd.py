@@ -40,10 +40,9 @@ from regmirror_agent import credentials, mirrorhealth, ownership
 from regmirror_agent.defaults import CONFIG_FILE, DEFAULT_STATE_DIR, MODES, STATE_FILE
 from regmirror_agent.nodeviews import NodeView
 from regmirror_agent.plans import Plan
-from regmirror_agent.runtimes import Effective, hoststoml
+from regmirror_agent.runtimes import Effective, RuntimeRefused, hoststoml
 from regmirror_agent.runtimes.hoststoml import TLS, Host, HostsFile
 from regmirror_api import models
-from regmirror_api.errors import Refused
 
 RUNTIME = "containerd"
 DEFAULT_CONFIG_PATH = "/etc/containerd/certs.d"
@@ -63,7 +62,7 @@ MOVED_NOTE = ("moved the node's own inline registry mirrors/TLS settings into ho
               "refuses them beside config_path")
 
 
-class NodeRefused(Refused):
+class NodeRefused(RuntimeRefused):
     """The node's own state makes the request unsafe or impossible; nothing is changed."""
 
 

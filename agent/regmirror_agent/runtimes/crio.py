@@ -43,9 +43,8 @@ from regmirror_agent import credentials, ownership
 from regmirror_agent.defaults import DEFAULT_STATE_DIR, STATE_FILE
 from regmirror_agent.nodeviews import NodeView
 from regmirror_agent.plans import Plan
-from regmirror_agent.runtimes import Effective
+from regmirror_agent.runtimes import Effective, RuntimeRefused
 from regmirror_api import models
-from regmirror_api.errors import Refused
 
 RUNTIME = "crio"
 CRIO_DIR = "/etc/crio"
@@ -64,7 +63,7 @@ NO_CREDENTIALS = ("containers-registries.conf(5) has no credentials field; CRI-O
                   "file (containers-auth.json(5), --global-auth-file), which regmirror does not write")
 
 
-class CrioRefused(Refused):
+class CrioRefused(RuntimeRefused):
     """CRI-O cannot do what was asked, or a node file in the way cannot be read; nothing is changed."""
 
 

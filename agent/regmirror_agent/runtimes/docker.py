@@ -18,9 +18,8 @@ from regmirror_agent import credentials, ownership
 from regmirror_agent.defaults import DAEMON_JSON, DEFAULT_STATE_DIR, STATE_FILE
 from regmirror_agent.nodeviews import NodeView
 from regmirror_agent.plans import FileChange, Plan
-from regmirror_agent.runtimes import Effective
+from regmirror_agent.runtimes import Effective, RuntimeRefused
 from regmirror_api import models
-from regmirror_api.errors import Refused
 
 RUNTIME = "docker"
 KEY = "registry-mirrors"
@@ -31,7 +30,7 @@ NO_CREDENTIALS = ("its registry-mirrors are bare URLs with no per-mirror credent
                   "registry's credentials to that registry only); use containerd in hosts mode for this mirror")
 
 
-class DockerRefused(Refused):
+class DockerRefused(RuntimeRefused):
     """Docker cannot do what was asked, or daemon.json is unreadable; nothing is changed."""
 
 
