@@ -50,7 +50,7 @@ from regmirror_agent import (
 from regmirror_agent.defaults import MODES, RUNTIMES
 from regmirror_agent.kubeapi import METADATA_ONLY, METADATA_ONLY_LIST, ApiError, Client, load_config
 from regmirror_agent.reporting import Reporter
-from regmirror_agent.runtimes import containerd, crio, docker, hoststoml
+from regmirror_agent.runtimes import hoststoml
 from regmirror_agent.watching import ObjectWatch, retry_delay
 from regmirror_api import contract, fingerprints, models
 from regmirror_api.errors import RegmirrorError
@@ -237,14 +237,7 @@ class Agent:
         node. containerd chosen inline for its age (before 1.5) is left to the engine's refusal."""
         if not self._real_engine:
             return None
-        runtime = engine.runtime_of(self.settings.engine)
-        if runtime == docker.RUNTIME:
-            return "Docker", docker.NO_CREDENTIALS
-        if runtime == crio.RUNTIME:
-            return "CRI-O", crio.NO_CREDENTIALS
-        if runtime == containerd.RUNTIME and self.settings.engine.mode == "inline":
-            return "containerd in inline mode", containerd.INLINE_NO_CREDENTIALS
-        return None
+        return engine.credentials_refusal(self.settings.engine)
 
     def _check_logins(self, mirrors: Sequence[models.RegistryMirror], reports: dict[str, contract.Report]) -> None:
         """A mirror that answers but refuses its credentials (HTTP 401/403 with them) fails its RegistryMirror on

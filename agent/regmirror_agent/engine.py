@@ -196,6 +196,13 @@ def runtime_of(settings: Settings) -> str:
         return ""
 
 
+def credentials_refusal(settings: Settings) -> tuple[str, str] | None:
+    """``(runtime, why)`` when this node's runtime, as set, cannot carry mirror credentials; None when it can or
+    when the runtime cannot be told (the planner then refuses, if it must)."""
+    runtime = runtime_of(settings)
+    return drivers.named(runtime).credentials_refusal(settings) if runtime else None
+
+
 def describe(settings: Settings) -> tuple[str, str, list[Effective], ownership.State]:
     """``(runtime, config header, what it uses per registry, regmirror's records)`` for ``regmirror show``."""
     node = NodeRoot(settings.root)

@@ -15,7 +15,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from regmirror_agent import drivers, ownership
+from regmirror_agent import credentials, drivers, ownership
 from regmirror_agent.defaults import RUNTIMES
 from regmirror_agent.nodefiles import NodeRoot
 from regmirror_agent.nodeviews import DictView
@@ -161,6 +161,26 @@ def test_what_the_runtime_cannot_do_is_refused_by_name(runtime: drivers.Runtime)
     with pytest.raises(RuntimeRefused) as refused:
         plan(runtime, case(runtime).node, [case(runtime).refused], mode=case(runtime).mode)
     assert case(runtime).refused_word in str(refused.value)
+
+
+@pytest.mark.parametrize(("runtime", "mode"), [(r, m) for r in drivers.ALL for m in (
+    ("auto", "hosts", "inline") if r.name == "containerd" else ("auto",))], ids=lambda v: getattr(v, "name", v))
+def test_a_runtime_says_it_cannot_carry_credentials_exactly_when_its_planner_refuses_them(
+        runtime: drivers.Runtime, mode: str) -> None:
+    """The agent asks ``credentials_refusal`` first, to fail only the RegistryMirrors with credentials: it must
+    agree with the planner, or a login would be refused on a node that could carry it (or the other way round)."""
+    with_login = credentials.with_authorization(
+        models.parse_spec("private", {"registry": "quay.io", "mirrors": [
+            {"url": "https://harbor.example.com", "credentials": {"secretName": "harbor-login"}}]}),
+        lambda _: credentials.Login("robot", "s3cret").authorization())
+    says = runtime.credentials_refusal(settings_for(runtime, mode))
+    try:
+        planned = plan(runtime, case(runtime).node, [with_login], mode=mode)
+    except RuntimeRefused as refused:
+        assert says is not None and says[1] in str(refused), (says, str(refused))
+    else:
+        assert says is None
+        assert any("Authorization" in (c.after or "") for c in planned.changes)
 
 
 @RUNTIMES_UNDER_TEST

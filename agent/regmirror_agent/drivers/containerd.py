@@ -52,6 +52,12 @@ class Containerd(Driver):
     def describe(self, node: NodeView, settings: Settings) -> tuple[str, list[Effective]]:
         return containerd.describe(node, settings.config_file)
 
+    def credentials_refusal(self, settings: Settings) -> tuple[str, str] | None:
+        """Inline mode by setting; inline chosen for containerd's age (before 1.5) is left to the planner."""
+        if settings.mode == "inline":
+            return "containerd in inline mode", containerd.INLINE_NO_CREDENTIALS
+        return None
+
     def check(self, plan: Plan, settings: Settings, host: Host, node: NodeRoot) -> None:
         check_parses(plan, lambda path: path == settings.config_file or posixpath.basename(path) == "hosts.toml",
                      lambda text, _: tomllib.loads(text), containerd.NodeRefused)

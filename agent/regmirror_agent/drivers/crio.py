@@ -30,6 +30,9 @@ class Crio(Driver):
                      settings: Settings, host: Host, left_out: LeftOut) -> Plan:
         return crio.plan_crio(desired, node, state, crio.Options(state_path=settings.state_path))
 
+    def credentials_refusal(self, settings: Settings) -> tuple[str, str] | None:
+        return "CRI-O", crio.NO_CREDENTIALS
+
     def describe(self, node: NodeView, settings: Settings) -> tuple[str, list[Effective]]:
         return crio.describe(node)
 

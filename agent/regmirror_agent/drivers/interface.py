@@ -101,6 +101,10 @@ class Runtime(Protocol):
     def needs_restart(self, plan: Plan) -> bool:
         """Would putting this plan in force stop the runtime (a restart, which the restart budget counts)?"""
 
+    def credentials_refusal(self, settings: Settings) -> tuple[str, str] | None:
+        """``(who, why)`` when this runtime, so set, cannot carry mirror credentials; None when it can. Its planner
+        refuses them too; asked first, the agent fails only the RegistryMirrors with credentials."""
+
 
 class Driver:
     """What every driver shares: the model's checks of names and URLs before any planner sees them, a plan that
@@ -130,6 +134,9 @@ class Driver:
 
     def needs_restart(self, plan: Plan) -> bool:
         return self.kind == RESTART and plan.changed and plan.restart
+
+    def credentials_refusal(self, settings: Settings) -> tuple[str, str] | None:
+        return None
 
 
 def check_parses(plan: Plan, wanted: Callable[[str], bool], parse: Callable[[str, str], object],
