@@ -176,3 +176,24 @@ def test_the_restart_budget_values_reach_the_operator(helm: Path) -> None:
         env = _operator_env(objects(run(helm, "template", "regmirror", CHART, "--set",
                                         f"rollout.maxUnavailable={budget}", "--set", "rollout.restartAttempts=5")))
         assert (env["REGMIRROR_MAX_UNAVAILABLE"], env["REGMIRROR_RESTART_ATTEMPTS"]) == (budget, "5")
+
+
+def test_image_rewrite_value_renders_the_kustomize_component(helm: Path, tmp_path: Path) -> None:
+    """``imageRewrite.enabled`` installs what adding the component manifests/image-rewrite to the kustomize install
+    does: the webhook's objects, and the operator's env and port, in the component's order."""
+    kubectl = find_binaries().kubectl
+    assert kubectl is not None
+    (tmp_path / "kustomization.yaml").write_text(yaml.safe_dump({
+        "resources": [os.path.relpath(REPO / "manifests", tmp_path)],
+        "components": [os.path.relpath(REPO / "manifests" / "image-rewrite", tmp_path)]}))
+    kustomized = objects(run(kubectl, "kustomize", tmp_path))
+    rendered = objects(run(helm, "template", "regmirror", CHART, "--include-crds", "--no-hooks",
+                           "--set", "imageRewrite.enabled=true"))
+    assert ("MutatingWebhookConfiguration", "regmirror-image-rewrite") in rendered
+    assert sorted(rendered) == sorted(kustomized)
+    for key, obj in kustomized.items():
+        assert rendered[key] == obj, key
+    operator = rendered[("Deployment", "regmirror-operator")]["spec"]["template"]["spec"]["containers"][0]
+    assert {"name": "REGMIRROR_WEBHOOK", "value": "on"} in operator["env"]
+    assert {"containerPort": 9443, "name": "webhook"} in operator["ports"]
+    run(helm, "lint", "--strict", CHART, "--set", "imageRewrite.enabled=true")
