@@ -46,30 +46,16 @@ def _context() -> ssl.SSLContext:
     return context
 
 
-def probe(mirror: models.Mirror, timeout: float) -> tuple[bool, str]:
-    """``(alive, why not)`` for one mirror."""
-    parts = urlsplit(mirror.url)
-    host = parts.hostname or ""
-    conn: http.client.HTTPConnection
-    try:
-        if parts.scheme.lower() == "https":
-            conn = http.client.HTTPSConnection(host, parts.port, timeout=timeout, context=_context())
-        else:
-            conn = http.client.HTTPConnection(host, parts.port, timeout=timeout)
-        try:
-            conn.request("GET", probe_path(mirror), headers={"User-Agent": "regmirror-probe",
-                                                             "Accept": "application/json"})
-            response = conn.getresponse()
-            response.read(4096)
-            return True, f"HTTP {response.status}"
-        finally:
-            conn.close()
-    except (OSError, http.client.HTTPException, ssl.SSLError, ValueError) as exc:
-        return False, f"{type(exc).__name__}: {exc}"
+#: What every probe and login check sends besides its own headers.
+PROBE_HEADERS = {"User-Agent": "regmirror-probe", "Accept": "application/json"}
+#: What a request may fail with when the other end does not answer as HTTP (refused, reset, timed out, TLS).
+NO_ANSWER = (OSError, http.client.HTTPException, ssl.SSLError, ValueError)
 
 
-def _get(url: str, headers: Mapping[str, str], timeout: float) -> tuple[int, Mapping[str, str]]:
-    """``(HTTP status, headers)`` of a GET, the body read and dropped."""
+def request(method: str, url: str, headers: Mapping[str, str], timeout: float) -> tuple[int, Mapping[str, str]]:
+    """``(HTTP status, response headers, lower-cased)`` of one request, the body read (at most 4 KiB) and dropped;
+    raises one of ``NO_ANSWER`` when no HTTP answer comes. The certificate is not verified (see above): the agent
+    and ``verifying`` ask whether a mirror answers, never whether it is trusted."""
     parts = urlsplit(url)
     conn: http.client.HTTPConnection
     if parts.scheme.lower() == "https":
@@ -77,16 +63,28 @@ def _get(url: str, headers: Mapping[str, str], timeout: float) -> tuple[int, Map
     else:
         conn = http.client.HTTPConnection(parts.hostname or "", parts.port, timeout=timeout)
     try:
-        target = parts.path or "/"
-        if parts.query:
-            target += "?" + parts.query
-        conn.request("GET", target, headers={"User-Agent": "regmirror-probe", "Accept": "application/json",
-                                             **headers})
+        target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        conn.request(method, target, headers=dict(headers))
         response = conn.getresponse()
         response.read(4096)
         return response.status, {k.lower(): v for k, v in response.getheaders()}
     finally:
         conn.close()
+
+
+def probe_url(mirror: models.Mirror) -> str:
+    """The URL of the probe request (``probe_path`` on the mirror's scheme and host)."""
+    parts = urlsplit(mirror.url)
+    return f"{parts.scheme}://{parts.netloc}{probe_path(mirror)}"
+
+
+def probe(mirror: models.Mirror, timeout: float) -> tuple[bool, str]:
+    """``(alive, why not)`` for one mirror."""
+    try:
+        status, _ = request("GET", probe_url(mirror), PROBE_HEADERS, timeout)
+    except NO_ANSWER as exc:
+        return False, f"{type(exc).__name__}: {exc}"
+    return True, f"HTTP {status}"
 
 
 def _bearer_realm(challenge: str) -> tuple[str, dict[str, str]]:
@@ -105,19 +103,17 @@ def check_login(mirror: models.Mirror, timeout: float) -> str:
     Messages never hold the header; a mirror whose login is refused is alive: it is not left out."""
     if mirror.credentials is None or not mirror.credentials.authorization:
         return ""
-    header = {"Authorization": mirror.credentials.authorization}
+    header = {**PROBE_HEADERS, "Authorization": mirror.credentials.authorization}
     where = mirror.credentials.source or "its credentials"
-    base = mirror.url.rstrip("/")
-    url = f"{urlsplit(base).scheme}://{urlsplit(base).netloc}{probe_path(mirror)}"
     try:
-        status, headers = _get(url, header, timeout)
+        status, headers = request("GET", probe_url(mirror), header, timeout)
         challenge = headers.get("www-authenticate", "")
         if status == 401 and challenge.lower().startswith("bearer"):
             realm, params = _bearer_realm(challenge)
             if not realm.lower().startswith(("http://", "https://")):
                 return ""
-            status, _ = _get(realm + ("&" if "?" in realm else "?") + urlencode(params), header, timeout)
-    except (OSError, http.client.HTTPException, ssl.SSLError, ValueError):
+            status, _ = request("GET", realm + ("&" if "?" in realm else "?") + urlencode(params), header, timeout)
+    except NO_ANSWER:
         return ""  # does not answer: mirrorhealth's business, not a refused login
     if status in (401, 403):
         return f"the mirror {mirror.url} refused the credentials from {where} (HTTP {status})"

@@ -12,16 +12,13 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import http.client
 import json
 import os
-import ssl
 import time
 import tomllib
 from collections.abc import Mapping, Sequence
-from urllib.parse import urlsplit
 
-from regmirror_agent import crigrpc, drivers, effective
+from regmirror_agent import crigrpc, drivers, effective, probing
 from regmirror_agent.nodefiles import NodeRoot, UnsafePath
 from regmirror_agent.restarting import Host, server_pid
 from regmirror_agent.settings import Settings
@@ -164,29 +161,14 @@ def observe(settings: Settings, host: Host, timeout: float = TIMEOUT) -> Observe
 def head(attempt: effective.Attempt, timeout: float = TIMEOUT, authorization: str = "") -> tuple[int | None, str]:
     """``(HTTP status, '')`` of one ``HEAD``, or ``(None, why)`` when no answer came. ``authorization``: the
     header the mirror's hosts.toml gives containerd for this host (mirror credentials), sent the same way."""
-    parts = urlsplit(attempt.url)
-    conn: http.client.HTTPConnection
+    headers = {"Accept": effective.MANIFEST_ACCEPT, "User-Agent": "regmirror-verify"}
+    if authorization:
+        headers["Authorization"] = authorization
     try:
-        if parts.scheme.lower() == "https":
-            context = ssl.create_default_context()
-            context.check_hostname = False
-            context.verify_mode = ssl.CERT_NONE
-            conn = http.client.HTTPSConnection(parts.hostname or "", parts.port, timeout=timeout, context=context)
-        else:
-            conn = http.client.HTTPConnection(parts.hostname or "", parts.port, timeout=timeout)
-        try:
-            path = parts.path + (f"?{parts.query}" if parts.query else "")
-            headers = {"Accept": effective.MANIFEST_ACCEPT, "User-Agent": "regmirror-verify"}
-            if authorization:
-                headers["Authorization"] = authorization
-            conn.request("HEAD", path, headers=headers)
-            response = conn.getresponse()
-            response.read()
-            return response.status, ""
-        finally:
-            conn.close()
-    except (OSError, http.client.HTTPException, ValueError) as exc:
+        status, _ = probing.request("HEAD", attempt.url, headers, timeout)
+    except probing.NO_ANSWER as exc:
         return None, f"{type(exc).__name__}: {exc}"
+    return status, ""
 
 
 def resolve(image: str, mirror: models.RegistryMirror, view: effective.RuntimeView, node: NodeRoot,
