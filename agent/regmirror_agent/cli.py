@@ -210,7 +210,8 @@ def _selected(doc: object, mirror: models.RegistryMirror, labels: dict[str, str]
     return contract.selects(models.without_nulls(selector), labels)
 
 
-def load_desired(args: argparse.Namespace, sources: list[tuple[str, str]]) -> list[models.RegistryMirror]:
+def load_desired(args: argparse.Namespace, sources: list[tuple[str, str]],
+                 credentials_file: list[object]) -> list[models.RegistryMirror]:
     import yaml
 
     from regmirror_api import models
@@ -239,7 +240,7 @@ def load_desired(args: argparse.Namespace, sources: list[tuple[str, str]]) -> li
         if problems:
             raise models.InvalidSpec(problems)
     models.check_unique_registries(desired)
-    desired = _with_credentials(desired, getattr(args, "credentials", None))
+    desired = _with_credentials(desired, getattr(args, "credentials", None), credentials_file)
     for name in skipped:
         _say(f"skipped: RegistryMirror {name!r}: its nodeSelector does not select this node")
     if args.command == "apply" and not desired:
@@ -268,7 +269,10 @@ def credentials_identity(filename: str | None) -> list[object]:
     return [os.path.abspath(filename), st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size]
 
 
-def _with_credentials(desired: list[models.RegistryMirror], filename: str | None) -> list[models.RegistryMirror]:
+def _with_credentials(desired: list[models.RegistryMirror], filename: str | None,
+                      identity: list[object]) -> list[models.RegistryMirror]:
+    """``desired`` with the logins of ``--credentials FILE`` (``identity``: the file's, ``credentials_identity``,
+    taken once for the request key too)."""
     from regmirror_agent import credentials
     from regmirror_api import models
 
@@ -277,7 +281,6 @@ def _with_credentials(desired: list[models.RegistryMirror], filename: str | None
         if problems:
             raise models.InvalidSpec(problems)
         return desired
-    identity = credentials_identity(filename)
     try:
         with open(filename, encoding="utf-8") as f:
             text = f.read()
@@ -327,7 +330,7 @@ def run_apply(args: argparse.Namespace) -> int:
     if not dry_run and observing.already_applied(NodeRoot(args.root), args.state_dir, request):
         _say("unchanged: this node already has the requested configuration")
         return EXIT_OK
-    desired = load_desired(args, sources) if args.command == "apply" else []
+    desired = load_desired(args, sources, identity) if args.command == "apply" else []
     settings = settings_from(args)
     from regmirror_agent import engine
 
