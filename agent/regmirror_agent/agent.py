@@ -216,7 +216,7 @@ class Agent:
                 continue
             try:
                 if refusal:  # refused here, for this entry alone: the node's other mirrors are still applied
-                    credentials.refuse([m], *refusal, credentials.CredentialsProblem)
+                    credentials.refuse([m], refusal, credentials.CredentialsProblem)
                 result.append((entry, self.secrets.resolve(m)))
                 continue
             except credentials.CredentialsProblem as exc:

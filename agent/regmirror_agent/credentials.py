@@ -31,7 +31,7 @@ import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from urllib.parse import urlsplit
 
-from regmirror_api import fingerprints, models
+from regmirror_api import models
 from regmirror_api.errors import RegmirrorError
 
 BASIC_AUTH = "kubernetes.io/basic-auth"
@@ -144,20 +144,12 @@ def login_from_secret(secret: Mapping[str, object], host: str, where: str) -> Lo
 def with_authorization(mirror: models.RegistryMirror,
                        resolve: Callable[[models.Mirror], str]) -> models.RegistryMirror:
     """``mirror`` with each credentialled mirror's ``authorization`` filled in by ``resolve(mirror)``."""
-    mirrors = tuple(
-        dataclasses.replace(m, credentials=dataclasses.replace(m.credentials, authorization=resolve(m)))
-        if m.credentials is not None else m
-        for m in mirror.mirrors)
-    return dataclasses.replace(mirror, mirrors=mirrors)
+    return mirror.with_credentials(lambda m, c: dataclasses.replace(c, authorization=resolve(m)))
 
 
 def secret_names(mirrors: Iterable[models.RegistryMirror]) -> list[str]:
     """The Secret names the mirrors of these RegistryMirrors reference, sorted, each once."""
     return sorted({m.credentials.secret_name for rm in mirrors for m in rm.mirrors if m.credentials is not None})
-
-
-#: A keyed digest of a text with a login in it, for records (see ``regmirror_api.fingerprints``).
-fingerprint = fingerprints.fingerprint
 
 
 # --- hiding the header again ------------------------------------------------------------------------------
@@ -201,16 +193,17 @@ def redact_for_view(text: str) -> str:
     return _CONFIG_LOGIN.sub(lambda m: f"{m.group('key')}{json.dumps(REDACTED)}", redact(text))
 
 
-def refuse(desired: Iterable[models.RegistryMirror], runtime: str, why: str,
+def refuse(desired: Iterable[models.RegistryMirror], refusal: tuple[str, str],
            error: Callable[[str], Exception]) -> None:
-    """Refuse, by name, mirrors with credentials where ``runtime`` (or a mode of it) cannot carry them: raise
-    ``error(message)`` for the first one."""
+    """Refuse, by name, mirrors with credentials where a runtime (or a mode of it) cannot carry them: ``refusal``
+    is ``(the runtime, why)``, as its planner and its driver both say it; raise ``error(message)`` for the first
+    one."""
+    runtime, why = refusal
     for mirror in desired:
         for m in mirror.mirrors:
             if m.credentials is not None:
-                where = m.credentials.source or f"Secret {m.credentials.secret_name!r}"
-                raise error(f"RegistryMirror {mirror.name!r}: mirror {m.url!r} has credentials ({where}), which "
-                            f"{runtime} cannot use: {why}; nothing was changed")
+                raise error(f"RegistryMirror {mirror.name!r}: mirror {m.url!r} has credentials "
+                            f"({m.credentials.where}), which {runtime} cannot use: {why}; nothing was changed")
 
 
 # --- the CLI's credentials file ----------------------------------------------------------------------------

@@ -15,6 +15,7 @@ import posixpath
 
 from regmirror_agent import credentials
 from regmirror_agent.nodefiles import NodeRoot, UnsafePath
+from regmirror_api import fingerprints
 
 APPLIED_FILE = "applied.json"
 
@@ -49,8 +50,8 @@ def digest(node: NodeRoot, observations: dict[str, list[str]]) -> str:
     for path in observations["reads"]:
         text = node.read(path)
         # A file with a login gets a keyed digest: applied.json is no place for a plain hash that gives away a weak
-        # password (``credentials.fingerprint``), and a hand edit of the login is still noticed.
-        seen = ("-" if text is None else credentials.fingerprint(text) if credentials.holds_secret(text)
+        # password (``fingerprints``), and a hand edit of the login is still noticed.
+        seen = ("-" if text is None else fingerprints.fingerprint(text) if credentials.holds_secret(text)
                 else hashlib.sha256(text.encode()).hexdigest())
         h.update(f"r\0{path}\0{seen}\n".encode())
     for path in observations["dirs"]:

@@ -86,8 +86,5 @@ class SecretReader:
             except credentials.CredentialsProblem as exc:
                 raise credentials.CredentialsProblem(f"mirror {m.url!r}: {exc}") from None
 
-        resolved = credentials.with_authorization(mirror, login)
-        return dataclasses.replace(resolved, mirrors=tuple(
-            dataclasses.replace(m, credentials=dataclasses.replace(m.credentials,
-                                                                   source=self.where(m.credentials.secret_name)))
-            if m.credentials is not None else m for m in resolved.mirrors))
+        return mirror.with_credentials(lambda m, c: dataclasses.replace(
+            c, authorization=login(m), source=self.where(c.secret_name)))

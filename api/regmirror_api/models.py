@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import re
 import reprlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -120,6 +120,11 @@ class Credentials:
     source: str = ""
     """Where ``authorization`` came from, for messages and the redacted view (``Secret regmirror-system/harbor``)."""
 
+    @property
+    def where(self) -> str:
+        """How messages name these credentials: their resolved ``source``, else the Secret's name."""
+        return self.source or f"Secret {self.secret_name!r}"
+
     def to_spec(self) -> dict[str, Any]:
         """The published form: the Secret's name and version. On a node, where the login is resolved, also its
         keyed fingerprint (``fingerprints``), so that the engine's request key changes with the login itself, even
@@ -174,6 +179,15 @@ class RegistryMirror:
     verify_image: str | None = None
     """``spec.verify.image``: an image of this registry that each node resolves through its runtime's
     configuration, to prove the mirror answers (``regmirror_agent.verifying``)."""
+
+    def with_credentials(self, change: Callable[[Mirror, Credentials], Credentials]) -> RegistryMirror:
+        """This RegistryMirror with each mirror's credentials (where it has some) replaced by ``change(mirror,
+        credentials)``: the operator adds the Secret's version, a node its resolved login."""
+        if not any(m.credentials for m in self.mirrors):
+            return self
+        return dataclasses.replace(self, mirrors=tuple(
+            dataclasses.replace(m, credentials=change(m, m.credentials)) if m.credentials is not None else m
+            for m in self.mirrors))
 
     def to_spec(self) -> dict[str, Any]:
         spec: dict[str, Any] = {"registry": self.registry, "mirrors": [m.to_spec() for m in self.mirrors]}

@@ -130,12 +130,7 @@ def check_mirror(body: Mapping[str, Any], secrets: Mapping[str, str] | None = No
 
 def with_secret_versions(mirror: models.RegistryMirror, secrets: Mapping[str, str]) -> models.RegistryMirror:
     """``mirror`` with each mirror's credentials carrying its Secret's resourceVersion ('' when there is none)."""
-    if not any(m.credentials for m in mirror.mirrors):
-        return mirror
-    return dataclasses.replace(mirror, mirrors=tuple(
-        dataclasses.replace(m, credentials=models.Credentials(m.credentials.secret_name,
-                                                              secrets.get(m.credentials.secret_name, "")))
-        if m.credentials is not None else m for m in mirror.mirrors))
+    return mirror.with_credentials(lambda _, c: models.Credentials(c.secret_name, secrets.get(c.secret_name, "")))
 
 
 def plan_verdicts(mirrors: Iterable[Mapping[str, Any]], secrets: Mapping[str, str] | None = None

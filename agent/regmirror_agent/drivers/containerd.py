@@ -55,7 +55,7 @@ class Containerd(Driver):
     def credentials_refusal(self, settings: Settings) -> tuple[str, str] | None:
         """Inline mode by setting; inline chosen for containerd's age (before 1.5) is left to the planner."""
         if settings.mode == "inline":
-            return "containerd in inline mode", containerd.INLINE_NO_CREDENTIALS
+            return containerd.INLINE_NO_CREDENTIALS
         return None
 
     def check(self, plan: Plan, settings: Settings, host: Host, node: NodeRoot) -> None:

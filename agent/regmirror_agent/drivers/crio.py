@@ -31,7 +31,7 @@ class Crio(Driver):
         return crio.plan_crio(desired, node, state, crio.Options(state_path=settings.state_path))
 
     def credentials_refusal(self, settings: Settings) -> tuple[str, str] | None:
-        return "CRI-O", crio.NO_CREDENTIALS
+        return crio.NO_CREDENTIALS
 
     def describe(self, node: NodeView, settings: Settings) -> tuple[str, list[Effective]]:
         return crio.describe(node)

@@ -43,7 +43,7 @@ class Docker(Driver):
         return docker.plan_docker(desired, node, state, docker.Options(settings.daemon_json, settings.state_path))
 
     def credentials_refusal(self, settings: Settings) -> tuple[str, str] | None:
-        return "Docker", docker.NO_CREDENTIALS
+        return docker.NO_CREDENTIALS
 
     def describe(self, node: NodeView, settings: Settings) -> tuple[str, list[Effective]]:
         return docker.describe(node, settings.daemon_json)

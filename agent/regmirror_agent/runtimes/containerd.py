@@ -300,11 +300,10 @@ def _authorization(mirror: models.RegistryMirror, m: models.Mirror) -> tuple[str
     (``credentials``), so a mirror whose credentials are still unresolved here is refused, never written bare."""
     if m.credentials is None:
         return "", ""
-    where = m.credentials.source or f"Secret {m.credentials.secret_name!r}"
     if not m.credentials.authorization:
-        raise NodeRefused(f"RegistryMirror {mirror.name!r}: the credentials of mirror {m.url!r} ({where}) were not "
-                          f"resolved on this node; nothing was changed")
-    return m.credentials.authorization, where
+        raise NodeRefused(f"RegistryMirror {mirror.name!r}: the credentials of mirror {m.url!r} "
+                          f"({m.credentials.where}) were not resolved on this node; nothing was changed")
+    return m.credentials.authorization, m.credentials.where
 
 
 # --- editing config.toml ------------------------------------------------------------------------------
@@ -562,15 +561,16 @@ def _inline_endpoint(mirror: models.Mirror) -> str:
     return mirror.url.rstrip("/") + "/v2"
 
 
-#: Why inline mode takes no mirror credentials.
-INLINE_NO_CREDENTIALS = ("inline mode would put them in config.toml, which every user on the node can read, and "
+#: Who takes no mirror credentials (inline mode), and why: the planner's refusal and the driver's answer.
+INLINE_NO_CREDENTIALS = ("containerd in inline mode",
+                         "inline mode would put them in config.toml, which every user on the node can read, and "
                          "every rotation would restart containerd; use --mode hosts (containerd 1.5 or later), "
                          "where they go into the mirror's hosts.toml, readable by root only")
 
 
 def _plan_inline_mode(doc: tomlkit.TOMLDocument, keys: Sequence[str], desired: Sequence[models.RegistryMirror],
                       out: _Desired, path: str) -> None:
-    credentials.refuse(desired, "containerd in inline mode", INLINE_NO_CREDENTIALS, NodeRefused)
+    credentials.refuse(desired, INLINE_NO_CREDENTIALS, NodeRefused)
     tls_by_host: dict[str, dict[str, Any]] = {}
     for mirror in desired:
         if mirror.upstream == models.UPSTREAM_NEVER:

@@ -58,8 +58,9 @@ HEADER = ("# Written by regmirror: registry mirrors for CRI-O (containers-regist
           "# regmirror owns this file and removes it on reset; the node's own registries.conf is not touched.\n")
 
 
-#: Why CRI-O takes no mirror credentials from regmirror.
-NO_CREDENTIALS = ("containers-registries.conf(5) has no credentials field; CRI-O reads them only from its auth "
+#: Who takes no mirror credentials from regmirror, and why: the planner's refusal and the driver's answer.
+NO_CREDENTIALS = ("CRI-O",
+                  "containers-registries.conf(5) has no credentials field; CRI-O reads them only from its auth "
                   "file (containers-auth.json(5), --global-auth-file), which regmirror does not write")
 
 
@@ -125,7 +126,7 @@ def ca_path(mirror: models.Mirror) -> str:
 def check_crio_mirrors(desired: Sequence[models.RegistryMirror]) -> tuple[list[Entry], dict[str, str]]:
     """The ``[[registry]]`` entries and the CA files, or refuse (naming every problem) what CRI-O cannot do."""
     models.check_unique_registries(desired)
-    credentials.refuse(desired, "CRI-O", NO_CREDENTIALS, CrioRefused)
+    credentials.refuse(desired, NO_CREDENTIALS, CrioRefused)
     problems: list[str] = []
     entries: list[Entry] = []
     cas: dict[str, str] = {}

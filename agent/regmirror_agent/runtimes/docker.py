@@ -25,8 +25,9 @@ RUNTIME = "docker"
 KEY = "registry-mirrors"
 
 
-#: Why Docker takes no mirror credentials.
-NO_CREDENTIALS = ("its registry-mirrors are bare URLs with no per-mirror credentials (and Docker sends a "
+#: Who takes no mirror credentials, and why: the planner's refusal and the driver's answer.
+NO_CREDENTIALS = ("Docker",
+                  "its registry-mirrors are bare URLs with no per-mirror credentials (and Docker sends a "
                   "registry's credentials to that registry only); use containerd in hosts mode for this mirror")
 
 
@@ -87,7 +88,7 @@ def check_docker_mirrors(desired: Sequence[models.RegistryMirror]) -> list[str]:
 def plan_docker(desired: Sequence[models.RegistryMirror], view: NodeView, state: ownership.State,
                 options: Options = Options()) -> Plan:
     models.check_unique_registries(desired)
-    credentials.refuse(desired, "Docker", NO_CREDENTIALS, DockerRefused)
+    credentials.refuse(desired, NO_CREDENTIALS, DockerRefused)
     urls = check_docker_mirrors(desired)
     path = options.daemon_json
 

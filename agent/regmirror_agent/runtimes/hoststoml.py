@@ -13,6 +13,7 @@ import json
 import tomllib
 from urllib.parse import urlsplit
 
+from regmirror_agent import credentials
 from regmirror_api import models
 
 #: Where containerd looks for a registry's directory: ``host:port`` as written, ``_default`` for any registry.
@@ -134,7 +135,7 @@ def render_hosts_toml(spec: HostsFile) -> str:
 
 def _header_lines(host: Host, indent: str) -> list[str]:
     """The header table's body: the source comment (which ``credentials.redact`` reads back), then the value."""
-    return [f"{indent}# Authorization from {host.authorization_source or 'regmirror credentials'}",
+    return [f"{indent}{credentials.SOURCE_COMMENT}{host.authorization_source or 'regmirror credentials'}",
             f"{indent}Authorization = [{_q(host.authorization)}]"]
 
 
