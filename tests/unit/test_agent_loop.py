@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from regmirror_agent import engine
-from regmirror_agent.agent import Agent, AgentSettings
+from regmirror_agent.agent import AgentSettings
 from regmirror_agent.kubeapi import ApiError
 from regmirror_agent.plans import Plan
 from regmirror_api import contract, models
@@ -136,25 +136,6 @@ def wait_until(probe: Any, timeout: float = 5.0) -> None:
         time.sleep(0.01)
 
 
-@pytest.fixture
-def running() -> Iterator[Any]:
-    started: list[tuple[Agent, FakeApi]] = []
-
-    def start(api: FakeApi, resync: int = 3600, apply_mirrors: Any = instantly) -> Agent:
-        settings = AgentSettings(node=NODE, engine=engine.Settings(root="/nonexistent"), resync=resync)
-        agent = Agent(settings, api, apply_mirrors=apply_mirrors)  # type: ignore[arg-type]
-        threading.Thread(target=agent.run, daemon=True).start()
-        started.append((agent, api))
-        return agent
-
-    yield start
-    for agent, api in started:
-        agent.stop.set()
-        agent.wake.set()
-        for q in api.events.values():
-            q.put(None)
-
-
 def report(api: FakeApi) -> dict[str, Any]:
     return api.objects[REPORT_PATH]
 
@@ -253,27 +234,20 @@ def test_one_registrys_unwritable_file_fails_only_that_registry(running: Any, tm
     root = node(tmp_path, HOSTS_MODE)
     api = FakeApi(desired("quay.io", "docker.io"))
     settings = AgentSettings(node=NODE, engine=engine.Settings(root=str(root), restart="never"), resync=3600)
-    agent = Agent(settings, api)  # type: ignore[arg-type]
-    threading.Thread(target=agent.run, daemon=True).start()
-    try:
-        wait_until(lambda: REPORT_PATH in api.objects)
-        assert [m["state"] for m in report(api)["status"]["mirrors"]] == ["Applied", "Applied"]
-        chattr_i(root / "etc/containerd/certs.d/quay.io.example.com/hosts.toml", immutable)
-        moved = json.loads(desired("quay.io", "docker.io", generation=2))
-        for item in moved["mirrors"]:
-            item["spec"]["mirrors"] = [{"url": "https://moved.example.com"}]
-        api.push(CM_PATH, "MODIFIED", {**api.configmap, "data": {contract.CONFIGMAP_KEY: json.dumps(moved)}})
-        wait_until(lambda: {m["generation"] for m in report(api)["status"]["mirrors"]} == {2})
-        states = {m["name"]: (m["state"], m["message"]) for m in report(api)["status"]["mirrors"]}
-        assert states["docker.io"] == ("Applied", ""), states
-        assert states["quay.io"][0] == "Failed" and "quay.io.example.com/hosts.toml" in states["quay.io"][1]
-        assert "moved.example.com" in (root / "etc/containerd/certs.d/docker.io.example.com/hosts.toml").read_text()
-        assert "moved.example.com" not in (root / "etc/containerd/certs.d/quay.io.example.com/hosts.toml").read_text()
-    finally:
-        agent.stop.set()
-        agent.wake.set()
-        for q in api.events.values():
-            q.put(None)
+    running(api, apply_mirrors=None, settings=settings)
+    wait_until(lambda: REPORT_PATH in api.objects)
+    assert [m["state"] for m in report(api)["status"]["mirrors"]] == ["Applied", "Applied"]
+    chattr_i(root / "etc/containerd/certs.d/quay.io.example.com/hosts.toml", immutable)
+    moved = json.loads(desired("quay.io", "docker.io", generation=2))
+    for item in moved["mirrors"]:
+        item["spec"]["mirrors"] = [{"url": "https://moved.example.com"}]
+    api.push(CM_PATH, "MODIFIED", {**api.configmap, "data": {contract.CONFIGMAP_KEY: json.dumps(moved)}})
+    wait_until(lambda: {m["generation"] for m in report(api)["status"]["mirrors"]} == {2})
+    states = {m["name"]: (m["state"], m["message"]) for m in report(api)["status"]["mirrors"]}
+    assert states["docker.io"] == ("Applied", ""), states
+    assert states["quay.io"][0] == "Failed" and "quay.io.example.com/hosts.toml" in states["quay.io"][1]
+    assert "moved.example.com" in (root / "etc/containerd/certs.d/docker.io.example.com/hosts.toml").read_text()
+    assert "moved.example.com" not in (root / "etc/containerd/certs.d/quay.io.example.com/hosts.toml").read_text()
 
 
 # --- the mirrors-pending taint: workloads wait for the node's mirrors -------------------------------------------

@@ -14,10 +14,8 @@ import json
 import logging
 import os
 import stat
-import threading
 import time
 import tomllib
-from collections.abc import Iterator
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 from typing import Any
@@ -248,7 +246,7 @@ def desired_doc(version: str) -> str:
 
 
 @pytest.fixture
-def agent_api() -> Iterator[tuple[FakeApi, list[list[models.RegistryMirror]]]]:
+def agent_api(running: Any) -> tuple[FakeApi, list[list[models.RegistryMirror]]]:
     api = FakeApi(desired_doc("1"))
     secret_path = f"{contract.SECRETS_PATH}/harbor"
     api.objects[secret_path] = basic_auth()
@@ -258,14 +256,8 @@ def agent_api() -> Iterator[tuple[FakeApi, list[list[models.RegistryMirror]]]]:
         applied.append(list(mirrors))
         return instantly(mirrors)
 
-    settings = AgentSettings(node="node-a", engine=engine.Settings(root="/nonexistent"), resync=0)
-    agent = Agent(settings, api, apply_mirrors=apply)  # type: ignore[arg-type]
-    threading.Thread(target=agent.run, daemon=True).start()
-    yield api, applied
-    agent.stop.set()
-    agent.wake.set()
-    for q in api.events.values():
-        q.put(None)
+    running(api, resync=0, apply_mirrors=apply)
+    return api, applied
 
 
 def test_the_agent_reads_a_secret_once_per_published_version_and_applies_its_login(
@@ -307,7 +299,8 @@ def test_a_missing_secret_fails_the_entry_on_the_node_naming_it(
     assert login is not None and login.authorization == f"Basic {TOKEN}", "the login it had stays in force"
 
 
-def test_on_a_crio_node_only_the_registrymirror_with_credentials_fails_the_others_are_applied(tmp_path: Path) -> None:
+def test_on_a_crio_node_only_the_registrymirror_with_credentials_fails_the_others_are_applied(
+        running: Any, tmp_path: Path) -> None:
     root = tmp_path / "node"
     (root / "etc/crio").mkdir(parents=True)
     (root / "etc/crio/crio.conf").write_text("[crio]\n")
@@ -318,23 +311,16 @@ def test_on_a_crio_node_only_the_registrymirror_with_credentials_fails_the_other
                                            contract.Entry("docker-io", 1, plain, {}, uid="d")]))
     api.objects[f"{contract.SECRETS_PATH}/harbor"] = basic_auth()
     settings = AgentSettings(node="node-a", engine=engine.Settings(root=str(root), restart="never"))
-    agent = Agent(settings, api)  # type: ignore[arg-type]
-    threading.Thread(target=agent.run, daemon=True).start()
-    try:
-        wait_until(lambda: REPORT_PATH in api.objects, timeout=10)
-        reports = {r["name"]: r for r in api.objects[REPORT_PATH]["status"]["mirrors"]}
-        assert reports["docker-io"]["state"] == contract.STATE_APPLIED, reports
-        assert reports["quay-io"]["state"] == contract.STATE_FAILED
-        assert "which CRI-O cannot use: containers-registries.conf(5) has no credentials field" in \
-            reports["quay-io"]["message"]
-        drop_in = (root / "etc/containers/registries.conf.d/50-regmirror.conf").read_text()
-        assert "hub-mirror.example.com" in drop_in and "harbor" not in drop_in
-        assert f"GET {contract.SECRETS_PATH}/harbor" not in api.calls, "no Secret is read for a mirror refused here"
-    finally:
-        agent.stop.set()
-        agent.wake.set()
-        for q in api.events.values():
-            q.put(None)
+    running(api, apply_mirrors=None, settings=settings)
+    wait_until(lambda: REPORT_PATH in api.objects, timeout=10)
+    reports = {r["name"]: r for r in api.objects[REPORT_PATH]["status"]["mirrors"]}
+    assert reports["docker-io"]["state"] == contract.STATE_APPLIED, reports
+    assert reports["quay-io"]["state"] == contract.STATE_FAILED
+    assert "which CRI-O cannot use: containers-registries.conf(5) has no credentials field" in \
+        reports["quay-io"]["message"]
+    drop_in = (root / "etc/containers/registries.conf.d/50-regmirror.conf").read_text()
+    assert "hub-mirror.example.com" in drop_in and "harbor" not in drop_in
+    assert f"GET {contract.SECRETS_PATH}/harbor" not in api.calls, "no Secret is read for a mirror refused here"
 
 
 def test_cli_documents_naming_a_secret_take_the_login_from_the_credentials_file_by_host(tmp_path: Path) -> None:
@@ -365,7 +351,8 @@ def test_cli_documents_naming_a_secret_take_the_login_from_the_credentials_file_
     assert TOKEN not in output and PASSWORD not in output
 
 
-def test_an_accepted_login_is_checked_again_only_when_it_changes_a_refused_one_at_every_reconcile() -> None:
+def test_an_accepted_login_is_checked_again_only_when_it_changes_a_refused_one_at_every_reconcile(
+        running: Any) -> None:
     api = FakeApi(desired_doc("1"))
     secret_path = f"{contract.SECRETS_PATH}/harbor"
     api.objects[secret_path] = basic_auth()
@@ -376,20 +363,14 @@ def test_an_accepted_login_is_checked_again_only_when_it_changes_a_refused_one_a
         asked.append(login)
         return {} if login == f"Basic {TOKEN}" else {mirrors[0].url: f"the mirror {URL} refused the credentials"}
 
-    settings = AgentSettings(node="node-a", engine=engine.Settings(root="/nonexistent"), resync=0)
-    agent = Agent(settings, api, apply_mirrors=instantly)  # type: ignore[arg-type]
-    agent.check_logins = check
-    threading.Thread(target=agent.run, daemon=True).start()
-    try:
-        wait_until(lambda: agent.reconciles > 20)
-        assert asked == [f"Basic {TOKEN}"], "an accepted login is not asked again at every resync"
-        api.objects[secret_path] = basic_auth(password="wrong")
-        api.push(CM_PATH, "MODIFIED", {**api.configmap, "data": {contract.CONFIGMAP_KEY: desired_doc("2")}})
-        wait_until(lambda: len(asked) > 5)  # refused: asked at every reconcile, to see it fixed at once
-        wait_until(lambda: api.objects[REPORT_PATH]["status"]["mirrors"][0]["state"] == contract.STATE_FAILED)
-        assert "refused the credentials" in api.objects[REPORT_PATH]["status"]["mirrors"][0]["message"]
-    finally:
-        agent.stop.set()
-        agent.wake.set()
-        for q in api.events.values():
-            q.put(None)
+    def with_check(agent: Agent) -> None:
+        agent.check_logins = check
+
+    agent = running(api, resync=0, before=with_check)
+    wait_until(lambda: agent.reconciles > 20)
+    assert asked == [f"Basic {TOKEN}"], "an accepted login is not asked again at every resync"
+    api.objects[secret_path] = basic_auth(password="wrong")
+    api.push(CM_PATH, "MODIFIED", {**api.configmap, "data": {contract.CONFIGMAP_KEY: desired_doc("2")}})
+    wait_until(lambda: len(asked) > 5)  # refused: asked at every reconcile, to see it fixed at once
+    wait_until(lambda: api.objects[REPORT_PATH]["status"]["mirrors"][0]["state"] == contract.STATE_FAILED)
+    assert "refused the credentials" in api.objects[REPORT_PATH]["status"]["mirrors"][0]["message"]
