@@ -133,6 +133,19 @@ def _key(doc: dict[str, Any]) -> tuple[str, str]:
     return doc["kind"], doc["metadata"]["name"]
 
 
+def _container(doc: dict[str, Any]) -> dict[str, Any]:
+    container: dict[str, Any] = doc["spec"]["template"]["spec"]["containers"][0]
+    return container
+
+
+def _without_lists(doc: dict[str, Any]) -> dict[str, Any]:
+    """A copy of a workload without its container's env and ports: what must stay as it is."""
+    copy: dict[str, Any] = json.loads(json.dumps(doc))
+    for field in REWRITE_FIELDS:
+        _container(copy).pop(field, None)
+    return copy
+
+
 def rewrite_additions(base: list[dict[str, Any]], with_rewrite: list[dict[str, Any]]
                       ) -> tuple[list[dict[str, Any]], dict[str, list[dict[str, Any]]]]:
     """What the image-rewrite component adds: its own objects, and the operator container's new env and ports
@@ -146,11 +159,10 @@ def rewrite_additions(base: list[dict[str, Any]], with_rewrite: list[dict[str, A
         if WORKLOADS.get(_key(doc)) != "operator":
             raise SystemExit(f"{REWRITE_COMPONENT.name} changes {_key(doc)}: only the operator's env and ports can "
                              f"be a chart condition")
-        mine, theirs = (d["spec"]["template"]["spec"]["containers"][0] for d in (before[_key(doc)], doc))
+        if _without_lists(doc) != _without_lists(before[_key(doc)]):
+            raise SystemExit(f"{REWRITE_COMPONENT.name} changes the operator beyond its container's env and ports")
+        mine, theirs = (_container(d) for d in (before[_key(doc)], doc))
         operator = {f: theirs.get(f, []) for f in REWRITE_FIELDS}
-        if {**theirs, **{f: mine.get(f, []) for f in REWRITE_FIELDS}} != {**mine, **{f: mine.get(f, [])
-                                                                                    for f in REWRITE_FIELDS}}:
-            raise SystemExit(f"{REWRITE_COMPONENT.name} changes the operator beyond its env and ports")
         for field in REWRITE_FIELDS:
             if [i for i in operator[field] if i in mine.get(field, [])] != mine.get(field, []):
                 raise SystemExit(f"{REWRITE_COMPONENT.name} changes the operator's own {field}")
