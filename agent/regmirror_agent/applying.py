@@ -382,6 +382,8 @@ def apply_plan(plan: Plan, node: NodeRoot) -> None:
     changed; ``WriteFailed`` after putting everything back if the filesystem refuses a write."""
     check_unchanged(node, plan)
     paths = {c.path: node.fs_path(c.path) for c in plan.changes}  # refuses symlinks before any write
+    # The state file's own bytes (``state_before`` is the same records as rendered): a roll back puts these back.
+    state_on_disk = node.read(plan.state_path) if plan.state_path else None
     journal = _Journal(node)
     doing, target = "cleaning up after an earlier run", plan.state_path
     try:
@@ -389,7 +391,7 @@ def apply_plan(plan: Plan, node: NodeRoot) -> None:
         intent = ownership.intent_state(plan.state_before, plan.state_after)
         if intent != plan.state_before:
             doing, target = f"writing {plan.state_path}", plan.state_path
-            _write_state(node, plan, intent, journal, plan.state_before)
+            _write_state(node, plan, intent, journal, state_on_disk)
         for directory in plan.mkdirs:
             fs = node.fs_path(directory)
             if not os.path.isdir(fs):

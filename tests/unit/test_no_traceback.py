@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from regmirror_agent import cli
@@ -332,9 +332,72 @@ def environment(values: dict[str, str], stdin: bytes) -> Iterator[tuple[io.Strin
 TRIED: list[int] = []
 
 
+#: Found by this test. A config.toml whose [plugins] is an inline table (``plugins = {}``), where hosts mode must
+#: add a table: refused by name (it ended in tomlkit's ValueError).
+INLINE_PLUGINS_TABLE: dict[str, Any] = {'node': {'dirs': ['/etc/containerd'],
+              'files': {'/etc/containerd/conf.d/x.toml': b'\xff\xfe[plugins."io.containerd.grpc.v1.cri"]\n',
+                        '/etc/containerd/config.toml': b'plugins = {}\nversion = 2\n',
+                        '/etc/docker/daemon.json': b'{"log-driver": "json-file"}'},
+              'links': {'/etc/containerd/certs.d/quay.io': '/tmp'}},
+     'steps': [{'args': ['-f', '@DOC@'],
+                'command': 'apply',
+                'doc': b'apiVersion: regmirror.io/v1alpha1\nkind: RegistryMirror\nmetadata:\n  name: m0\nspec'
+                       b':\n  mirrors:\n  - https://m.example.com\n  registry: quay.io\n',
+                'env': {},
+                'stdin': b'apiVersion: regmirror.io/v1alpha1\nkind: RegistryMirror\nmetadata:\n  name: m0\nspec'
+                         b':\n  mirrors:\n  - https://m.example.com\n  registry: quay.io\n'}]}
+#: Found by this test. regmirror's records name a hosts.toml in a folder that is gone: putting the node's own file
+#: back fails, and the roll back must give state.json back byte for byte (it wrote the same records re-rendered).
+RESET_INTO_A_MISSING_FOLDER: dict[str, Any] = {'node': {'dirs': ['/etc/containerd'],
+              'files': {'/etc/containerd/conf.d/x.toml': b'\xff\xfe[plugins."io.containerd.grpc.v1.cri"]\n',
+                        '/etc/containerd/config.toml': b'# a node pool\'s own file\nroot = "/var/lib/containerd'
+                                                       b'"\n[grpc]\n  address = "/run/containerd/containerd.soc'
+                                                       b'k"\n[plugins]\n  [plugins.cri]\n    [plugins.cri.regist'
+                                                       b'ry]\n      [plugins.cri.registry.mirrors]\n        [pl'
+                                                       b'ugins.cri.registry.mirrors."docker.io"]\n          en'
+                                                       b'dpoint = ["https://mirror.ccs.tencentyun.com", "https://'
+                                                       b'registry-1.docker.io"]\n        [plugins.cri.registry'
+                                                       b'.mirrors."harbor.corp:8443"]\n          endpoint = ["'
+                                                       b'https://harbor.corp:8443/v2/proxy"]\n      [plugins.c'
+                                                       b'ri.registry.configs."harbor.corp:8443".tls]\n        '
+                                                       b'ca_file = "/etc/ssl/corp-ca.pem"\n      [plugins.cri.'
+                                                       b'registry.configs."harbor.corp:8443".auth]\n        us'
+                                                       b'ername = "robot"\n',
+                        '/etc/docker/daemon.json': b'{"log-driver": "json-file"}',
+                        '/var/lib/regmirror/applied.json': b'[]',
+                        '/var/lib/regmirror/state.json': b'{"version": 1, "runtime": "containerd", "files": {"/'
+                                                         b'etc/containerd/certs.d/quay.io/hosts.toml": {"origin'
+                                                         b'al": "# a node pool\'s own file\\nroot = \\"/var/li'
+                                                         b'b/containerd\\"\\n[grpc]\\n  address = \\"/run/conta'
+                                                         b'inerd/containerd.sock\\"\\n[plugins]\\n  [plugins.c'
+                                                         b'ri]\\n    [plugins.cri.registry]\\n      [plugins.cri.'
+                                                         b'registry.mirrors]\\n        [plugins.cri.registry.mir'
+                                                         b'rors.\\"docker.io\\"]\\n          endpoint = [\\"htt'
+                                                         b'ps://mirror.ccs.tencentyun.com\\", \\"https://registry'
+                                                         b'-1.docker.io\\"]\\n        [plugins.cri.registry.mirro'
+                                                         b'rs.\\"harbor.corp:8443\\"]\\n          endpoint = ['
+                                                         b'\\"https://harbor.corp:8443/v2/proxy\\"]\\n      [p'
+                                                         b'lugins.cri.registry.configs.\\"harbor.corp:8443\\".tls'
+                                                         b']\\n        ca_file = \\"/etc/ssl/corp-ca.pem\\"\\n '
+                                                         b'     [plugins.cri.registry.configs.\\"harbor.corp:844'
+                                                         b'3\\".auth]\\n        username = \\"robot\\"\\n", "wri'
+                                                         b'ttenSha256": "bede81e4a38aacf0e0e43ae17caa3f61a86657'
+                                                         b'deacba2892b2d1d6ca7f13f250"}}, "dirs": []}'},
+              'links': {}},
+     'steps': [{'args': ['-f', '@DOC@'],
+                'command': 'apply',
+                'doc': b'apiVersion: regmirror.io/v1alpha1\nkind: RegistryMirror\nmetadata:\n  name: m0\nspec'
+                       b':\n  mirrors:\n  - https://m.example.com\n  registry: ghcr.io\n',
+                'env': {},
+                'stdin': b'apiVersion: regmirror.io/v1alpha1\nkind: RegistryMirror\nmetadata:\n  name: m0\nspec'
+                         b':\n  mirrors:\n  - https://m.example.com\n  registry: quay.io\n'}]}
+
+
 @settings(max_examples=EXAMPLES, deadline=None, database=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much])
 @given(runs())
+@example(run=INLINE_PLUGINS_TABLE)
+@example(run=RESET_INTO_A_MISSING_FOLDER)
 def test_no_input_ends_in_a_traceback_or_a_changed_node_on_refusal(run: dict[str, Any]) -> None:
     with tempfile.TemporaryDirectory(prefix="regmirror-fuzz-") as tmp:
         root = Path(tmp) / "node"

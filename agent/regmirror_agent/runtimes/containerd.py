@@ -314,6 +314,10 @@ def _ensure_table(doc: tomlkit.TOMLDocument, keys: Sequence[str]) -> Any:
     node: Any = doc
     for i, key in enumerate(keys):
         if key not in node:
+            if isinstance(node, tomlkit.items.InlineTable):  # TOML cannot put a [table] inside {...}
+                raise NodeRefused(f"config.toml: {'.'.join(keys[:i])} is an inline table ({{...}}), where regmirror "
+                                  f"would add the table {'.'.join(keys[:i + 1])}; write it as a [table] section "
+                                  f"(regmirror does not restyle the node's own file); nothing was changed")
             node[key] = tomlkit.table(is_super_table=i < len(keys) - 1)
         node = node[key]
     return node
