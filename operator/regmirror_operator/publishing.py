@@ -185,16 +185,22 @@ class Publisher:
                                               content_type=MERGE_PATCH)
         return result
 
-    def set_restart_slot(self, node: str, value: str | None) -> None:
+    def set_restart_slot(self, node: str, value: str | None) -> str | None:
         """Give a node a restart slot, or take it back (``None``): the annotation
         ``contract.RESTART_SLOT_ANNOTATION`` on its Node, by merge patch, and nothing else on the Node (an admission
-        policy holds the operator to that, manifests/operator-policy.yaml). A Node that is gone needs nothing."""
+        policy holds the operator to that, manifests/operator-policy.yaml). A Node that is gone needs nothing.
+
+        Returns the annotation as the apiserver stored it, from the patch's own answer: a later read may already
+        see the next pass's change."""
         body = {"metadata": {"annotations": {contract.RESTART_SLOT_ANNOTATION: value}}}
         try:
-            self.request("PATCH", f"/api/v1/nodes/{node}", body=body, content_type=MERGE_PATCH)
+            stored = self.request("PATCH", f"/api/v1/nodes/{node}", body=body, content_type=MERGE_PATCH)
         except ApiError as exc:
             if exc.status != 404:
                 raise
+            return None
+        annotations = (stored.get("metadata") or {}).get("annotations") or {}
+        return annotations.get(contract.RESTART_SLOT_ANNOTATION)
 
     def delete_node_report(self, name: str, uid: str) -> None:
         """Delete a RegistryMirrorNode, but only the one that was seen (a node that came back has a new one)."""
