@@ -31,10 +31,10 @@ from collections.abc import Callable, Iterator
 from regmirror_agent import credentials, ownership
 from regmirror_agent.defaults import DEFAULT_STATE_DIR
 from regmirror_agent.nodefiles import NodeRoot
+from regmirror_agent.nodeviews import NEW_FILE_MODE
 from regmirror_agent.plans import FileChange, Plan
 from regmirror_api.errors import Refused
 
-NEW_FILE_MODE = 0o644
 STATE_FILE_MODE = 0o600
 #: A file with credentials in it (a hosts.toml with an Authorization header): its owner, root, alone reads it.
 SECRET_FILE_MODE = 0o600
@@ -92,16 +92,18 @@ def _is_temp_of(name: str, target: str) -> bool:
     return re.fullmatch(rf"\.{re.escape(target)}\.regmirror-\d+\.tmp", name) is not None
 
 
-def write_atomic(target: str, text: str, default_mode: int = NEW_FILE_MODE) -> None:
-    """Replace ``target`` with ``text``, keeping an existing file's mode and owner; a text that carries
-    credentials (an Authorization header, ``credentials.holds_secret``) is written readable by its owner only,
-    from the temp file's creation on, so no reader ever finds it open to others, not even for a moment."""
+def write_atomic(target: str, text: str, default_mode: int = NEW_FILE_MODE, mode: int | None = None) -> None:
+    """Replace ``target`` with ``text``, keeping an existing file's mode (unless ``mode`` is given: a file a login
+    leaves gets its own bits back) and owner; a text that carries credentials (an Authorization header,
+    ``credentials.holds_secret``) is written readable by its owner only, from the temp file's creation on, so no
+    reader ever finds it open to others, not even for a moment."""
     directory = os.path.dirname(target)
     try:
         st = os.lstat(target)
-        mode, uid, gid = stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid
+        kept, uid, gid = stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid
     except FileNotFoundError:
-        mode, uid, gid = default_mode, -1, -1
+        kept, uid, gid = default_mode, -1, -1
+    mode = kept if mode is None else mode
     if credentials.holds_secret(text):
         mode &= SECRET_FILE_MODE
     tmp = temp_name(target)
@@ -133,11 +135,18 @@ def remove_durably(target: str) -> None:
         _fsync_dir(os.path.dirname(target))
 
 
-def _put(path: str, text: str | None, mode: int = NEW_FILE_MODE) -> None:
+def _put(path: str, text: str | None, default_mode: int = NEW_FILE_MODE, mode: int | None = None) -> None:
     if text is None:
         remove_durably(path)
     else:
-        write_atomic(path, text, mode)
+        write_atomic(path, text, default_mode, mode)
+
+
+def _mode(path: str) -> int | None:
+    try:
+        return stat.S_IMODE(os.lstat(path).st_mode)
+    except FileNotFoundError:
+        return None
 
 
 # --- one writer per node --------------------------------------------------------------------------------
@@ -401,8 +410,9 @@ def apply_plan(plan: Plan, node: NodeRoot) -> None:
                 journal.did(directory, functools.partial(_rmdir, fs))
         for change in plan.changes:
             doing, target = f"{'removing' if change.after is None else 'writing'} {change.path}", change.path
-            _put(paths[change.path], change.after)
-            journal.did(change.path, functools.partial(_put, paths[change.path], change.before))
+            was = _mode(paths[change.path])  # a roll back gives the file its own bits back, as its text
+            _put(paths[change.path], change.after, mode=change.mode)
+            journal.did(change.path, functools.partial(_put, paths[change.path], change.before, mode=was))
         chain = set(_state_chain(plan)) if plan.state_after is None else set()
         for directory in plan.rmdirs:
             if directory not in chain:

@@ -73,6 +73,12 @@ class NodeRoot:
         except FileNotFoundError:
             return False
 
+    def mode(self, path: str) -> int | None:
+        try:
+            return stat.S_IMODE(os.lstat(self.fs_path(path)).st_mode)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+
     def glob(self, pattern: str) -> list[str]:
         import glob  # only drop-ins and `show` need it; the fast path stays small
 

@@ -11,6 +11,9 @@ import posixpath
 from collections.abc import Mapping
 from typing import Protocol
 
+#: The permission bits of a file regmirror creates (a file with a login in it is narrowed to its owner's).
+NEW_FILE_MODE = 0o644
+
 
 class NodeView(Protocol):
     def read(self, path: str) -> str | None:
@@ -18,15 +21,21 @@ class NodeView(Protocol):
 
     def is_dir(self, path: str) -> bool: ...
 
+    def mode(self, path: str) -> int | None:
+        """The file's permission bits, or ``None`` when it does not exist."""
+
     def glob(self, pattern: str) -> list[str]:
         """Node paths matching an absolute glob, sorted."""
 
 
 class DictView:
-    """A node given as ``{path: text}``; directories are implied by the files in them (plus ``dirs``)."""
+    """A node given as ``{path: text}``; directories are implied by the files in them (plus ``dirs``). Files
+    are 0644 unless ``modes`` says otherwise."""
 
-    def __init__(self, files: Mapping[str, str], dirs: tuple[str, ...] = ()) -> None:
+    def __init__(self, files: Mapping[str, str], dirs: tuple[str, ...] = (),
+                 modes: Mapping[str, int] | None = None) -> None:
         self.files = dict(files)
+        self.modes = dict(modes or {})
         self.dirs = set(dirs)
         for path in self.files:
             parent = posixpath.dirname(path)
@@ -39,6 +48,9 @@ class DictView:
 
     def is_dir(self, path: str) -> bool:
         return path in self.dirs
+
+    def mode(self, path: str) -> int | None:
+        return self.modes.get(path, NEW_FILE_MODE) if path in self.files else None
 
     def glob(self, pattern: str) -> list[str]:
         return sorted(p for p in self.files if fnmatch.fnmatchcase(p, pattern))

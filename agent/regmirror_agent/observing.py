@@ -28,6 +28,7 @@ class RecordingView:
         self.reads: set[str] = set()
         self.dirs: set[str] = set()
         self.globs: set[str] = set()
+        self.modes: set[str] = set()
 
     def read(self, path: str) -> str | None:
         self.reads.add(path)
@@ -41,8 +42,13 @@ class RecordingView:
         self.globs.add(pattern)
         return self.inner.glob(pattern)
 
+    def mode(self, path: str) -> int | None:
+        self.modes.add(path)
+        return self.inner.mode(path)
+
     def observations(self) -> dict[str, list[str]]:
-        return {"reads": sorted(self.reads), "dirs": sorted(self.dirs), "globs": sorted(self.globs)}
+        seen = {"reads": sorted(self.reads), "dirs": sorted(self.dirs), "globs": sorted(self.globs)}
+        return seen | ({"modes": sorted(self.modes)} if self.modes else {})
 
 
 def digest(node: NodeRoot, observations: dict[str, list[str]]) -> str:
@@ -58,6 +64,8 @@ def digest(node: NodeRoot, observations: dict[str, list[str]]) -> str:
         h.update(f"d\0{path}\0{node.is_dir(path)}\n".encode())
     for pattern in observations["globs"]:
         h.update(f"g\0{pattern}\0{json.dumps(node.glob(pattern))}\n".encode())
+    for path in observations.get("modes", []):  # only plans that changed a file's bits looked at them
+        h.update(f"m\0{path}\0{node.mode(path)}\n".encode())
     return h.hexdigest()
 
 

@@ -1,7 +1,8 @@
 """What regmirror owns on a node and what the node had before: the records that make ``reset`` exact.
 
 For every file regmirror wrote we keep the node's own content (``original``, ``None`` when the file did not
-exist) and a hash of what regmirror last wrote. When the file still holds exactly that, the node's own
+exist) and a hash of what regmirror last wrote (and, once a login made regmirror narrow a file of the node's to
+its owner, the node's own permission bits). When the file still holds exactly that, the node's own
 bytes come back untouched. When someone edited it since, the runtime module undoes only the keys regmirror
 owns, so their edit survives too. A record exists only while the file differs from the node's own content.
 """
@@ -11,10 +12,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import posixpath
+import re
 from collections.abc import Callable, Mapping
 
 from regmirror_agent import credentials
-from regmirror_agent.nodeviews import NodeView
+from regmirror_agent.nodeviews import NEW_FILE_MODE, NodeView
 from regmirror_agent.plans import FileChange, Plan, sha256
 from regmirror_api.errors import Refused
 
@@ -35,6 +37,9 @@ class FileRecord:
     pending: tuple[str, ...] = ()
     """While an apply is under way: what the file held from the previous apply, written from the same
     ``original``. A run stopped before the file was rewritten leaves it holding that, which is no hand edit."""
+    mode: int | None = None
+    """The node's own permission bits of a file it had, kept from the moment regmirror first wrote a login into
+    it (readable by root only) for as long as the record lives: the file gets them back with the node's text."""
 
     def wrote(self, text: str | None) -> bool:
         digest = written_digest(text)
@@ -90,6 +95,9 @@ def check_state_types(raw: object, where: str) -> None:
             raise wrong(f"files[{path!r}].original", rec.get("original"), "the node's own text or null")
         if not isinstance(rec.get("writtenSha256"), str):
             raise wrong(f"files[{path!r}].writtenSha256", rec.get("writtenSha256"), "a SHA-256 digest")
+        mode = rec.get("mode")
+        if mode is not None and not (isinstance(mode, str) and re.fullmatch(r"0[0-7]{3}", mode)):
+            raise wrong(f"files[{path!r}].mode", mode, "permission bits in octal, as \"0644\"")
         pending = rec.get("pendingSha256", [])
         if not isinstance(pending, list) or not all(isinstance(d, str) for d in pending):
             raise wrong(f"files[{path!r}].pendingSha256", pending, "a list of SHA-256 digests")
@@ -104,7 +112,8 @@ def parse_state(text: str | None, where: str) -> State:
             raise CorruptState(f"{where}: state version {raw.get('version')!r}, this regmirror reads {STATE_VERSION}")
         check_state_types(raw, where)
         files = {path: FileRecord(rec["original"], rec["writtenSha256"], rec.get("written"),
-                                  tuple(rec.get("pending", ())))
+                                  tuple(rec.get("pending", ())),
+                                  None if rec.get("mode") is None else int(rec["mode"], 8))
                  for path, rec in raw["files"].items()}
         return State(runtime=raw.get("runtime", ""), files=files, dirs=tuple(raw.get("dirs", [])))
     except CorruptState:
@@ -123,7 +132,8 @@ def render_state(state: State) -> str | None:
         "runtime": state.runtime,
         "files": {p: {"original": r.original, "writtenSha256": r.written_sha256,
                       **({"written": r.written} if r.written is not None else {}),
-                      **({"pending": list(r.pending)} if r.pending else {})}
+                      **({"pending": list(r.pending)} if r.pending else {}),
+                      **({"mode": f"{r.mode:04o}"} if r.mode is not None else {})}
                   for p, r in sorted(state.files.items())},
         "dirs": sorted(state.dirs),
     }, indent=2, sort_keys=True) + "\n"
@@ -220,6 +230,31 @@ def merge3(base: str, ours: str, theirs: str) -> str | None:
     return "".join(out)
 
 
+def _own_mode(view: NodeView, path: str, current: str | None, target: str | None,
+              record: FileRecord | None) -> int | None:
+    """The node's own permission bits of ``path``, where regmirror narrows them: recorded before the first login
+    is written into a file of the node's (``write_atomic`` makes it readable by its owner only), kept after."""
+    if record is not None and record.mode is not None:
+        return record.mode
+    if current is not None and not credentials.holds_secret(current) and target is not None \
+            and credentials.holds_secret(target):
+        return view.mode(path)
+    return None
+
+
+def _change(view: NodeView, path: str, current: str | None, target: str | None, own: str | None,
+            own_mode: int | None) -> FileChange:
+    """A file's change, with the bits to write it with where a login leaves it: the node's own again (0644 for a
+    file regmirror made), not the owner-only bits the login needed."""
+    login_before = current is not None and credentials.holds_secret(current)
+    login_after = target is not None and credentials.holds_secret(target)
+    if login_before == login_after:
+        return FileChange(path, current, target)
+    mode = (own_mode if own is not None else NEW_FILE_MODE) if login_before and target is not None else None
+    # The bits before, for the inverse (a roll back): a login going in narrows them, one going out widens them.
+    return FileChange(path, current, target, mode=mode, mode_before=None if current is None else view.mode(path))
+
+
 def plan_owned_files(*, runtime: str, view: NodeView, state: State, state_path: str,
                      desired: Mapping[str, str], restart_paths: frozenset[str] = frozenset(),
                      undo: Callable[[str, str | None, str | None], str | None],
@@ -240,13 +275,15 @@ def plan_owned_files(*, runtime: str, view: NodeView, state: State, state_path: 
         if record is not None and not record.wrote(current):
             drift.append(path)
         target = desired.get(path, own)
+        own_mode = _own_mode(view, path, current, target, record)
         if target != current:
-            changes.append(FileChange(path, current, target))
+            changes.append(_change(view, path, current, target, own, own_mode))
         if target != own:
             # The node's own text (``original``) is kept whole, as before: it is the node's, and what reset
             # writes back. Of regmirror's own text, a file with credentials keeps only a redacted digest.
             records[path] = FileRecord(original=own, written_sha256=written_digest(target) or "",
-                                       written=kept_text(target) if own is not None else None)
+                                       written=kept_text(target) if own is not None else None,
+                                       mode=own_mode if own is not None else None)
 
     # Directories: create what the new files need, remove what regmirror created and no longer needs.
     needed: set[str] = set()

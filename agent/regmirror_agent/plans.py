@@ -20,6 +20,11 @@ class FileChange:
     path: str
     before: str | None
     after: str | None
+    mode: int | None = None
+    """The permission bits to write ``after`` with; ``None`` keeps the file's own (a new file gets 0644). Either
+    way, a text with a login in it is written readable by its owner only (``applying.write_atomic``)."""
+    mode_before: int | None = None
+    """The file's bits as planning saw them, where that matters for putting ``before`` back (``inverse``)."""
 
     def diff(self) -> str:
         """A unified diff, with every login redacted (``credentials.redact_for_view``): a rotated secret shows as
@@ -32,7 +37,7 @@ class FileChange:
         return "".join(line if line.endswith("\n") else line + "\n\\ No newline at end of file\n" for line in lines)
 
     def inverse(self) -> FileChange:
-        return FileChange(self.path, self.after, self.before)
+        return FileChange(self.path, self.after, self.before, mode=self.mode_before, mode_before=self.mode)
 
 
 @dataclasses.dataclass(frozen=True)

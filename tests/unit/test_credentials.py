@@ -236,6 +236,74 @@ def test_a_state_record_of_a_file_with_a_login_keeps_only_a_digest_of_its_redact
         assert secret not in applied and secret not in (root / "var/lib/regmirror/state.json").read_text()
 
 
+def node_with_hosts_mode(tmp_path: Path) -> tuple[Path, engine.Settings]:
+    root = tmp_path / "node"
+    (root / "etc/containerd").mkdir(parents=True)
+    (root / "etc/containerd/config.toml").write_text(
+        'version = 2\n[plugins."io.containerd.grpc.v1.cri".registry]\n  config_path = "/etc/containerd/certs.d"\n')
+    return root, engine.Settings(root=str(root), restart="never")
+
+
+def bits(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def test_a_login_narrows_the_nodes_own_hosts_toml_to_root_and_reset_gives_its_own_bits_back(tmp_path: Path) -> None:
+    """The node's own hosts.toml (0640 here) is 0600 while it holds regmirror's login, 0640 again once the login
+    is gone (the mirror kept), and reset gives back its text and its bits."""
+    root, settings = node_with_hosts_mode(tmp_path)
+    hosts = root / "etc/containerd/certs.d/quay.io/hosts.toml"
+    hosts.parent.mkdir(parents=True)
+    own = 'server = "https://quay.io"\n[host."https://own.example.com"]\n'
+    hosts.write_text(own)
+    hosts.chmod(0o640)
+    engine.apply(desired_with_login(), settings)
+    assert bits(hosts) == 0o600 and TOKEN in hosts.read_text()
+    without = [models.RegistryMirror("quay-io", "quay.io", (models.Mirror(URL),))]
+    engine.apply(without, settings)
+    assert bits(hosts) == 0o640 and "Authorization" not in hosts.read_text() and URL in hosts.read_text()
+    engine.apply(desired_with_login("rotated"), settings)
+    assert bits(hosts) == 0o600
+    engine.reset(settings)
+    assert (hosts.read_text(), bits(hosts)) == (own, 0o640)
+    assert not (root / "var/lib/regmirror/state.json").exists()
+
+
+def test_a_hosts_toml_regmirror_made_is_0644_again_when_its_login_goes(tmp_path: Path) -> None:
+    root, settings = node_with_hosts_mode(tmp_path)
+    hosts = root / "etc/containerd/certs.d/quay.io/hosts.toml"
+    engine.apply(desired_with_login(), settings)
+    assert bits(hosts) == 0o600
+    engine.apply([models.RegistryMirror("quay-io", "quay.io", (models.Mirror(URL),))], settings)
+    assert bits(hosts) == 0o644 and "Authorization" not in hosts.read_text()
+
+
+def test_the_inverse_of_a_plan_that_writes_a_login_gives_the_file_its_bits_back() -> None:
+    """What a roll back after an unhealthy restart applies: the node's text, and its bits with it."""
+    from regmirror_agent import ownership
+    from regmirror_agent.nodeviews import DictView
+
+    path = "/etc/containerd/certs.d/quay.io/hosts.toml"
+    own = 'server = "https://quay.io"\n'
+    view = DictView({"/etc/containerd/config.toml": 'version = 2\n[plugins."io.containerd.grpc.v1.cri".registry]\n'
+                     '  config_path = "/etc/containerd/certs.d"\n', path: own}, modes={path: 0o640})
+    plan = containerd.plan_containerd(desired_with_login(), view, ownership.State(), containerd.Options())
+    [change] = [c for c in plan.changes if c.path == path]
+    assert (change.mode, change.mode_before) == (None, 0o640)  # written 0600 by write_atomic, as any login
+    assert '"mode": "0640"' in (plan.state_after or "")
+    [back] = [c for c in plan.inverse().changes if c.path == path]
+    assert (back.after, back.mode) == (own, 0o640)
+
+
+def test_a_state_record_with_bits_that_are_not_octal_is_refused_by_name() -> None:
+    from regmirror_agent import ownership
+
+    text = json.dumps({"version": ownership.STATE_VERSION, "runtime": "containerd", "dirs": [], "files": {
+        "/etc/x": {"original": "", "writtenSha256": "0" * 64, "mode": 420}}})
+    with pytest.raises(ownership.CorruptState, match=r"files\['/etc/x'\]\.mode = 420 should be permission bits"):
+        ownership.parse_state(text, "state.json")
+
+
 # --- the agent asks for a Secret once per version -----------------------------------------------------------
 
 
