@@ -142,13 +142,6 @@ def _put(path: str, text: str | None, default_mode: int = NEW_FILE_MODE, mode: i
         write_atomic(path, text, default_mode, mode)
 
 
-def _mode(path: str) -> int | None:
-    try:
-        return stat.S_IMODE(os.lstat(path).st_mode)
-    except FileNotFoundError:
-        return None
-
-
 # --- one writer per node --------------------------------------------------------------------------------
 
 
@@ -410,7 +403,7 @@ def apply_plan(plan: Plan, node: NodeRoot) -> None:
                 journal.did(directory, functools.partial(_rmdir, fs))
         for change in plan.changes:
             doing, target = f"{'removing' if change.after is None else 'writing'} {change.path}", change.path
-            was = _mode(paths[change.path])  # a roll back gives the file its own bits back, as its text
+            was = node.mode(change.path)  # a roll back gives the file its own bits back, as its text
             _put(paths[change.path], change.after, mode=change.mode)
             journal.did(change.path, functools.partial(_put, paths[change.path], change.before, mode=was))
         chain = set(_state_chain(plan)) if plan.state_after is None else set()
