@@ -7,6 +7,7 @@ checked against.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from collections.abc import Callable, Mapping
@@ -23,9 +24,21 @@ def regmirror(*args: str, env: Mapping[str, str] | None = None) -> subprocess.Co
 
 
 def snapshot(folder: Path, keep: Callable[[Path], bool] = lambda _: True) -> dict[str, tuple[bytes, int]]:
-    """Every file under ``folder`` (that ``keep`` accepts) with its bytes and mtime in ns."""
-    return {str(p.relative_to(folder)): (p.read_bytes(), p.stat().st_mtime_ns)
-            for p in sorted(folder.rglob("*")) if p.is_file() and keep(p)}
+    """Every file under ``folder`` (that ``keep`` accepts) with its bytes and mtime in ns.
+
+    A file or folder removed while the snapshot is taken (an agent resetting the node as a test polls it) is
+    simply not in it: a poll then sees the node as it is a moment later, never an error of its own."""
+    found: dict[str, tuple[bytes, int]] = {}
+    for top, _, names in os.walk(folder):  # os.walk skips a folder that is gone before it is listed
+        for path in (Path(top) / name for name in names):
+            try:
+                if not path.is_file() or not keep(path):
+                    continue
+                with path.open("rb") as f:
+                    found[str(path.relative_to(folder))] = (f.read(), os.fstat(f.fileno()).st_mtime_ns)
+            except FileNotFoundError:
+                continue
+    return dict(sorted(found.items()))
 
 
 def contents(folder: Path, keep: Callable[[Path], bool] = lambda _: True) -> dict[str, bytes]:
