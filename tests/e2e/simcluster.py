@@ -124,7 +124,12 @@ class Cluster:
                 if r["name"] == name}
 
     def converged(self, name: str, ready: str) -> dict[str, Any] | None:
-        s = self.status(name)
+        """The status once ``name`` is Ready with ``ready`` nodes for its generation, else None (a poll: an
+        apiserver that does not answer yet, just after an outage a test made, is a "not yet" too)."""
+        try:
+            s = self.status(name)
+        except (cp.KubectlError, subprocess.TimeoutExpired):
+            return None
         conditions = {c["type"]: c["status"] for c in s.get("conditions", [])}
         ok = (s.get("observedGeneration") == s["generation"] and s.get("ready") == ready
               and conditions.get("Ready") == "True")

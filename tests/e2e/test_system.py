@@ -94,7 +94,9 @@ def test_2_changing_the_mirror_url_converges_with_no_containerd_restart(cluster:
 def test_3_a_node_selector_for_one_node_leaves_the_other_nodes_untouched(cluster: Cluster) -> None:
     others = {n: node.files() for n, node in cluster.nodes.items() if n != "worker-a"}
     cluster.apply_mirror("ghcr-io", "ghcr.io", [cluster.registry.url], selector={"matchLabels": {"pool": "a"}})
-    s = wait_for("ghcr-io 1/1", lambda: cluster.converged("ghcr-io", "1/1"), timeout=60)
+    # In use is checked in the same pass with short timeouts: a first answer on a loaded machine may be Unknown.
+    s = wait_for("ghcr-io 1/1, in use", lambda: (s := cluster.converged("ghcr-io", "1/1")) and
+                 s["nodes"].get("inUse") == 1 and s, timeout=60)
     assert s["nodes"] == {"selected": 1, "applied": 1, "failed": 0, "waiting": 0, "inUse": 1}
     assert (cluster.nodes["worker-a"].containerd.certs_dir / "ghcr.io/hosts.toml").exists()
     time.sleep(6)  # one agent resync period: nothing is rewritten on the other nodes either
@@ -214,9 +216,10 @@ def test_6_deleting_the_mirrors_gives_every_node_its_own_configuration_back(clus
     assert cluster.get("registrymirrors")["items"] == []
     initial = cluster.initial  # type: ignore[attr-defined]
     for name, node in cluster.nodes.items():
-        wait_for(f"{name} back to its own files", lambda node=node, name=name: node.config() == initial[name],
-                 timeout=60)
-        assert not (node.containerd.node_root / "var/lib/regmirror").exists()
+        # The state folder goes last, after the node's files are back: wait for both.
+        wait_for(f"{name} back to its own files, and regmirror's state gone",
+                 lambda node=node, name=name: node.config() == initial[name]
+                 and not (node.containerd.node_root / "var/lib/regmirror").exists(), timeout=60)
         ok, detail = node.containerd.wait_cri()
         assert ok, detail
     cluster.alive()
