@@ -141,12 +141,6 @@ def login_from_secret(secret: Mapping[str, object], host: str, where: str) -> Lo
                              f"{DOCKER_CONFIG_JSON} (an auths entry for {host!r})")
 
 
-def with_authorization(mirror: models.RegistryMirror,
-                       resolve: Callable[[models.Mirror], str]) -> models.RegistryMirror:
-    """``mirror`` with each credentialled mirror's ``authorization`` filled in by ``resolve(mirror)``."""
-    return mirror.with_credentials(lambda m, c: dataclasses.replace(c, authorization=resolve(m)))
-
-
 def secret_names(mirrors: Iterable[models.RegistryMirror]) -> list[str]:
     """The Secret names the mirrors of these RegistryMirrors reference, sorted, each once."""
     return sorted({m.credentials.secret_name for rm in mirrors for m in rm.mirrors if m.credentials is not None})

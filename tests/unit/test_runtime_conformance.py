@@ -169,10 +169,9 @@ def test_a_runtime_says_it_cannot_carry_credentials_exactly_when_its_planner_ref
         runtime: drivers.Runtime, mode: str) -> None:
     """The agent asks ``credentials_refusal`` first, to fail only the RegistryMirrors with credentials: it must
     agree with the planner, or a login would be refused on a node that could carry it (or the other way round)."""
-    with_login = credentials.with_authorization(
-        models.parse_spec("private", {"registry": "quay.io", "mirrors": [
-            {"url": "https://harbor.example.com", "credentials": {"secretName": "harbor-login"}}]}),
-        lambda _: credentials.Login("robot", "s3cret").authorization())
+    with_login = models.parse_spec("private", {"registry": "quay.io", "mirrors": [
+        {"url": "https://harbor.example.com", "credentials": {"secretName": "harbor-login"}}]}).with_credentials(
+        lambda _, c: dataclasses.replace(c, authorization=credentials.Login("robot", "s3cret").authorization()))
     says = runtime.credentials_refusal(settings_for(runtime, mode))
     try:
         planned = plan(runtime, case(runtime).node, [with_login], mode=mode)
