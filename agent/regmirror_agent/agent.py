@@ -118,7 +118,7 @@ class Agent:
         """None: not checked (a stand-in engine in tests and benchmarks has no runtime to ask)."""
         self.secrets = secretreading.SecretReader(client)
         """Mirror credentials: each Secret read once per resourceVersion the operator publishes."""
-        self.check_logins: CheckLogins | None = probing.check_logins if apply_mirrors is None else None
+        self.check_logins: CheckLogins | None = probing.check_logins if self._real_engine else None
         self._logins: dict[str, tuple[str, float, str]] = {}
         """mirror url -> (the login's fingerprint, when it was checked, why it was refused or '')."""
         self.clock = clock
@@ -247,19 +247,16 @@ class Agent:
         # Asked again only when the login changed, after a refusal, or once in ``login_check_seconds`` (so a login
         # not asked now was accepted): at 5,000 nodes a check each resync would be a steady load on a mirror that
         # may count requests.
-        targets: list[models.Mirror] = []
-        for x in (x for rm in mirrors for x in rm.mirrors if x.credentials is not None and x.url not in out):
-            assert x.credentials is not None
-            login = fingerprints.fingerprint(x.credentials.authorization)
-            seen = self._logins.get(x.url)
-            if seen is None or seen[0] != login or seen[2] or now - seen[1] >= self.settings.login_check_seconds:
-                targets.append(x)
-        if self.check_logins is None or not targets:
+        logins = {x.url: (x, fingerprints.fingerprint(x.credentials.authorization)) for rm in mirrors
+                  for x in rm.mirrors if x.credentials is not None and x.url not in out}
+        due = {url: login for url, (_, login) in logins.items()
+               if (seen := self._logins.get(url)) is None or seen[0] != login or seen[2]
+               or now - seen[1] >= self.settings.login_check_seconds}
+        if self.check_logins is None or not due:
             return
-        refused = self.check_logins(targets, self.settings.probe_timeout)
-        for x in targets:
-            assert x.credentials is not None
-            self._logins[x.url] = (fingerprints.fingerprint(x.credentials.authorization), now, refused.get(x.url, ""))
+        refused = self.check_logins([logins[url][0] for url in due], self.settings.probe_timeout)
+        for url, login in due.items():
+            self._logins[url] = (login, now, refused.get(url, ""))
         for rm in mirrors:
             problems = [refused[x.url] for x in rm.mirrors if x.url in refused]
             if problems and rm.name in reports:

@@ -104,7 +104,7 @@ def check_login(mirror: models.Mirror, timeout: float) -> str:
     if mirror.credentials is None or not mirror.credentials.authorization:
         return ""
     header = {**PROBE_HEADERS, "Authorization": mirror.credentials.authorization}
-    where = mirror.credentials.source or "its credentials"
+    where = mirror.credentials.where
     try:
         status, headers = request("GET", probe_url(mirror), header, timeout)
         challenge = headers.get("www-authenticate", "")
