@@ -403,9 +403,9 @@ def apply_plan(plan: Plan, node: NodeRoot) -> None:
                 journal.did(directory, functools.partial(_rmdir, fs))
         for change in plan.changes:
             doing, target = f"{'removing' if change.after is None else 'writing'} {change.path}", change.path
-            was = node.mode(change.path)  # a roll back gives the file its own bits back, as its text
             _put(paths[change.path], change.after, mode=change.mode)
-            journal.did(change.path, functools.partial(_put, paths[change.path], change.before, mode=was))
+            back = change.inverse()  # its text and, where a login came or went, its bits
+            journal.did(change.path, functools.partial(_put, paths[change.path], back.after, mode=back.mode))
         chain = set(_state_chain(plan)) if plan.state_after is None else set()
         for directory in plan.rmdirs:
             if directory not in chain:

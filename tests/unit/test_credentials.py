@@ -269,6 +269,27 @@ def test_a_login_narrows_the_nodes_own_hosts_toml_to_root_and_reset_gives_its_ow
     assert not (root / "var/lib/regmirror/state.json").exists()
 
 
+def test_a_write_that_fails_after_a_login_was_written_gives_the_file_its_text_and_bits_back(
+        tmp_path: Path, immutable: list[Path]) -> None:
+    """The roll back of a failed apply (the kernel refuses a later file: chattr +i on its folder) puts the node's
+    own hosts.toml back as it was, 0640 included, not the owner-only bits its login needed."""
+    from tests.unit.test_engine_faults import chattr_i
+
+    root, settings = node_with_hosts_mode(tmp_path)
+    hosts = root / "etc/containerd/certs.d/quay.io/hosts.toml"
+    hosts.parent.mkdir(parents=True)
+    own = 'server = "https://quay.io"\n'
+    hosts.write_text(own)
+    hosts.chmod(0o640)
+    later = root / "etc/containerd/certs.d/registry.k8s.io"  # written after quay.io's (the plan is sorted by path)
+    later.mkdir()
+    chattr_i(later, immutable)
+    desired = [*desired_with_login(), models.RegistryMirror("k8s", "registry.k8s.io", (models.Mirror(URL),))]
+    with pytest.raises(engine.EngineError, match=r"registry\.k8s\.io"):
+        engine.apply(desired, settings)
+    assert (hosts.read_text(), bits(hosts)) == (own, 0o640)
+
+
 def test_a_hosts_toml_regmirror_made_is_0644_again_when_its_login_goes(tmp_path: Path) -> None:
     root, settings = node_with_hosts_mode(tmp_path)
     hosts = root / "etc/containerd/certs.d/quay.io/hosts.toml"
