@@ -23,12 +23,13 @@ def immutable() -> Iterator[list[Path]]:
 @pytest.fixture
 def running() -> Iterator[Any]:
     """Start agents on a fake API (``tests.unit.test_agent_loop.FakeApi``): ``running(api, ...)`` returns an agent
-    whose loop runs in a thread; every one is stopped after the test."""
+    whose loop runs in a thread; every one is stopped after the test, and waited for (a loop still running would
+    log into the next test's captured output, or into a closed one)."""
     from regmirror_agent import engine
     from regmirror_agent.agent import Agent, AgentSettings
     from tests.unit.test_agent_loop import NODE, FakeApi, instantly
 
-    started: list[tuple[Agent, FakeApi]] = []
+    started: list[tuple[Agent, FakeApi, threading.Thread]] = []
 
     def start(api: FakeApi, resync: int = 3600, apply_mirrors: Any = instantly, *,
               settings: AgentSettings | None = None, before: Callable[[Agent], None] | None = None) -> Agent:
@@ -38,13 +39,16 @@ def running() -> Iterator[Any]:
         agent = Agent(settings, api, apply_mirrors=apply_mirrors)  # type: ignore[arg-type]
         if before is not None:
             before(agent)
-        threading.Thread(target=agent.run, daemon=True).start()
-        started.append((agent, api))
+        thread = threading.Thread(target=agent.run, daemon=True)
+        thread.start()
+        started.append((agent, api, thread))
         return agent
 
     yield start
-    for agent, api in started:
+    for agent, api, _ in started:
         agent.stop.set()
         agent.wake.set()
         for q in api.events.values():
             q.put(None)
+    for _, _, thread in started:
+        thread.join(timeout=10)
